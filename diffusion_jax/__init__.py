@@ -1,0 +1,7 @@
+"""diffusion_jax: diffusion models in JAX/Flax.
+
+`import diffusion_jax as dj` gives the pure diffusion math (schedules, forward and reverse
+processes, losses, samplers), the models, the data pipeline and the trainer.
+"""
+
+__version__ = "0.1.0"
