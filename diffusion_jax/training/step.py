@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from diffusion_jax import rng as rng_lib
 from diffusion_jax.training import state as state_lib
 
 PyTree = Any
@@ -45,9 +46,7 @@ def example_keys(rng: jax.Array, step: jax.Array, batch_size: int,
                  axis_name: str | None) -> jax.Array:
   """Keys [B] for the examples on this device: fold_in(fold_in(rng, step), global index)."""
   offset = 0 if axis_name is None else lax.axis_index(axis_name) * batch_size
-  step_key = jax.random.fold_in(rng, step)
-  idx = offset + jnp.arange(batch_size)
-  return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(idx)
+  return rng_lib.example_keys(jax.random.fold_in(rng, step), batch_size, offset)
 
 
 def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
