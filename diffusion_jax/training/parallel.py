@@ -31,6 +31,7 @@ class ParallelStep(NamedTuple):
   prepare_batch: Callable[[PyTree], PyTree]
   mode: str
   mesh: Mesh | None
+  # get_state returns host copies (np.array copies), never views of buffers a later call donates.
 
 
 def global_mesh() -> Mesh:
@@ -61,7 +62,7 @@ def make_parallel_step(step_fn: Callable, mode: str = "pmap", donate: bool = Tru
       return jax.tree.map(lambda x: _replicate_pmap(x, devices), tree)
 
     def get_state(tree):
-      return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+      return jax.tree.map(lambda x: np.array(x.addressable_data(0)[0]), tree)
 
     def prepare_batch(batch):  # [k, L, b, ...] -> [L, k, b, ...]
       return jax.tree.map(lambda x: np.swapaxes(np.asarray(x), 0, 1), batch)
@@ -82,7 +83,7 @@ def make_parallel_step(step_fn: Callable, mode: str = "pmap", donate: bool = Tru
     return jax.tree.map(lambda x: _put_replicated(np.asarray(x), replicated), tree)
 
   def get_state(tree):
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+    return jax.tree.map(lambda x: np.array(x.addressable_data(0)), tree)
 
   def prepare_batch(batch):  # local [k, L, b, ...] -> global [k, D*b, ...]
     def one(x):

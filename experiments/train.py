@@ -1,0 +1,56 @@
+"""Train a diffusion model.
+
+  python -m experiments.train --config=experiments/configs/digits.py --workdir=runs/digits
+  python -m experiments.train --config=experiments/configs/ddpm_cifar10.py --workdir=runs/c10 \
+      --config.optim.lr=1e-4 --config.train.batch_size=64
+
+Rerunning the same command with the same workdir resumes from its newest checkpoint. Exit codes:
+0 done, 1 non-finite loss (the message names the step), 143 preempted (SIGTERM; a checkpoint was
+written). Multi-host: `--distributed` calls `jax.distributed.initialize()` (arguments are
+auto-detected on TPU pods; give `--coordinator_address/--num_processes/--process_id` elsewhere).
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from diffusion_jax.training import trainer
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_string("cpu_collectives", None, "CPU collectives implementation, e.g. 'gloo'.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  if FLAGS.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  logging.info("JAX process %d/%d, %d local devices of %d: %s", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  try:
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except trainer.NonFiniteError as e:
+    logging.error("%s", e)
+    print(f"ERROR: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  except trainer.Preempted as e:
+    logging.warning("%s", e)
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(143)
+
+
+if __name__ == "__main__":
+  app.run(main)
