@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import diffusion_jax as dj
 from diffusion_jax.training import optim, parallel, state as state_lib, step as step_lib
 
 T = 50
@@ -18,6 +19,7 @@ T = 50
 class TinyNet(nn.Module):
   """A small conv net with dropout and an optional label embedding (models contract)."""
   num_classes: int = 0
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, t, y=None, train=False):
@@ -26,24 +28,20 @@ class TinyNet(nn.Module):
     if self.num_classes:
       emb = emb + nn.Embed(self.num_classes + 1, 8)(y)
     h = nn.swish(h + emb[:, None, None, :])
-    h = nn.Dropout(0.2, deterministic=not train)(h)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return nn.Conv(x.shape[-1], (3, 3))(h)
 
 
+SCHEDULE = dj.get_schedule("linear", T)
+
+
 def toy_loss(model_fn, x0, rng):
-  """eps-MSE with a linear schedule: a stand-in with the `training_loss` signature."""
-  betas = jnp.linspace(1e-4, 0.02, T)
-  abar = jnp.cumprod(1 - betas)
-  kt, kn = jax.random.split(rng)
-  t = jax.random.randint(kt, (x0.shape[0],), 0, T)
-  noise = jax.random.normal(kn, x0.shape)
-  a = abar[t][:, None, None, None]
-  x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
-  return jnp.mean((model_fn(x_t, t) - noise) ** 2, axis=(1, 2, 3))
+  """The library's eps-MSE loss (per-example keys) on a short linear schedule."""
+  return dj.losses.training_loss(model_fn, SCHEDULE, x0, rng)
 
 
-def setup(num_classes=0, accumulate=1, label_dropout=0.0):
-  model = TinyNet(num_classes)
+def setup(num_classes=0, accumulate=1, label_dropout=0.0, dropout=0.0):
+  model = TinyNet(num_classes, dropout)
   x = jnp.zeros((1, 8, 8, 1))
   params = model.init(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32),
                       jnp.zeros((1,), jnp.int32) if num_classes else None)["params"]
@@ -115,6 +113,7 @@ def test_shard_map_equals_pmap_and_fusion_equals_single_calls():
 def test_noise_differs_across_devices_and_steps():
   def keys(axis):
     return step_lib.example_keys(jax.random.PRNGKey(0), jnp.int32(3), 2, axis)
+
   per_device = jax.pmap(lambda _: keys("batch"), axis_name="batch")(jnp.zeros(8))
   flat = np.asarray(jax.random.key_data(per_device) if jnp.issubdtype(
       per_device.dtype, jax.dtypes.prng_key) else per_device).reshape(16, -1)
@@ -128,19 +127,22 @@ def test_noise_differs_across_devices_and_steps():
 
 def test_ema_and_metrics_closed_form():
   """One step by hand: Adam on the mean loss, EMA with each decay, the logged norms and lr."""
-  model, tx, lr_fn, state, cfg = setup()
+  model, tx, lr_fn, state, cfg = setup(dropout=0.2)
   step = jax.jit(step_lib.make_train_step(model.apply, toy_loss, tx, lr_fn, cfg, axis_name=None))
   b = batches(1, 4)[0]
   state = state.replace(step=jnp.int32(1))  # lr is nonzero after warmup starts
-  new, m = step(state, b, jax.random.PRNGKey(7))
-  keys = step_lib.example_keys(jax.random.PRNGKey(7), jnp.int32(1), 4, None)
+  rng = jax.random.PRNGKey(7)
+  new, m = step(state, b, rng)
+  example_rng, device_rng = jax.random.split(rng)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(example_rng, 1), i))(
+      jnp.arange(4))
+  loss_keys = jax.vmap(lambda k: jax.random.split(k, 2)[0])(keys)
+  dropout_key = jax.random.fold_in(jax.random.fold_in(device_rng, 0), 1)
 
   def mean_loss(p):
-    def one(x, key):
-      kl, kd, _ = jax.random.split(key, 3)
-      f = lambda xt, t: model.apply({"params": p}, xt, t, None, train=True, rngs={"dropout": kd})
-      return toy_loss(f, x[None], kl)[0]
-    return jnp.mean(jax.vmap(one)(jnp.asarray(b["image"]), keys))
+    f = lambda xt, t: model.apply({"params": p}, xt, t, None, train=True,
+                                  rngs={"dropout": dropout_key})
+    return jnp.mean(toy_loss(f, jnp.asarray(b["image"]), loss_keys))
 
   loss, g = jax.value_and_grad(mean_loss)(state.params)
   upd, _ = tx.update(g, state.opt_state, state.params)

@@ -197,7 +197,7 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
       num_classes=comp.num_classes,
       label_dropout=float(_cfg(train_cfg, "label_dropout", 0.0)) if comp.num_classes else 0.0,
       compute_dtype=_cfg(train_cfg, "compute_dtype", "float32"),
-      accumulate=int(_cfg(config.optim, "accumulate", 1)))
+      accumulate=int(_cfg(config.optim, "accumulate", 1)), process_count=jax.process_count())
   step_fn = step_lib.make_train_step(comp.model.apply, components.make_loss_fn(
       config.diffusion, comp.schedule), comp.tx, comp.lr_fn, step_cfg)
   pstep = parallel.make_parallel_step(step_fn, _cfg(train_cfg, "parallel", "pmap"))

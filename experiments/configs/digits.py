@@ -1,0 +1,64 @@
+"""The offline default: an unconditional DDPM on scikit-learn's 8x8 digits, sized to train on a
+2-core CPU in a few minutes.
+
+  python -m experiments.train --config=experiments/configs/digits.py --workdir=runs/digits
+  python -m experiments.sample --workdir=runs/digits --num_samples=64 --out=runs/digits/samples.npz
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"
+  c.data.data_dir = None           # default: $DIFFUSION_JAX_DATA_DIR or ~/tensorflow_datasets
+  c.data.split = "train"
+  c.data.image_size = 8            # native 8x8
+  c.data.random_flip = False       # digits are not mirror-symmetric
+  c.data.folder = None
+  c.data.on_corrupt = "raise"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "unet_digits"
+  c.model.dropout = 0.0
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = "cosine"
+  c.diffusion.num_timesteps = 250
+  c.diffusion.prediction = "eps"
+  c.diffusion.loss_type = "mse"
+  c.diffusion.weighting = "none"
+  c.diffusion.variance = "fixed_small"
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 100
+  c.optim.decay = "cosine"
+  c.optim.grad_clip = 1.0
+  c.optim.weight_decay = 0.0
+  c.optim.accumulate = 1
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 3000
+  c.train.batch_size = 128
+  c.train.steps_per_call = 10
+  c.train.parallel = "pmap"
+  c.train.compute_dtype = "float32"
+  c.train.ema_decays = (0.999,)
+  c.train.label_dropout = 0.1      # used only by class-conditional models
+  c.train.checkpoint_every = 500
+  c.train.snapshot_every = 0       # 0: keep only the latest tier
+  c.train.keep_latest = 2
+  c.train.log_every = 100
+  c.train.sample_every = 0         # 0: one grid at the end
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = "ancestral"
+  c.sample.num_samples = 100
+  c.sample.variance = "fixed_small"
+  c.sample.clip_denoised = True
+  return c
