@@ -2,6 +2,9 @@
 optionally fusing k steps per call with `lax.scan`.
 
 Layouts (L local devices, k fused steps, b per-device batch):
+  jit:       one device, no collectives (build the step with axis_name=None); state plain;
+             batch leaves [k, b, ...] (the iterator's single device axis is dropped).
+  auto:      jit when there is exactly one device, else pmap.
   pmap:      state replicated with a leading [L] axis; batch leaves [L, k, b, ...].
   shard_map: state global arrays replicated over the mesh; batch leaves global [k, D*b, ...]
              sharded along axis 1 over the 'batch' mesh axis.
@@ -19,7 +22,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
-MODES = ("pmap", "shard_map")
+MODES = ("pmap", "shard_map", "jit", "auto")
 AXIS = "batch"
 
 
@@ -47,13 +50,30 @@ def _fuse(step_fn):
   return fused
 
 
+def resolve_mode(mode: str) -> str:
+  """'auto' -> 'jit' on a single device, else 'pmap'; other modes unchanged."""
+  if mode == "auto":
+    return "jit" if jax.device_count() == 1 else "pmap"
+  return mode
+
+
 def make_parallel_step(step_fn: Callable, mode: str = "pmap", donate: bool = True
                        ) -> ParallelStep:
-  """Wraps `step_fn(state, batch, rng)` (built with axis_name='batch') for all devices."""
+  """Wraps `step_fn(state, batch, rng)` (built with axis_name='batch', or None for 'jit') for
+  all devices. Use `resolve_mode` first for 'auto'."""
   if mode not in MODES:
     raise ValueError(f"train.parallel must be one of {MODES}, got {mode!r}")
+  mode = resolve_mode(mode)
   fused = _fuse(step_fn)
   donate_argnums = (0,) if donate else ()
+  if mode == "jit":
+    if jax.device_count() != 1:
+      raise ValueError(f"train.parallel='jit' runs on one device, found {jax.device_count()}")
+    stepped = jax.jit(fused, donate_argnums=donate_argnums)
+    put = lambda tree: jax.tree.map(jnp.asarray, tree)
+    get = lambda tree: jax.tree.map(np.array, tree)
+    prep = lambda batch: jax.tree.map(lambda x: np.asarray(x)[:, 0], batch)  # [k, 1, b] -> [k, b]
+    return ParallelStep(stepped, put, get, prep, mode, None)
   if mode == "pmap":
     stepped = jax.pmap(fused, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=donate_argnums)
     devices = jax.local_devices()

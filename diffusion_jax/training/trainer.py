@@ -198,9 +198,11 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
       label_dropout=float(_cfg(train_cfg, "label_dropout", 0.0)) if comp.num_classes else 0.0,
       compute_dtype=_cfg(train_cfg, "compute_dtype", "float32"),
       accumulate=int(_cfg(config.optim, "accumulate", 1)), process_count=jax.process_count())
+  mode = parallel.resolve_mode(_cfg(train_cfg, "parallel", "pmap"))
   step_fn = step_lib.make_train_step(comp.model.apply, components.make_loss_fn(
-      config.diffusion, comp.schedule), comp.tx, comp.lr_fn, step_cfg)
-  pstep = parallel.make_parallel_step(step_fn, _cfg(train_cfg, "parallel", "pmap"))
+      config.diffusion, comp.schedule), comp.tx, comp.lr_fn, step_cfg,
+      axis_name=None if mode == "jit" else parallel.AXIS)
+  pstep = parallel.make_parallel_step(step_fn, mode)
   num_samples = int(_cfg(_cfg(config, "sample", {}), "num_samples", 64))
   sample_fn = _make_sample_fn(config, comp) if host0 and num_samples > 0 else None
 

@@ -23,6 +23,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "unet_digits"
+  # Smaller than the preset: one res block per level, two levels (8x8, 4x4), attention at 4x4.
+  c.model.ch = 32
+  c.model.ch_mult = (1, 2)
+  c.model.num_res_blocks = 1
+  c.model.attention_levels = (1,)
   c.model.dropout = 0.0
 
   c.diffusion = ml_collections.ConfigDict()
@@ -43,10 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.accumulate = 1
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 3000
-  c.train.batch_size = 128
-  c.train.steps_per_call = 10
-  c.train.parallel = "pmap"
+  c.train.num_steps = 2000
+  c.train.batch_size = 64
+  c.train.steps_per_call = 1
+  c.train.parallel = "auto"         # jit on one device (a laptop CPU), pmap on several
   c.train.compute_dtype = "float32"
   c.train.ema_decays = (0.999,)
   c.train.label_dropout = 0.1      # used only by class-conditional models

@@ -1,0 +1,75 @@
+"""Shared helpers for the trainer and experiment tests: a tiny digits config and checkpoint reads."""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from experiments.configs import digits
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Command-line overrides that make the digits config tiny (also used by the subprocess tests).
+TINY = {
+    "model.ch": 8, "model.num_groups": 4, "diffusion.num_timesteps": 20,
+    "train.num_steps": 8, "train.batch_size": 16, "train.steps_per_call": 1,
+    "train.checkpoint_every": 2, "train.log_every": 2, "train.sample_every": 0,
+    "sample.num_samples": 4, "optim.warmup_steps": 2, "train.ema_decays": (0.9, 0.99),
+}
+
+
+def tiny_config(data_dir: str, **overrides):
+  config = digits.get_config()
+  for key, value in {**TINY, **overrides}.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  config.data.data_dir = data_dir
+  return config
+
+
+def override_flags(data_dir: str, **overrides) -> list[str]:
+  flags = []
+  for key, value in {**TINY, **overrides}.items():
+    if isinstance(value, tuple):
+      value = "(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    flags.append(f"--config.{key}={value}")
+  return flags + [f"--config.data.data_dir={data_dir}"]
+
+
+def train_command(workdir: str, data_dir: str, **overrides) -> list[str]:
+  return [sys.executable, "-m", "experiments.train",
+          f"--config={os.path.join(REPO, 'experiments/configs/digits.py')}",
+          f"--workdir={workdir}"] + override_flags(data_dir, **overrides)
+
+
+def subprocess_env(num_devices: int = 8) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def read_state(workdir: str, step: int | None = None):
+  """(step, host state) of the newest readable checkpoint of a run."""
+  from diffusion_jax.training import checkpoint, components, restore  # pylint: disable=g-import-not-at-top
+  import json
+  config = restore.load_config(workdir)
+  info = json.loads(open(os.path.join(workdir, "dataset_info.json")).read())
+  comp = components.build(config, tuple(info["image_shape"]))
+  target = components.init_state(config, comp, jax.random.PRNGKey(0), abstract=True)
+  ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    at, state, _ = ck.restore(target, step)
+  finally:
+    ck.close()
+  return at, state
+
+
+def max_abs_diff(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
