@@ -9,7 +9,7 @@ Layout: `<workdir>/checkpoints/<step>/{state, data}`. Every step that is a multi
 References: orbax-checkpoint `CheckpointManager` docs; big_vision's preemptible checkpoints.
 """
 from typing import Any
-import logging
+from absl import logging
 
 import jax
 import numpy as np

@@ -11,7 +11,7 @@ References: the Flax examples and big_vision train loops; Ho et al. 2020 (EMA sa
 """
 from typing import Any
 import json
-import logging
+from absl import logging
 import signal
 import threading
 import time
@@ -225,6 +225,7 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
     logger.add(metrics)
 
   pending = None
+  first_call = True
   try:
     with _SigtermFlag() as sigterm:
       while step < num_steps:
@@ -232,8 +233,15 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
         if pending is not None:   # the previous call ran while the host read data
           check(*pending)
           pending = None
+        t_call = time.perf_counter()
         dstate, metrics = pstep.step(dstate, host_batch, train_rng)
         step += k
+        if first_call:   # exclude compilation from the steps/s figures
+          jax.block_until_ready(metrics)
+          logging.info("First call (compile + %d step(s)) took %.1f s.", k,
+                       time.perf_counter() - t_call)
+          first_call = False
+          logger.start(step)
         pending = (metrics, step)
         at = lambda n: n > 0 and step % n == 0
         preempt = sigterm.any_host()
