@@ -1,7 +1,7 @@
 """Shared helpers for the trainer and experiment tests: a tiny digits config and checkpoint reads."""
 import os
-import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -9,10 +9,16 @@ import numpy as np
 from experiments.configs import digits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The trainer tests compile the same tiny programs many times (in-process and in subprocesses):
+# a persistent compilation cache makes the reruns cheap. It changes no numbers.
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "diffusion_jax_test_jax_cache")
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 # Command-line overrides that make the digits config tiny (also used by the subprocess tests).
 TINY = {
-    "model.ch": 8, "model.num_groups": 4, "diffusion.num_timesteps": 20,
+    "model.ch": 8, "model.num_groups": 4, "model.ch_mult": (1,), "model.attention_levels": (0,),
+    "diffusion.num_timesteps": 20,
     "train.num_steps": 8, "train.batch_size": 16, "train.steps_per_call": 1,
     "train.checkpoint_every": 2, "train.log_every": 2, "train.sample_every": 0,
     "sample.num_samples": 4, "optim.warmup_steps": 2, "train.ema_decays": (0.9, 0.99),
@@ -51,6 +57,8 @@ def subprocess_env(num_devices: int = 8) -> dict:
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   return env
 
 
