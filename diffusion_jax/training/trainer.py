@@ -213,7 +213,7 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
   log_every = every["log_every"] or max(k, num_steps // 100 // k * k)
 
   def check(metrics: dict, end_step: int) -> None:
-    metrics = jax.tree.map(lambda m: np.asarray(m).reshape(-1), metrics)
+    metrics = jax.tree.map(lambda m: np.asarray(m).reshape(-1), pstep.get_state(metrics))  # [k]
     bad = np.flatnonzero(metrics["nonfinite"] > 0)
     if bad.size:
       at = end_step - metrics["nonfinite"].size + int(bad[0]) + 1
