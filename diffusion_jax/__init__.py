@@ -31,4 +31,7 @@ from diffusion_jax.schedules import from_betas
 from diffusion_jax.schedules import get_schedule
 from diffusion_jax.schedules import Schedule
 
+from diffusion_jax import training
+from diffusion_jax.training import train_and_evaluate
+
 __version__ = "0.1.0"
