@@ -1,14 +1,18 @@
 """Log-likelihood by the probability-flow ODE, and the VLB averaged over a dataset.
 
-In sigma space (x = x_vp / sqrt(abar), see `samplers.ode`) and s = log sigma, the probability
-flow is dx/ds = f(x, s) = x - D(x; sigma), and along it d log p / ds = -div f. Integrating from
-sigma_min (the data end) to sigma_max with Heun's method in one `lax.scan`:
+The probability-flow ODE is integrated in the VP variable y = x / sqrt(1 + sigma^2) (x the
+sigma-space state, see `samplers.ode`) over s = log sigma, where it stays bounded:
 
-  log p_{sigma_min}(x) = log N(x(sigma_max); 0, (1 + sigma_max^2) I) + int div f ds,
+  dy/ds = g(y, s) = c^2 y - c D(y / c; sigma),   c = 1 / sqrt(1 + sigma^2),
 
-where the prior is the VP prior N(0, I) on x_vp. The divergence is exact (D Jacobian-vector
-products, for small D) or Hutchinson's estimate z^T (df/dx) z with one probe z per example held
-fixed along the path (one JVP per evaluation).
+and along it d log p_y / ds = -div g. Heun's method from sigma_min (the data end) to sigma_max,
+in one `lax.scan`, gives
+
+  log p_{sigma_min}(x) = log N(y(sigma_max); 0, I) + int div g ds + D log c(sigma_min),
+
+(the last term is the Jacobian of x -> y at sigma_min). The divergence is exact (D
+Jacobian-vector products, for small D) or Hutchinson's estimate z^T (dg/dy) z with one probe z
+per example held fixed along the path (one JVP per evaluation).
 
 References:
   Song et al. 2021, "Score-Based Generative Modeling through SDEs", sec. 4.3 and appendix D.2.
@@ -38,7 +42,8 @@ PROBES = ("rademacher", "gaussian")
 
 
 class OdeLikelihood(NamedTuple):
-  """Per-example results, each [B]: log p (nats) = prior_log_p + delta_log_p."""
+  """Per-example results, each [B]: log p (nats) = prior_log_p + delta_log_p (delta_log_p holds
+  the integrated divergence and the Jacobian of x -> y at sigma_min)."""
   log_p: jax.Array
   prior_log_p: jax.Array
   delta_log_p: jax.Array
@@ -94,10 +99,12 @@ def ode_log_likelihood(model_fn: base.ModelFn, schedule: Schedule, x: jax.Array,
       raise ValueError("trace='hutchinson' needs rng (a key or per-example keys).")
     z = _probe(rng_lib.example_keys(rng, batch), x.shape[1:], probe)
 
-  def flow(x, log_sigma):
+  def flow(y, log_sigma):
     sigma = jnp.exp(log_sigma)
+    c = 1.0 / jnp.sqrt(1.0 + sigma ** 2)
     t = ode.sigma_to_t(schedule, sigma)
-    return x - ode.denoise(model_fn, x, sigma, t, prediction=prediction, variance=variance)
+    x0 = ode.denoise(model_fn, y / c, sigma, t, prediction=prediction, variance=variance)
+    return c ** 2 * y - c * x0
 
   def flow_and_div(x, log_sigma):
     f = lambda y: flow(y, log_sigma)
@@ -119,10 +126,11 @@ def ode_log_likelihood(model_fn: base.ModelFn, schedule: Schedule, x: jax.Array,
     x_next = x + (s_next - s) * 0.5 * (f + f_next)
     return (x_next, delta + (s_next - s) * 0.5 * (div + div_next)), None
 
-  (x_end, delta), _ = lax.scan(step, (x, jnp.zeros((batch,))), jnp.arange(num_steps))
-  var = 1.0 + jnp.exp(log_sigmas[-1]) ** 2
-  prior = (-0.5 * jnp.sum(x_end.reshape(batch, -1) ** 2, axis=1) / var
-           - 0.5 * dims * jnp.log(2.0 * math.pi * var))
+  c_min = 1.0 / jnp.sqrt(1.0 + jnp.exp(log_sigmas[0]) ** 2)
+  (y_end, delta), _ = lax.scan(step, (c_min * x, jnp.zeros((batch,))), jnp.arange(num_steps))
+  prior = (-0.5 * jnp.sum(y_end.reshape(batch, -1) ** 2, axis=1)
+           - 0.5 * dims * math.log(2.0 * math.pi))
+  delta = delta + dims * jnp.log(c_min)
   return OdeLikelihood(log_p=prior + delta, prior_log_p=prior, delta_log_p=delta)
 
 
