@@ -130,7 +130,9 @@ def sample(model_fn: base.ModelFn, schedule: Schedule, shape: Sequence[int], rng
       timestep_mode='nearest'.
     schedule: the training schedule (T entries).
     shape: (B, ...).
-    rng: a key or per-example keys [B]; the initial VP noise comes from fold_in(key_b, N).
+    rng: a key or per-example keys [B]; the initial VP noise x_vp comes from fold_in(key_b, N)
+      and the start is x = sqrt(1 + sigma_max^2) x_vp, the VP prior in sigma space (diffusers'
+      `init_noise_sigma` is sigma_max itself for its 'linspace' spacing).
     num_steps: N (static).
     method: 'euler' or 'heun' (Heun's last step, to sigma = 0, is an Euler step).
     grid, rho, sigma_min, sigma_max: see `sigma_grid`.
