@@ -37,19 +37,31 @@ def training_sigmas(schedule: Schedule) -> jax.Array:
   return schedule.sqrt_recipm1_alphas_cumprod
 
 
+def interp(x: jax.Array, xp: jax.Array, fp: jax.Array) -> jax.Array:
+  """Piecewise-linear interpolation of (xp [T] increasing, fp [T]) at x [...], clamped at the
+  ends, like `jnp.interp`; the segment is found by comparing against all knots (no bisection
+  loop, so a sampler's jaxpr holds no scan besides its own)."""
+  x = jnp.asarray(x, jnp.float32)
+  below = jnp.sum(xp <= x[..., None], axis=-1)
+  lo = jnp.clip(below - 1, 0, xp.shape[0] - 2)
+  x0, x1, f0, f1 = xp[lo], xp[lo + 1], fp[lo], fp[lo + 1]
+  w = jnp.clip((x - x0) / (x1 - x0), 0.0, 1.0)
+  return f0 + w * (f1 - f0)
+
+
 def sigma_to_t(schedule: Schedule, sigma: jax.Array) -> jax.Array:
   """Fractional training timestep [..] of sigma by linear interpolation of log sigma (clamped to
   [0, T-1]); the inverse of `t_to_sigma`."""
   log_sigmas = jnp.log(training_sigmas(schedule))
   steps = jnp.arange(schedule.num_timesteps, dtype=jnp.float32)
-  return jnp.interp(jnp.log(jnp.maximum(sigma, 1e-10)), log_sigmas, steps)
+  return interp(jnp.log(jnp.maximum(sigma, 1e-10)), log_sigmas, steps)
 
 
 def t_to_sigma(schedule: Schedule, t: jax.Array) -> jax.Array:
   """sigma at fractional timesteps t by linear interpolation of log sigma."""
   log_sigmas = jnp.log(training_sigmas(schedule))
   steps = jnp.arange(schedule.num_timesteps, dtype=jnp.float32)
-  return jnp.exp(jnp.interp(jnp.asarray(t, jnp.float32), steps, log_sigmas))
+  return jnp.exp(interp(t, steps, log_sigmas))
 
 
 def karras_sigmas(sigma_min: jax.Array, sigma_max: jax.Array, num_steps: int,
@@ -94,7 +106,7 @@ def sigma_grid(schedule: Schedule, num_steps: int, *, grid: str = "karras", rho:
     timesteps = sigma_to_t(schedule, sigmas)
   else:
     timesteps = jnp.linspace(schedule.num_timesteps - 1.0, 0.0, num_steps)
-    sigmas = jnp.interp(timesteps, jnp.arange(schedule.num_timesteps, dtype=jnp.float32), table)
+    sigmas = interp(timesteps, jnp.arange(schedule.num_timesteps, dtype=jnp.float32), table)
   return jnp.append(sigmas, 0.0).astype(jnp.float32), timesteps.astype(jnp.float32)
 
 
