@@ -53,7 +53,8 @@ class DataOptions:
   in_memory: 'auto' (decode the split into host memory if <= 1 GiB), True or False.
   shuffle: shuffle the training stream (per epoch, by seed).
   download: let TFDS download and prepare a missing dataset (needs network, often TensorFlow).
-  num_threads, prefetch: grain read threads and prefetch depth (in batches).
+  num_threads, prefetch: grain read threads and prefetch depth in batches (at least num_threads;
+    num_threads=0 reads synchronously).
   image_key, label_key: TFDS feature names.
   """
   name: str

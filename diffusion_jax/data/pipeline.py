@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterator, Optional
 
+import grain
 import numpy as np
 
 from diffusion_jax.data import sources
@@ -118,6 +119,12 @@ def _shape(batch: dict[str, np.ndarray], num_local_devices: int) -> dict[str, np
   return {k: v.reshape(num_local_devices, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
+def _read_options(num_threads: int, prefetch: int):
+  """grain read options; the buffer holds at least one batch per thread."""
+  return grain.ReadOptions(num_threads=num_threads,
+                           prefetch_buffer_size=max(prefetch, num_threads) if num_threads else 0)
+
+
 class _TrainBatch:
   """Batch index k of one host -> {'image': float32 [D, b, H, W, C], 'label': int32 [D, b]}."""
 
@@ -149,11 +156,9 @@ class TrainIterator(Iterator[dict]):
 
   def __init__(self, batch_fn: _TrainBatch, *, global_batch_size: int, info: DatasetInfo,
                num_threads: int, prefetch: int):
-    import grain  # pylint: disable=g-import-not-at-top
     self.info, self.global_batch_size, self._batch_fn = info, global_batch_size, batch_fn
     dataset = grain.MapDataset.source(range(_MAX_BATCHES)).map(batch_fn)
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    self._iterator = iter(dataset.to_iter_dataset(options))
+    self._iterator = iter(dataset.to_iter_dataset(_read_options(num_threads, prefetch)))
 
   def __next__(self) -> dict[str, np.ndarray]:
     return next(self._iterator)
@@ -235,10 +240,8 @@ class EvalIterable:
                   self._devices)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    import grain  # pylint: disable=g-import-not-at-top
     dataset = grain.MapDataset.source(range(self.num_batches)).map(self._batch)
-    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=self._threads,
-                                                          prefetch_buffer_size=self._prefetch)))
+    return iter(dataset.to_iter_dataset(_read_options(self._threads, self._prefetch)))
 
 
 def make_eval_iterator(data_config: Any, *, global_batch_size: int,

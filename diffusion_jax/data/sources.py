@@ -86,12 +86,16 @@ def maybe_in_memory(source: ImageSource, options: DataOptions) -> ImageSource:
 # TFDS
 
 
+# Builders in this package that prepare offline, without TensorFlow: prepared on first use.
+OFFLINE_BUILDERS = ("digits", "synthetic_images")
+
+
 def _prepare_hint(name: str, data_dir: str) -> str:
   return (f"Prepare it once as ArrayRecord (this needs network, and TensorFlow for most builders: "
           f"pip install 'diffusion_jax[tensorflow]'):\n"
           f"  tfds build {name} --data_dir={data_dir} --file_format=array_record\n"
-          f"or set data_config.download=True to let TFDS try, or point data_config.data_dir at "
-          f"the folder that holds it.")
+          f"or point data_config.data_dir at the folder that holds it "
+          f"(data_config.download=True lets TFDS try to download and prepare it).")
 
 
 def tfds_builder(options: DataOptions, split: str):
@@ -101,7 +105,8 @@ def tfds_builder(options: DataOptions, split: str):
   (and, with download=True, could not be downloaded and prepared).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.data import digits  # pylint: disable=g-import-not-at-top,unused-import
+  # Registers the package's builders with TFDS.
+  from diffusion_jax.data import digits, synthetic  # pylint: disable=g-import-not-at-top,unused-import
   try:
     builder = tfds.builder(options.name, data_dir=options.data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -114,7 +119,7 @@ def tfds_builder(options: DataOptions, split: str):
         f"A TFDS dataset must be prepared in {options.data_dir}. "
         + _prepare_hint(options.name, options.data_dir)) from e
   if not builder.is_prepared():
-    if options.name == "digits" or options.download:
+    if options.name.split("/")[0] in OFFLINE_BUILDERS or options.download:
       try:
         builder.download_and_prepare(file_format="array_record")
       except Exception as e:  # Network, TensorFlow or source errors: all end in the same advice.
