@@ -181,3 +181,20 @@ def test_batch_that_does_not_divide_is_an_error(tiny_dir, batch, hosts, devices,
   with pytest.raises(ValueError, match=match):
     dd.make_eval_iterator(_config(tiny_dir), global_batch_size=batch, process_index=0,
                           process_count=hosts, num_local_devices=devices)
+
+
+@pytest.mark.slow  # Starts worker processes (about 10 s on 2 busy cores).
+def test_worker_processes_give_the_same_stream_and_resume(tiny_dir):
+  threads = _host_iterator(tiny_dir, 1, random_flip=True, in_memory=False)
+  expected = [next(threads) for _ in range(5)]
+  workers = _host_iterator(tiny_dir, 1, random_flip=True, in_memory=False, num_workers=2)
+  try:
+    for k in range(3):
+      np.testing.assert_array_equal(next(workers)["image"], expected[k]["image"])
+    state = workers.get_state()
+    workers.set_state({**state, "examples_seen": state["examples_seen"] - 16})
+    for k in range(2, 5):
+      np.testing.assert_array_equal(next(workers)["image"], expected[k]["image"])
+  finally:
+    workers.close()
+    threads.close()

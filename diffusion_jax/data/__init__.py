@@ -12,10 +12,11 @@ from diffusion_jax.data.pipeline import (EvalIterable, ShuffledStream, TrainIter
                                          make_eval_iterator, make_train_iterator, to_float)
 from diffusion_jax.data.sources import ArraySource, DatasetInfo, TfdsSource, open_source
 from diffusion_jax.data.folder import FolderSource, open_folder
+from diffusion_jax.data.synthetic import SyntheticImages
 
 __all__ = [
     "ArraySource", "DataOptions", "DatasetInfo", "Digits", "EvalIterable", "FolderSource",
-    "ShuffledStream", "TfdsSource", "TrainIterator", "default_data_dir", "digits_to_uint8",
+    "ShuffledStream", "SyntheticImages", "TfdsSource", "TrainIterator", "default_data_dir", "digits_to_uint8",
     "flip_mask", "get_dataset_info", "load_split_as_numpy", "make_eval_iterator",
     "make_train_iterator", "open_folder", "open_source", "to_float", "uint8_to_digits",
 ]

@@ -55,6 +55,8 @@ class DataOptions:
   download: let TFDS download and prepare a missing dataset (needs network, often TensorFlow).
   num_threads, prefetch: grain read threads and prefetch depth in batches (at least num_threads;
     num_threads=0 reads synchronously).
+  num_workers: > 0 makes training batches in that many processes (grain mp_prefetch), for
+    datasets streamed from disk whose decoding one process cannot keep up with.
   image_key, label_key: TFDS feature names.
   """
   name: str
@@ -72,7 +74,8 @@ class DataOptions:
   shuffle: bool = True
   download: bool = False
   num_threads: int = 4
-  prefetch: int = 2
+  prefetch: int = 4
+  num_workers: int = 0
   image_key: str = "image"
   label_key: str = "label"
 
@@ -101,6 +104,6 @@ class DataOptions:
       raise ValueError(f"image_size must be a positive int or None, got {self.image_size!r}.")
     if self.name == "folder" and not self.folder:
       raise ValueError("data_config.folder must be set when data_config.name == 'folder'.")
-    if self.num_threads < 0 or self.prefetch < 0:
-      raise ValueError(f"num_threads and prefetch must be >= 0, got {self.num_threads}, "
-                       f"{self.prefetch}.")
+    for key in ("num_threads", "prefetch", "num_workers"):
+      if int(getattr(self, key)) < 0:
+        raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}.")

@@ -18,6 +18,7 @@ big_vision `input_pipeline.py` (per-host batches reshaped to [devices, per_devic
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Iterator, Optional
 
 import grain
@@ -53,6 +54,12 @@ class ShuffledStream:
     self.num_examples, self.seed, self.shuffle = num_examples, seed, shuffle
     self._cache: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()
+
+  def __getstate__(self) -> dict[str, Any]:  # Picklable for worker processes: no lock, no cache.
+    return {"num_examples": self.num_examples, "seed": self.seed, "shuffle": self.shuffle}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(**state)
 
   def permutation(self, epoch: int) -> np.ndarray:
     """int64 [N]: the order of epoch `epoch` (the identity when shuffle is off)."""
@@ -151,23 +158,57 @@ class _TrainBatch:
                   self.num_local_devices)
 
 
+def _close(iterator) -> None:
+  if hasattr(iterator, "close"):
+    iterator.close()
+
+
 class TrainIterator(Iterator[dict]):
-  """The endless training iterator, with `get_state()` / `set_state()` for exact resume."""
+  """The endless training iterator, with `get_state()` / `set_state()` for exact resume.
+
+  Batches are made on `num_threads` grain threads, or, with num_workers > 0, in that many worker
+  processes (grain `mp_prefetch`; the order is the same either way).
+  """
 
   def __init__(self, batch_fn: _TrainBatch, *, global_batch_size: int, info: DatasetInfo,
-               num_threads: int, prefetch: int):
+               num_threads: int, prefetch: int, num_workers: int = 0):
     self.info, self.global_batch_size, self._batch_fn = info, global_batch_size, batch_fn
-    dataset = grain.MapDataset.source(range(_MAX_BATCHES)).map(batch_fn)
-    self._iterator = iter(dataset.to_iter_dataset(_read_options(num_threads, prefetch)))
+    self._threads, self._prefetch, self._workers = num_threads, prefetch, num_workers
+    self._iterator, self._finalizer = None, None
+    self._start(0)
+
+  def _start(self, next_batch: int) -> None:
+    self.close()
+    dataset = grain.MapDataset.source(range(next_batch, _MAX_BATCHES)).map(self._batch_fn)
+    dataset = dataset.to_iter_dataset(_read_options(self._threads, self._prefetch))
+    if self._workers:
+      from absl import flags  # pylint: disable=g-import-not-at-top
+      if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults suffice).
+        flags.FLAGS.mark_as_parsed()
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self._workers, per_worker_buffer_size=max(1, self._prefetch)))
+    self._iterator, self._next_batch = iter(dataset), next_batch
+    # Close grain's threads / processes when this iterator is collected or at interpreter exit
+    # (before module teardown, where grain's own __del__ would fail noisily).
+    self._finalizer = weakref.finalize(self, _close, self._iterator)
+
+  def close(self) -> None:
+    """Stops the prefetch threads / worker processes (also done when garbage collected)."""
+    if self._finalizer is not None:
+      self._finalizer()
+    self._iterator, self._finalizer = None, None
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._iterator)
+    batch = next(self._iterator)
+    self._next_batch += 1
+    if self._workers:  # Plain arrays, out of grain's shared memory (freed at once).
+      batch = {key: np.array(value) for key, value in batch.items()}
+    return batch
 
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable: {'examples_seen', 'seed', 'num_examples', 'shuffle'}."""
-    k = int(self._iterator.get_state()["next_index"])
     stream = self._batch_fn.stream
-    return {"examples_seen": k * self.global_batch_size, "seed": int(stream.seed),
+    return {"examples_seen": self._next_batch * self.global_batch_size, "seed": int(stream.seed),
             "num_examples": int(stream.num_examples), "shuffle": bool(stream.shuffle)}
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -182,7 +223,7 @@ class TrainIterator(Iterator[dict]):
     if seen % self.global_batch_size:
       raise ValueError(f"set_state: examples_seen={seen} is not a multiple of "
                        f"global_batch_size={self.global_batch_size}.")
-    self._iterator.set_state({"next_index": seen // self.global_batch_size})
+    self._start(seen // self.global_batch_size)
 
 
 def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
@@ -205,7 +246,8 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
                          process_count=process_count, num_local_devices=num_local_devices,
                          random_flip=bool(options.random_flip), seed=int(seed))
   return TrainIterator(batch_fn, global_batch_size=global_batch_size, info=source.info,
-                       num_threads=options.num_threads, prefetch=options.prefetch)
+                       num_threads=options.num_threads, prefetch=options.prefetch,
+                       num_workers=options.num_workers)
 
 
 class EvalIterable:
