@@ -1,6 +1,7 @@
 """TFDS datasets (ArrayRecord) read through the trainer's code path without TensorFlow; errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -121,3 +122,14 @@ def test_bad_options_name_the_argument():
     dd.DataOptions.from_config({"data_dir": "/tmp"})
   with pytest.raises(ValueError, match="data_config.folder"):
     dd.DataOptions.from_config({"name": "folder"})
+
+
+def test_tfrecord_prepared_dataset_asks_for_array_record(tiny_dir, tmp_path):
+  copy = tmp_path / "tfds"
+  shutil.copytree(tiny_dir, copy)
+  info_file = copy / "synthetic_images" / "tiny" / "1.0.0" / "dataset_info.json"
+  info = json.loads(info_file.read_text())
+  info["fileFormat"] = "tfrecord"
+  info_file.write_text(json.dumps(info))
+  with pytest.raises(FileNotFoundError, match="--file_format=array_record"):
+    dd.get_dataset_info({"name": TINY, "data_dir": str(copy)})

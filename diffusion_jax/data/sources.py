@@ -98,7 +98,7 @@ def _prepare_hint(name: str, data_dir: str) -> str:
           f"(data_config.download=True lets TFDS try to download and prepare it).")
 
 
-def tfds_builder(options: DataOptions, split: str):
+def tfds_builder(options: DataOptions):
   """The TFDS builder of options.name, prepared (digits is prepared offline on first use).
 
   Raises ValueError for an unknown name and FileNotFoundError for a dataset that is not prepared
@@ -145,7 +145,7 @@ class TfdsSource:
 
   def __init__(self, options: DataOptions, split: str):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    builder = tfds_builder(options, split)
+    builder = tfds_builder(options)
     features = builder.info.features
     if options.image_key not in features:
       raise ValueError(f"image_key {options.image_key!r} is not a feature of {options.name!r}; "
