@@ -4,12 +4,17 @@
 processes, losses, samplers), the models, the data pipeline and the trainer.
 """
 
+from diffusion_jax import data
 from diffusion_jax import forward
 from diffusion_jax import losses
 from diffusion_jax import reverse
 from diffusion_jax import rng
 from diffusion_jax import samplers
 from diffusion_jax import schedules
+from diffusion_jax.data import get_dataset_info
+from diffusion_jax.data import load_split_as_numpy
+from diffusion_jax.data import make_eval_iterator
+from diffusion_jax.data import make_train_iterator
 from diffusion_jax.forward import eps_from_v
 from diffusion_jax.forward import eps_from_x0
 from diffusion_jax.forward import predict_eps
