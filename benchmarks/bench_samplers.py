@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import diffusion_jax as dj
+from diffusion_jax import models
 from diffusion_jax import reverse
 from diffusion_jax import rng as rng_lib
 from diffusion_jax.samplers import base
@@ -149,7 +150,7 @@ def main():
         f"XLA temp memory T=1000: {m1000 / 2**20:.2f} MiB, T=10: {m10 / 2**20:.2f} MiB")
 
   if args.unet_steps:
-    unet = dj.models.get_model("ddpm_cifar10")
+    unet = models.get_model("ddpm_cifar10")
     bench_model("ddpm_cifar10 U-Net (35.7M params, 32x32x3)", unet, (32, 32, 3), args.unet_batch,
                 args.unet_steps, 0, apply_kwargs=dict(train=False))
 

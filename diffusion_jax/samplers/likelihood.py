@@ -23,7 +23,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -142,18 +142,23 @@ def nats_to_bits_per_dim(log_p: jax.Array, num_dims: int, data_scale: float = 12
   return (-log_p / num_dims + math.log(data_scale)) / math.log(2.0)
 
 
-def mean_over_batches(fn: Callable[[jax.Array], jax.Array], batches: Iterable[jax.Array]
-                      ) -> tuple[float, int]:
-  """The mean of fn(batch) [B] over every example of every batch (float64 accumulation).
+def mean_over_batches(fn: Callable[[Any], jax.Array], batches: Iterable[Any]) -> tuple[float, int]:
+  """The mean of fn(batch) over every real example of every batch (float64 accumulation).
 
-  A dataset loop for `losses.bits_per_dim(...).total` or `ode_log_likelihood` (the caller jits
-  `fn`). Returns (mean, number of examples).
+  A dataset loop for `losses.bits_per_dim(...).total` or `ode_log_likelihood` (the caller jits or
+  pmaps `fn`). A batch may be a dict with a boolean 'mask' shaped like fn's output (padding
+  examples are False, as `data.make_eval_iterator` yields); other batches count every value.
+
+  Returns:
+    (mean, number of examples counted).
   """
   total, count = 0.0, 0
   for batch in batches:
-    values = np.asarray(jax.device_get(fn(batch)), np.float64).reshape(-1)
+    values = np.asarray(jax.device_get(fn(batch)), np.float64)
+    if isinstance(batch, dict) and "mask" in batch:
+      values = values[np.asarray(batch["mask"], bool).reshape(values.shape)]
     total += float(values.sum())
     count += values.size
   if count == 0:
-    raise ValueError("batches is empty.")
+    raise ValueError("batches held no examples.")
   return total / count, count
