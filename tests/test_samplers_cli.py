@@ -52,3 +52,22 @@ def test_parse_labels():
   for bad, classes in [("10", 10), ("a", 10), ("1", 0)]:
     with pytest.raises(ValueError):
       sampling_lib.parse_labels(bad, 4, classes)
+
+
+def test_evaluate_bits_per_dim_masks_padding_and_matches_the_vlb():
+  from experiments import evaluate_bpd
+  schedule = dj.get_schedule("linear", 25)
+  pixels = jax.random.randint(jax.random.key(0), (11,) + IMAGE, 0, 256)
+  images = np.asarray(pixels, np.float32) / 127.5 - 1.0
+  model_fn = lambda x, t: apply_fn(PARAMS, x, t, None)
+  root = jax.random.PRNGKey(0)
+  keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(11))
+  expected = dj.bits_per_dim(model_fn, schedule, jnp.asarray(images), keys).total.mean()
+  # Two batches of 8 devices x 1 example, the second padded with 5 masked-out repeats.
+  padded = np.concatenate([images, np.repeat(images[:1], 5, axis=0)])
+  mask = np.arange(16) < 11
+  batches = [{"image": padded[k * 8:(k + 1) * 8].reshape((8, 1) + IMAGE),
+              "mask": mask[k * 8:(k + 1) * 8].reshape(8, 1)} for k in range(2)]
+  bpd, count = evaluate_bpd.evaluate_bits_per_dim(apply_fn, PARAMS, schedule, batches)
+  assert count == 11
+  np.testing.assert_allclose(bpd, expected, rtol=1e-5)
