@@ -30,9 +30,9 @@ def ddim_step(schedule: Schedule, model_output: jax.Array, x: jax.Array, t: jax.
   """One DDIM update x_t -> x_{t-1}.
 
   x_{t-1} = sqrt(a') x0 + sqrt(1 - a' - s^2) eps + s z, s = eta sqrt((1 - a')/(1 - a))
-  sqrt(1 - a/a'), with a = alpha_bar_t, a' = alpha_bar_{t-1} (1 at t = 0). eps is re-derived
-  from the (optionally clipped) x0, as in the improved-DDPM code (diffusers'
-  `use_clipped_model_output=True`; identical when nothing is clipped).
+  sqrt(1 - a/a'), with a = alpha_bar_t, a' = alpha_bar_{t-1} (1 at t = 0). With clipping, eps
+  is re-derived from the clipped x0 as in the improved-DDPM code (diffusers'
+  `use_clipped_model_output=True`); without, it is the model's own eps.
 
   Args:
     schedule: the (respaced) schedule.
