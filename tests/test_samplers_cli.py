@@ -56,7 +56,7 @@ def test_parse_labels():
 
 def test_evaluate_bits_per_dim_masks_padding_and_matches_the_vlb():
   from experiments import evaluate_bpd
-  schedule = dj.get_schedule("linear", 25)
+  schedule = dj.get_schedule("cosine", 10)
   pixels = jax.random.randint(jax.random.key(0), (11,) + IMAGE, 0, 256)
   images = np.asarray(pixels, np.float32) / 127.5 - 1.0
   model_fn = lambda x, t: apply_fn(PARAMS, x, t, None)
