@@ -59,6 +59,17 @@ def test_each_sampler_is_one_scan_of_its_step_count(name, steps):
   assert scan_lengths(jaxpr.jaxpr) == [steps]
 
 
+def test_nearest_timestep_mode_calls_the_network_with_integers():
+  seen = []
+
+  def model_fn(x, t):
+    seen.append(t.dtype)
+    return toy_model(x, t)
+
+  run("heun", model_fn=model_fn, timestep_mode="nearest")
+  assert seen and all(dtype == jnp.int32 for dtype in seen)
+
+
 def test_likelihood_is_one_scan():
   x = jnp.zeros((2, 2, 2, 1))
   jaxpr = jax.make_jaxpr(lambda key: dj.ode_log_likelihood(toy_model, SCHEDULE, x, key,
