@@ -31,6 +31,11 @@ from diffusion_jax.losses import training_loss
 from diffusion_jax.reverse import p_mean_variance
 from diffusion_jax.reverse import p_sample
 from diffusion_jax.reverse import PMeanVariance
+from diffusion_jax.samplers import classifier_free_guidance
+from diffusion_jax.samplers import get_sampler
+from diffusion_jax.samplers import Inpaint
+from diffusion_jax.samplers import ode_log_likelihood
+from diffusion_jax.samplers import respace
 from diffusion_jax.samplers import sample
 from diffusion_jax.schedules import from_betas
 from diffusion_jax.schedules import get_schedule
