@@ -42,3 +42,7 @@ from diffusion_jax.schedules import get_schedule
 from diffusion_jax.schedules import Schedule
 
 __version__ = "0.1.0"
+
+# Models (issue 3): networks by name, parameter counting, weight import.
+from diffusion_jax import models  # `diffusion_jax.convert` is imported on demand (it is also a CLI)
+from diffusion_jax.models import DiT, UNet, count_params, get_model

@@ -97,3 +97,19 @@ def test_sample_errors():
     dj.sample(model_fn, schedule, (2, 2), key, variance="large")
   with pytest.raises(ValueError, match="x_init"):
     dj.sample(model_fn, schedule, (2, 2), key, x_init=jnp.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_single_step_schedule(variance):
+  """T = 1: one denoising step, no noise, finite for both fixed variances."""
+  schedule = dj.from_betas([0.5])
+  x = dj.sample(model_fn, schedule, (3, 2), jax.random.PRNGKey(0), variance=variance)
+  assert np.all(np.isfinite(np.asarray(x)))
+
+
+def test_zero_terminal_snr_with_v_prediction_is_finite():
+  schedule = dj.get_schedule("linear", 50, zero_terminal_snr=True)
+  for variance in ("fixed_small", "fixed_large"):
+    x = jax.jit(lambda k: dj.sample(model_fn, schedule, (4, 2), k, prediction="v",
+                                    variance=variance))(jax.random.PRNGKey(0))
+    assert np.all(np.isfinite(np.asarray(x)))
