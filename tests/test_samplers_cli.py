@@ -71,3 +71,16 @@ def test_evaluate_bits_per_dim_masks_padding_and_matches_the_vlb():
   bpd, count = evaluate_bpd.evaluate_bits_per_dim(apply_fn, PARAMS, schedule, batches)
   assert count == 11
   np.testing.assert_allclose(bpd, expected, rtol=1e-5)
+
+
+def test_readme_sampling_example_runs():
+  import pathlib
+  import re
+  text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  block = re.search(r"<!-- sampling-example:start -->\s*```python\n(.*?)```\s*"
+                    r"<!-- sampling-example:end -->", text, re.S)
+  assert block, "README lacks the sampling-example block"
+  namespace = {}
+  exec(compile(block.group(1), "README.md", "exec"), namespace)
+  assert namespace["images"].shape == namespace["more"].shape == (8, 8, 8, 3)
+  assert namespace["draw"]._cache_size() == 1
