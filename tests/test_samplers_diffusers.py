@@ -100,8 +100,8 @@ def test_dpm_solver_matches_diffusers(steps, prediction):
       num_train_timesteps=T, beta_schedule="linear", solver_order=2,
       algorithm_type="dpmsolver++", prediction_type=PREDICTION_TYPES[prediction])
   scheduler.set_timesteps(steps)
-  grid = scheduler.timesteps.numpy()
-  schedule, timesteps = dj.respace(schedule_of(scheduler), grid.astype(np.int64))
+  schedule, timesteps = dj.respace(schedule_of(scheduler), f"linspace{steps}")
+  np.testing.assert_array_equal(np.asarray(timesteps)[::-1], scheduler.timesteps.numpy())
 
   x = torch.from_numpy(np.array(x_init()))
   for t in scheduler.timesteps:

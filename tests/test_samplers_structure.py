@@ -189,7 +189,9 @@ def test_timestep_specs():
   assert np.sum(sections < 100) == 5 and np.sum(sections >= 200) == 20
   assert np.all(np.diff(sections) > 0)
   np.testing.assert_array_equal(dj.samplers.space_timesteps(T, [30, 5, 60]), [5, 30, 60])
-  for bad in ["ddim11", "abc", "0", "200", [3, 3], [100]]:
+  np.testing.assert_array_equal(dj.samplers.space_timesteps(1000, "linspace4"),
+                                [250, 500, 749, 999])
+  for bad in ["ddim11", "linspace0", "abc", "0", "200", [3, 3], [100]]:
     with pytest.raises(ValueError):
       dj.samplers.space_timesteps(T, bad)
 
