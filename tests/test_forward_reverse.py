@@ -145,7 +145,8 @@ def np_p_mean_variance(betas, output, xt, t, prediction, variance, clip):
   post_var = betas * (1 - abar_prev) / (1 - abar)
   post_log_clipped = np.log(np.append(post_var[1], post_var[1:]))
   c = xt.shape[-1]
-  pred, var_out = (output[..., :c], output[..., c:]) if variance.startswith("learned") else (output, None)
+  learned = variance.startswith("learned")
+  pred, var_out = (output[..., :c], output[..., c:]) if learned else (output, None)
   col = lambda arr: arr[t][:, None]
   a = col(abar)
   if prediction == "eps":
