@@ -82,7 +82,7 @@ def loop_ddpm(apply, schedule, shape):
 
 
 def dpm_solver(apply, schedule, shape, steps):
-  respaced, timesteps = dj.respace(schedule, steps)
+  respaced, timesteps = dj.respace(schedule, f"linspace{steps}")
   sampler = dj.get_sampler("dpm_solver++")
   fn = jax.jit(lambda params, key, s, ts: sampler(lambda x, t: apply(params, x, t), s, shape, key,
                                                    timesteps=ts))
@@ -126,8 +126,9 @@ def bench_model(name, module, params_shape, batch, steps, dpm_steps, apply_kwarg
     jax.block_until_ready(dpm(params, key))
     t_dpm = timed(dpm, params, key)
     per_step_ratio = (t_dpm / dpm_steps) / (t_fused / n)
-    print(f"  dpm_solver++ {dpm_steps} steps: {t_dpm:.3f} s = {t_dpm / t_fused:.4f} of the {n}-step "
-          f"sampler (step count ratio {dpm_steps / n:.4f}; time per step ratio {per_step_ratio:.2f})")
+    print(f"  dpm_solver++ {dpm_steps} steps: {t_dpm:.3f} s = {t_dpm / t_fused:.4f} of the "
+          f"{n}-step sampler (step count ratio {dpm_steps / n:.4f}; time per step ratio "
+          f"{per_step_ratio:.2f})")
   return params, apply
 
 

@@ -36,7 +36,8 @@ def define_flags() -> None:
     return
   flags.DEFINE_enum("sampler", "ddpm", sorted(samplers.SAMPLERS), "Sampler.")
   flags.DEFINE_string("steps", None, "Steps: a respacing spec for ddpm/ddim/dpm_solver++ ('250', "
-                      "'50,50', 'ddim50'; default all T), a number for euler/heun (default 50).")
+                      "'50,50', 'ddim50', 'linspace20'; default all T), a number for euler/heun "
+                      "(default 50).")
   flags.DEFINE_float("eta", 0.0, "DDIM eta (0 deterministic, 1 ancestral).")
   flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance scale (class-conditional "
                      "models; 1 = plain conditional sampling).")

@@ -56,7 +56,7 @@ def test_parse_labels():
 
 def test_evaluate_bits_per_dim_masks_padding_and_matches_the_vlb():
   from experiments import evaluate_bpd
-  schedule = dj.get_schedule("linear", 25)
+  schedule = dj.get_schedule("cosine", 10)
   pixels = jax.random.randint(jax.random.key(0), (11,) + IMAGE, 0, 256)
   images = np.asarray(pixels, np.float32) / 127.5 - 1.0
   model_fn = lambda x, t: apply_fn(PARAMS, x, t, None)
@@ -71,3 +71,16 @@ def test_evaluate_bits_per_dim_masks_padding_and_matches_the_vlb():
   bpd, count = evaluate_bpd.evaluate_bits_per_dim(apply_fn, PARAMS, schedule, batches)
   assert count == 11
   np.testing.assert_allclose(bpd, expected, rtol=1e-5)
+
+
+def test_readme_sampling_example_runs():
+  import pathlib
+  import re
+  text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  block = re.search(r"<!-- sampling-example:start -->\s*```python\n(.*?)```\s*"
+                    r"<!-- sampling-example:end -->", text, re.S)
+  assert block, "README lacks the sampling-example block"
+  namespace = {}
+  exec(compile(block.group(1), "README.md", "exec"), namespace)
+  assert namespace["images"].shape == namespace["more"].shape == (8, 8, 8, 3)
+  assert namespace["draw"]._cache_size() == 1

@@ -27,8 +27,11 @@ def run(name, model_fn=toy_model, shape=SHAPE, rng=None, steps=10, **kw):
   rng = jax.random.key(0) if rng is None else rng
   if name in dj.samplers.SCHEDULE_SAMPLERS:
     schedule, timesteps = dj.respace(SCHEDULE, steps)
-    return dj.get_sampler(name, **kw)(model_fn, schedule, shape, rng, timesteps=timesteps)
-  return dj.get_sampler(name, num_steps=steps, **kw)(model_fn, SCHEDULE, shape, rng)
+    sampler = dj.get_sampler(name, **kw)
+    return jax.jit(lambda s, ts, k: sampler(model_fn, s, shape, k, timesteps=ts))(
+        schedule, timesteps, rng)
+  sampler = dj.get_sampler(name, num_steps=steps, **kw)
+  return jax.jit(lambda s, k: sampler(model_fn, s, shape, k))(SCHEDULE, rng)
 
 
 ALL = ["ddpm", "ddim", "dpm_solver++", "euler", "heun"]
@@ -54,6 +57,17 @@ def scan_lengths(jaxpr):
 def test_each_sampler_is_one_scan_of_its_step_count(name, steps):
   jaxpr = jax.make_jaxpr(lambda key: run(name, steps=steps, rng=key))(jax.random.key(0))
   assert scan_lengths(jaxpr.jaxpr) == [steps]
+
+
+def test_nearest_timestep_mode_calls_the_network_with_integers():
+  seen = []
+
+  def model_fn(x, t):
+    seen.append(t.dtype)
+    return toy_model(x, t)
+
+  run("heun", model_fn=model_fn, timestep_mode="nearest")
+  assert seen and all(dtype == jnp.int32 for dtype in seen)
 
 
 def test_likelihood_is_one_scan():
@@ -135,9 +149,10 @@ def test_one_device_and_eight_devices_give_the_same_samples(name):
 def test_ddim_with_eta_one_is_ancestral_sampling():
   schedule, timesteps = dj.respace(SCHEDULE, "25")
   key = jax.random.key(3)
-  ddpm = dj.get_sampler("ddpm", clip_denoised=False)(toy_model, schedule, SHAPE, key,
-                                                     timesteps=timesteps)
-  ddim = dj.get_sampler("ddim")(toy_model, schedule, SHAPE, key, timesteps=timesteps, eta=1.0)
+  ddpm = jax.jit(lambda s, ts: dj.get_sampler("ddpm", clip_denoised=False)(
+      toy_model, s, SHAPE, key, timesteps=ts))(schedule, timesteps)
+  ddim = jax.jit(lambda s, ts: dj.get_sampler("ddim")(toy_model, s, SHAPE, key, timesteps=ts,
+                                                      eta=1.0))(schedule, timesteps)
   np.testing.assert_allclose(ddim, ddpm, rtol=1e-5, atol=1e-5)
 
 
@@ -174,7 +189,9 @@ def test_timestep_specs():
   assert np.sum(sections < 100) == 5 and np.sum(sections >= 200) == 20
   assert np.all(np.diff(sections) > 0)
   np.testing.assert_array_equal(dj.samplers.space_timesteps(T, [30, 5, 60]), [5, 30, 60])
-  for bad in ["ddim11", "abc", "0", "200", [3, 3], [100]]:
+  np.testing.assert_array_equal(dj.samplers.space_timesteps(1000, "linspace4"),
+                                [250, 500, 749, 999])
+  for bad in ["ddim11", "linspace0", "abc", "0", "200", [3, 3], [100]]:
     with pytest.raises(ValueError):
       dj.samplers.space_timesteps(T, bad)
 
@@ -232,13 +249,13 @@ def test_inpainting_keeps_known_pixels(name):
   mask = (jnp.arange(SHAPE[2]) < 2).astype(jnp.float32)[None, None, :, None] * jnp.ones(SHAPE)
   sampler = dj.get_sampler(name)
   key = jax.random.key(6)
-  free = sampler(toy_model, schedule, SHAPE, key, timesteps=timesteps)
-  out = sampler(toy_model, schedule, SHAPE, key, timesteps=timesteps,
-                inpaint=dj.Inpaint(mask=mask, known=known))
+  free = run(name, steps=20, rng=key)
+  inpainting = jax.jit(lambda s, ts, m: sampler(toy_model, s, SHAPE, key, timesteps=ts,
+                                                inpaint=dj.Inpaint(mask=m, known=known)))
+  out = inpainting(schedule, timesteps, mask)
   np.testing.assert_array_equal(np.asarray(out)[mask > 0], np.asarray(known)[mask > 0])
   assert not np.allclose(np.asarray(out)[mask == 0], np.asarray(free)[mask == 0])
-  nothing = sampler(toy_model, schedule, SHAPE, key, timesteps=timesteps,
-                    inpaint=dj.Inpaint(mask=jnp.zeros(SHAPE), known=known))
+  nothing = inpainting(schedule, timesteps, jnp.zeros(SHAPE))
   np.testing.assert_allclose(nothing, free, rtol=1e-6, atol=1e-6)
 
 

@@ -148,8 +148,8 @@ def sample(model_fn: base.ModelFn, schedule: Schedule, shape: Sequence[int], rng
     num_steps: N (static).
     method: 'euler' or 'heun' (Heun's last step, to sigma = 0, is an Euler step).
     grid, rho, sigma_min, sigma_max: see `sigma_grid`.
-    timestep_mode: 'interpolate' (fractional t) or 'nearest' (rounded t, for integer-only
-      networks; the ODE still uses the grid's sigma).
+    timestep_mode: 'interpolate' (fractional float t) or 'nearest' (rounded int32 t, for
+      integer-only networks; the ODE still uses the grid's sigma).
     prediction: 'eps', 'x0' or 'v'.
     variance: the model's variance type (learned-variance channels are split off).
     x_init: optional initial VP state [B, ...] (standard normal scale).
@@ -169,10 +169,10 @@ def sample(model_fn: base.ModelFn, schedule: Schedule, shape: Sequence[int], rng
   sigmas, timesteps = sigma_grid(schedule, num_steps, grid=grid, rho=rho, sigma_min=sigma_min,
                                  sigma_max=sigma_max)
   if timestep_mode == "nearest":
-    timesteps = jnp.round(timesteps)
+    timesteps = jnp.round(timesteps).astype(jnp.int32)
   keys = rng_lib.example_keys(rng, shape[0])
   x = base.initial_noise(keys, shape, num_steps, x_init) * jnp.sqrt(1.0 + sigmas[0] ** 2)
-  next_timesteps = jnp.append(timesteps[1:], 0.0)
+  next_timesteps = jnp.concatenate([timesteps[1:], timesteps[-1:]])   # last entry unused
 
   def slope(x, sigma, t):
     return (x - denoise(model_fn, x, sigma, t, prediction=prediction, variance=variance)) / sigma

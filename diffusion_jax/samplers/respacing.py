@@ -50,7 +50,9 @@ def space_timesteps(num_timesteps: int, spec: TimestepSpec) -> np.ndarray:
     num_timesteps: T of the training schedule.
     spec: 'N' (N evenly spaced steps, first and last included), 'a,b,c' (the range split in
       equal sections with a, b, c evenly spaced steps each), 'ddimN' (the stride s for which
-      range(0, T, s) has N entries), an int N (as 'N'), or an explicit sequence of timesteps.
+      range(0, T, s) has N entries), 'linspaceN' (round(linspace(0, T-1, N+1)) without 0: the
+      default grid of diffusers' DPM-Solver schedulers, so no step is spent at t = 0), an int N
+      (as 'N'), or an explicit sequence of timesteps.
 
   Returns:
     int32 [N], strictly increasing, within [0, T).
@@ -68,9 +70,15 @@ def space_timesteps(num_timesteps: int, spec: TimestepSpec) -> np.ndarray:
   if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
     spec = str(int(spec))
   if not isinstance(spec, str):
-    raise ValueError(f"Unknown timestep spec={spec!r}; allowed: 'N', 'a,b,c', 'ddimN', an int or "
-                     "a sequence of timesteps.")
+    raise ValueError(f"Unknown timestep spec={spec!r}; allowed: 'N', 'a,b,c', 'ddimN', "
+                     "'linspaceN', an int or a sequence of timesteps.")
   try:
+    if spec.startswith("linspace"):
+      count = int(spec[len("linspace"):])
+      if not 1 <= count < num_timesteps:
+        raise ValueError(f"timestep spec={spec!r}: 'linspaceN' needs 1 <= N < T={num_timesteps}.")
+      steps = np.round(np.linspace(0, num_timesteps - 1, count + 1))[1:]
+      return np.unique(steps).astype(np.int32)
     if spec.startswith("ddim"):
       count = int(spec[len("ddim"):])
       for stride in range(1, num_timesteps + 1):
@@ -80,10 +88,10 @@ def space_timesteps(num_timesteps: int, spec: TimestepSpec) -> np.ndarray:
                        f"out of T={num_timesteps}.")
     counts = [int(part) for part in spec.split(",")]
   except ValueError as e:
-    if "stride" in str(e):
+    if "stride" in str(e) or "linspaceN" in str(e):
       raise
-    raise ValueError(f"Unknown timestep spec={spec!r}; allowed: 'N', 'a,b,c', 'ddimN', an int or a "
-                     "sequence of timesteps.") from e
+    raise ValueError(f"Unknown timestep spec={spec!r}; allowed: 'N', 'a,b,c', 'ddimN', "
+                     "'linspaceN', an int or a sequence of timesteps.") from e
   return np.asarray(sorted(set(_sections(num_timesteps, counts))), dtype=np.int32)
 
 
