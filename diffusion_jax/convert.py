@@ -142,7 +142,7 @@ def unet_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
   need('act_fn', ('silu', 'swish'), 'silu')
   need('center_input_sample', (False,), False)
   need('mid_block_scale_factor', (1, 1.0), 1)
-  need('mid_block_type', ('UNetMidBlock2D', None), 'UNetMidBlock2D')
+  need('mid_block_type', ('UNetMidBlock2D',), 'UNetMidBlock2D')
   need('class_embed_type', (None,), None)
   need('resnet_time_scale_shift', ('default', 'scale_shift'), 'default')
   chans = tuple(c['block_out_channels'])

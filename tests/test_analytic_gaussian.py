@@ -10,8 +10,8 @@ is exactly Gaussian with moments (m, C) that a float64 recursion computes. We ch
   1. dj.sample's Monte-Carlo mean and covariance match (m, C) within K standard errors;
   2. they match the data's (mu, Sigma) within K standard errors, after checking in float64
      that the sampler's own discretisation bias |C - Sigma| is below one standard error at
-     this sample size (O(1/T); for fixed_small at T = 1000 it is 0.6 SE with the cosine schedule, 1.1 SE with
-     the linear one, which is why this test uses the cosine schedule).
+     this sample size (O(1/T); for fixed_small at T = 1000 it is 0.6 SE with the cosine
+     schedule, 1.1 SE with the linear one, which is why this test uses the cosine schedule).
 Standard errors for N Gaussian samples: mean_i: sqrt(C_ii / N); sample covariance_ij:
 sqrt((C_ii C_jj + C_ij^2) / N). K = 4 (two-sided 6e-5 per statistic; ~20 statistics).
 

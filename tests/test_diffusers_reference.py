@@ -112,10 +112,10 @@ def test_step_mean_matches_ddpm_scheduler(beta_schedule, prediction_type, clip):
     assert np.all(np.abs(np.asarray(m.pred_x0) - pred_x0_ref) <= x0_tol), t
     np.testing.assert_allclose(np.asarray(m.mean), mean_ref, rtol=2e-6, atol=2e-6, err_msg=str(t))
     # The whole step with diffusers' noise passed in (p_sample's noise override).
-    x_prev, _ = dj.p_sample(ours, jnp.asarray(output, jnp.float32), jnp.asarray(sample, jnp.float32),
-                            tt, None, prediction=PREDICTIONS[prediction_type],
-                            variance="fixed_small", clip_denoised=clip,
-                            noise=jnp.asarray(noise, jnp.float32))
+    x_prev, _ = dj.p_sample(ours, jnp.asarray(output, jnp.float32),
+                            jnp.asarray(sample, jnp.float32), tt, None,
+                            prediction=PREDICTIONS[prediction_type], variance="fixed_small",
+                            clip_denoised=clip, noise=jnp.asarray(noise, jnp.float32))
     np.testing.assert_allclose(np.asarray(x_prev), prev, rtol=2e-6, atol=2e-6, err_msg=str(t))
 
 
@@ -133,7 +133,7 @@ def test_step_with_other_variances(variance_type, ours_variance):
       frac = rng.uniform(-1, 1, (4, 3)).astype(np.float32).astype(np.float64)
       output = np.concatenate([output, frac], axis=1)
     prev, _, noise = run_diffusers_step(sched, output, t, sample, seed=100 + t)
-    x_prev, _ = dj.p_sample(ours, jnp.asarray(output, jnp.float32), jnp.asarray(sample, jnp.float32),
-                            jnp.full((4,), t, jnp.int32), None, variance=ours_variance,
-                            noise=jnp.asarray(noise, jnp.float32))
+    x_prev, _ = dj.p_sample(ours, jnp.asarray(output, jnp.float32),
+                            jnp.asarray(sample, jnp.float32), jnp.full((4,), t, jnp.int32), None,
+                            variance=ours_variance, noise=jnp.asarray(noise, jnp.float32))
     np.testing.assert_allclose(np.asarray(x_prev), prev, rtol=2e-6, atol=2e-6, err_msg=str(t))

@@ -145,7 +145,8 @@ def np_p_mean_variance(betas, output, xt, t, prediction, variance, clip):
   post_var = betas * (1 - abar_prev) / (1 - abar)
   post_log_clipped = np.log(np.append(post_var[1], post_var[1:]))
   c = xt.shape[-1]
-  pred, var_out = (output[..., :c], output[..., c:]) if variance.startswith("learned") else (output, None)
+  learned = variance.startswith("learned")
+  pred, var_out = (output[..., :c], output[..., c:]) if learned else (output, None)
   col = lambda arr: arr[t][:, None]
   a = col(abar)
   if prediction == "eps":
@@ -223,14 +224,14 @@ def test_p_sample_rng_is_per_example(typed):
   xt = jax.random.normal(jax.random.PRNGKey(9), (8, 3))
   out = jnp.zeros((8, 3))
   t = jnp.full((8,), 40)
-  full, _ = dj.p_sample(schedule, out, xt, t, key)
-  jitted, _ = jax.jit(lambda k: dj.p_sample(schedule, out, xt, t, k))(key)
-  np.testing.assert_allclose(np.asarray(jitted), np.asarray(full), rtol=1e-6)  # XLA fusion ulps
+  step = jax.jit(lambda o, x, tt, k: dj.p_sample(schedule, o, x, tt, k)[0])
+  full = step(out, xt, t, key)
+  eager, _ = dj.p_sample(schedule, out, xt, t, key)
+  np.testing.assert_allclose(np.asarray(eager), np.asarray(full), rtol=1e-6)  # XLA fusion ulps
   keys = dj.rng.example_keys(key, 8)
-  per_example, _ = dj.p_sample(schedule, out, xt, t, keys)
-  np.testing.assert_array_equal(np.asarray(full), np.asarray(per_example))
-  halves = [dj.p_sample(schedule, out[i:i + 4], xt[i:i + 4], t[i:i + 4],
-                        dj.rng.example_keys(key, 4, offset=i))[0] for i in (0, 4)]
+  np.testing.assert_array_equal(np.asarray(full), np.asarray(step(out, xt, t, keys)))
+  halves = [step(out[i:i + 4], xt[i:i + 4], t[i:i + 4], dj.rng.example_keys(key, 4, offset=i))
+            for i in (0, 4)]
   np.testing.assert_array_equal(np.asarray(full), np.concatenate([np.asarray(h) for h in halves]))
   # Different examples get different noise.
   noise = np.asarray(full) - np.asarray(dj.p_mean_variance(schedule, out, xt, t).mean)

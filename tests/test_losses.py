@@ -239,3 +239,18 @@ def test_bad_static_arguments():
       dj.training_loss(m, s, x0, key, **kw)
   with pytest.raises(ValueError, match="x0 and noise"):
     dj.training_loss(m, s, x0, None, t=jnp.zeros(B, jnp.int32), noise=jnp.zeros((B, 2)))
+
+
+@pytest.mark.parametrize("prediction,expected_last", [("eps", 1.0), ("v", 0.0), ("x0", 0.0)])
+def test_min_snr_weight_is_finite_at_zero_terminal_snr(prediction, expected_last):
+  # min(SNR, gamma) / SNR -> 1 as SNR -> 0 (eps), min(SNR, gamma) / (SNR + 1) -> 0 (v), SNR -> 0 (x0).
+  sched = dj.get_schedule("linear", 1000, zero_terminal_snr=True)
+  t = jnp.arange(1000)
+  w = np.asarray(dj.losses.snr_weight(sched, t, prediction=prediction, weighting="min_snr",
+                                      min_snr_gamma=5.0))
+  snr = np.asarray(sched.snr, np.float64)
+  assert snr[-1] == 0.0 and np.all(np.isfinite(w))
+  assert w[-1] == expected_last
+  ref = {"eps": np.minimum(snr, 5.0) / np.where(snr > 0, snr, 1.0),
+         "v": np.minimum(snr, 5.0) / (snr + 1.0), "x0": np.minimum(snr, 5.0)}[prediction]
+  np.testing.assert_allclose(w[:-1], ref[:-1], rtol=1e-6)

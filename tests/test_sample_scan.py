@@ -69,11 +69,16 @@ def test_sample_is_python_loop_of_p_sample_and_split_invariant():
   x_init = jax.random.normal(jax.random.PRNGKey(3), (6, 2))
   x_scan = run(key, x_init)
   keys = dj.rng.example_keys(key, 6)
-  x = x_init
-  for t in range(T - 1, -1, -1):
+
+  @jax.jit
+  def step(x, t):
     tt = jnp.full((6,), t, jnp.int32)
     noise = dj.rng.normal(dj.rng.fold_in_all(keys, t), (2,))
-    x, _ = dj.p_sample(schedule, model_fn(x, tt), x, tt, None, noise=noise)
+    return dj.p_sample(schedule, model_fn(x, tt), x, tt, None, noise=noise)[0]
+
+  x = x_init
+  for t in range(T - 1, -1, -1):
+    x = step(x, t)
   np.testing.assert_allclose(np.asarray(x_scan), np.asarray(x), rtol=1e-5, atol=1e-6)
   # Device split: two shards with per-example keys from global indices give the same samples.
   full = jax.jit(lambda k: dj.sample(model_fn, schedule, (6, 2), k))(key)
@@ -109,7 +114,6 @@ def test_single_step_schedule(variance):
 
 def test_zero_terminal_snr_with_v_prediction_is_finite():
   schedule = dj.get_schedule("linear", 50, zero_terminal_snr=True)
-  for variance in ("fixed_small", "fixed_large"):
-    x = jax.jit(lambda k: dj.sample(model_fn, schedule, (4, 2), k, prediction="v",
-                                    variance=variance))(jax.random.PRNGKey(0))
-    assert np.all(np.isfinite(np.asarray(x)))
+  x = jax.jit(lambda k: [dj.sample(model_fn, schedule, (4, 2), k, prediction="v", variance=v)
+                         for v in ("fixed_small", "fixed_large")])(jax.random.PRNGKey(0))
+  assert np.all(np.isfinite(np.asarray(x)))

@@ -41,7 +41,8 @@ def ref_sigmoid(T, start=-3.0, end=3.0, tau=1.0):
   #                                   / (sig(end/tau) - sig(start/tau)), clipped at 1e-9.
   sig = lambda z: 1.0 / (1.0 + math.exp(-z))
   def gamma(u):
-    g = (sig(end / tau) - sig((u * (end - start) + start) / tau)) / (sig(end / tau) - sig(start / tau))
+    v_start, v_end = sig(start / tau), sig(end / tau)
+    g = (v_end - sig((u * (end - start) + start) / tau)) / (v_end - v_start)
     return min(max(g, 1e-9), 1.0)
   return np.array([min(1 - gamma((i + 1) / T) / gamma(i / T), 0.999) for i in range(T)])
 
