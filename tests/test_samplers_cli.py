@@ -71,6 +71,9 @@ def test_evaluate_bits_per_dim_masks_padding_and_matches_the_vlb():
   bpd, count = evaluate_bpd.evaluate_bits_per_dim(apply_fn, PARAMS, schedule, batches)
   assert count == 11
   np.testing.assert_allclose(bpd, expected, rtol=1e-5)
+  ode_bpd, count = evaluate_bpd.evaluate_bits_per_dim(apply_fn, PARAMS, schedule, batches[:1],
+                                                      method="ode", ode_steps=2)
+  assert count == 8 and np.isfinite(ode_bpd)
 
 
 def test_readme_sampling_example_runs():
