@@ -14,9 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from diffusion_jax import forward
 from diffusion_jax import reverse
-from diffusion_jax import rng as rng_lib
 from diffusion_jax.samplers import base
 from diffusion_jax.samplers import guidance
 from diffusion_jax.schedules import Schedule
@@ -55,23 +53,16 @@ def sample(model_fn: ModelFn, schedule: Schedule, shape: Sequence[int], rng: jax
 
   References: Ho et al. 2020, algorithm 2.
   """
-  forward.check_prediction(prediction)
-  reverse.check_variance(variance)
-  shape = tuple(int(s) for s in shape)
   num_steps = schedule.num_timesteps
   if trajectory_stride < 0 or (trajectory_stride and num_steps % trajectory_stride):
     raise ValueError(f"trajectory_stride must be 0 or a positive divisor of T={num_steps}, got "
                      f"{trajectory_stride}.")
-  base.check_timesteps(timesteps, num_steps)
-  keys = rng_lib.example_keys(rng, shape[0])
-  x = base.initial_noise(keys, shape, num_steps, x_init)
+  shape, keys, x = base.start(rng, shape, num_steps, x_init, prediction=prediction,
+                              variance=variance, timesteps=timesteps)
 
   def step(x, i):
     t = jnp.full((shape[0],), num_steps - 1 - i, jnp.int32)
-    x = guidance.replace_known(
-        inpaint, x, forward.extract(schedule.sqrt_alphas_cumprod, t, x.ndim),
-        forward.extract(schedule.sqrt_one_minus_alphas_cumprod, t, x.ndim),
-        base.inpaint_noise(keys, t[0], num_steps, shape))
+    x = guidance.renoise_known(inpaint, schedule, x, t, keys)
     noise = base.step_noise(keys, t[0], shape)
     output = base.call_model(model_fn, x, t, timesteps)
     x_prev, _ = reverse.p_sample(schedule, output, x, t, None, prediction=prediction,

@@ -16,10 +16,27 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import forward
 from diffusion_jax import reverse
 from diffusion_jax import rng as rng_lib
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def start(rng: jax.Array, shape: Sequence[int], num_steps: int, x_init: jax.Array | None, *,
+          prediction: str, variance: str, timesteps: jax.Array | None = None):
+  """The common prologue of a sampler: checks its static arguments, makes the example keys and
+  the initial state.
+
+  Returns:
+    (shape as a tuple of ints, example keys [B], initial x [B, ...] from `initial_noise`).
+  """
+  forward.check_prediction(prediction)
+  reverse.check_variance(variance)
+  check_timesteps(timesteps, num_steps)
+  shape = tuple(int(s) for s in shape)
+  keys = rng_lib.example_keys(rng, shape[0])
+  return shape, keys, initial_noise(keys, shape, num_steps, x_init)
 
 
 def initial_noise(keys: jax.Array, shape: Sequence[int], num_steps: int,

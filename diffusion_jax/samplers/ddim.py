@@ -16,8 +16,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from diffusion_jax import forward
-from diffusion_jax import reverse
-from diffusion_jax import rng as rng_lib
 from diffusion_jax.samplers import base
 from diffusion_jax.samplers import guidance
 from diffusion_jax.schedules import Schedule
@@ -87,20 +85,13 @@ def sample(model_fn: base.ModelFn, schedule: Schedule, shape: Sequence[int], rng
 
   References: Song et al. 2021, algorithm in sec. 4.2.
   """
-  forward.check_prediction(prediction)
-  reverse.check_variance(variance)
-  shape = tuple(int(s) for s in shape)
   num_steps = schedule.num_timesteps
-  base.check_timesteps(timesteps, num_steps)
-  keys = rng_lib.example_keys(rng, shape[0])
-  x = base.initial_noise(keys, shape, num_steps, x_init)
+  shape, keys, x = base.start(rng, shape, num_steps, x_init, prediction=prediction,
+                              variance=variance, timesteps=timesteps)
 
   def step(x, i):
     t = jnp.full((shape[0],), num_steps - 1 - i, jnp.int32)
-    x = guidance.replace_known(
-        inpaint, x, forward.extract(schedule.sqrt_alphas_cumprod, t, x.ndim),
-        forward.extract(schedule.sqrt_one_minus_alphas_cumprod, t, x.ndim),
-        base.inpaint_noise(keys, t[0], num_steps, shape))
+    x = guidance.renoise_known(inpaint, schedule, x, t, keys)
     output = base.call_model(model_fn, x, t, timesteps)
     x_prev, _ = ddim_step(schedule, output, x, t, eta, base.step_noise(keys, t[0], shape),
                           prediction=prediction, variance=variance, clip_denoised=clip_denoised)

@@ -26,8 +26,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from diffusion_jax import forward
-from diffusion_jax import reverse
-from diffusion_jax import rng as rng_lib
 from diffusion_jax.samplers import base
 from diffusion_jax.schedules import Schedule
 
@@ -99,13 +97,9 @@ def sample(model_fn: base.ModelFn, schedule: Schedule, shape: Sequence[int], rng
 
   References: Lu et al. 2022, algorithm 2.
   """
-  forward.check_prediction(prediction)
-  reverse.check_variance(variance)
-  shape = tuple(int(s) for s in shape)
   num_steps = schedule.num_timesteps
-  base.check_timesteps(timesteps, num_steps)
-  keys = rng_lib.example_keys(rng, shape[0])
-  x = base.initial_noise(keys, shape, num_steps, x_init)
+  shape, keys, x = base.start(rng, shape, num_steps, x_init, prediction=prediction,
+                              variance=variance, timesteps=timesteps)
 
   def step(state, i):
     t = num_steps - 1 - i

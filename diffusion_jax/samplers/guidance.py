@@ -18,6 +18,10 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import forward
+from diffusion_jax.samplers import base
+from diffusion_jax.schedules import Schedule
+
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 CondModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -88,3 +92,15 @@ def replace_known(inpaint: Inpaint | None, x: jax.Array, scale: jax.Array, sigma
     return x
   noised = scale * inpaint.known + sigma * noise
   return jnp.where(jnp.asarray(inpaint.mask) > 0.5, noised.astype(x.dtype), x)
+
+
+def renoise_known(inpaint: Inpaint | None, schedule: Schedule, x: jax.Array, t: jax.Array,
+                  keys: jax.Array) -> jax.Array:
+  """`replace_known` for a VP state x_t [B, ...] at int32 timesteps t [B] of `schedule`, with the
+  noise stream of `base.inpaint_noise` (so every VP sampler re-noises known pixels alike)."""
+  if inpaint is None:
+    return x
+  return replace_known(
+      inpaint, x, forward.extract(schedule.sqrt_alphas_cumprod, t, x.ndim),
+      forward.extract(schedule.sqrt_one_minus_alphas_cumprod, t, x.ndim),
+      base.inpaint_noise(keys, t[0], schedule.num_timesteps, x.shape))

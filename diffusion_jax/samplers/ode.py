@@ -21,9 +21,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from diffusion_jax import forward
-from diffusion_jax import reverse
-from diffusion_jax import rng as rng_lib
 from diffusion_jax.samplers import base
 from diffusion_jax.schedules import Schedule
 
@@ -159,19 +156,16 @@ def sample(model_fn: base.ModelFn, schedule: Schedule, shape: Sequence[int], rng
 
   References: Karras et al. 2022, algorithm 1 with S_churn = 0.
   """
-  forward.check_prediction(prediction)
-  reverse.check_variance(variance)
   if method not in METHODS:
     raise ValueError(f"Unknown method={method!r}; allowed: {list(METHODS)}.")
   if timestep_mode not in TIMESTEP_MODES:
     raise ValueError(f"Unknown timestep_mode={timestep_mode!r}; allowed: {list(TIMESTEP_MODES)}.")
-  shape = tuple(int(s) for s in shape)
   sigmas, timesteps = sigma_grid(schedule, num_steps, grid=grid, rho=rho, sigma_min=sigma_min,
                                  sigma_max=sigma_max)
   if timestep_mode == "nearest":
     timesteps = jnp.round(timesteps).astype(jnp.int32)
-  keys = rng_lib.example_keys(rng, shape[0])
-  x = base.initial_noise(keys, shape, num_steps, x_init) * jnp.sqrt(1.0 + sigmas[0] ** 2)
+  _, _, x = base.start(rng, shape, num_steps, x_init, prediction=prediction, variance=variance)
+  x = x * jnp.sqrt(1.0 + sigmas[0] ** 2)
   next_timesteps = jnp.concatenate([timesteps[1:], timesteps[-1:]])   # last entry unused
 
   def slope(x, sigma, t):
