@@ -72,7 +72,10 @@ def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array):
   References: Ho et al. 2020, eq. 4.
   """
   mean = extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
-  variance = jnp.broadcast_to(extract(1.0 - schedule.alphas_cumprod, t, x0.ndim), x0.shape)
+  # 1 - abar from the float64-computed sqrt, not by subtraction in float32 (which loses ~4 digits
+  # at small t, where abar is close to 1).
+  variance = jnp.broadcast_to(
+      extract(jnp.square(schedule.sqrt_one_minus_alphas_cumprod), t, x0.ndim), x0.shape)
   log_variance = jnp.broadcast_to(
       extract(schedule.log_one_minus_alphas_cumprod, t, x0.ndim), x0.shape)
   return mean, variance, log_variance

@@ -140,7 +140,8 @@ def snr_weight(schedule: Schedule, t: jax.Array, *, prediction: str, weighting: 
     return 1.0 / (p2_k + snr) ** p2_gamma
   clipped = jnp.minimum(snr, min_snr_gamma)
   if prediction == "eps":
-    return clipped / snr
+    # min(SNR, gamma) / SNR written as min(1, gamma / SNR): 1 (not 0/0) at zero terminal SNR.
+    return jnp.minimum(1.0, min_snr_gamma / snr)
   if prediction == "v":
     return clipped / (snr + 1.0)
   return clipped

@@ -69,7 +69,9 @@ def model_log_variance(schedule: Schedule, variance: str, variance_output, t: ja
   if variance == "fixed_small":
     log_var = forward.extract(schedule.posterior_log_variance_clipped, t, xt.ndim)
   elif variance == "fixed_large":
-    log_betas = jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
+    # posterior_log_variance_clipped[0] is log beta~_1 (log beta_0 when T = 1), computed in float64.
+    log_betas = jnp.concatenate([schedule.posterior_log_variance_clipped[:1],
+                                 jnp.log(schedule.betas[1:])])
     log_var = forward.extract(log_betas, t, xt.ndim)
   elif variance == "learned":
     log_var = variance_output

@@ -120,6 +120,10 @@ def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float =
   References: Ho et al. 2020, sec. 4; Nichol & Dhariwal 2021, appendix (get_named_beta_schedule).
   """
   scale = 1000.0 / num_timesteps if rescale else 1.0
+  if beta_end * scale >= 1.0:
+    raise ValueError(f"The linear schedule rescaled to num_timesteps={num_timesteps} has beta_end = "
+                     f"{beta_end} * 1000 / {num_timesteps} = {beta_end * scale:g} >= 1; use more "
+                     "timesteps or rescale=False.")
   return np.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=np.float64)
 
 

@@ -1,3 +1,66 @@
-"""Samplers: each a pure step plus one `lax.scan` driver; callers jit or pmap them."""
+"""Samplers: each a pure step plus one `lax.scan` driver; callers jit or pmap them.
 
+`get_sampler(name, **static)` returns `sampler(model_fn, schedule, shape, rng, **traced)`:
+static settings (prediction type, step count of the ODE samplers, grid) are fixed by the
+factory; the per-call arguments (`timesteps`, `eta`, `x_init`, `inpaint`, `sigma_min`, ...) are
+arrays a jitted caller may pass as arguments, so changing them does not recompile.
+
+  ddpm, ddim, dpm_solver++ : run over a (respaced) schedule of N entries; `respace(schedule,
+                             '50')` gives it and the `timesteps` to pass.
+  euler, heun              : run on the training schedule; `num_steps` is static.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable
+
+from diffusion_jax.samplers import ancestral
+from diffusion_jax.samplers import base
+from diffusion_jax.samplers import ddim
+from diffusion_jax.samplers import dpm_solver
+from diffusion_jax.samplers import guidance
+from diffusion_jax.samplers import likelihood
+from diffusion_jax.samplers import ode
+from diffusion_jax.samplers import respacing
 from diffusion_jax.samplers.ancestral import sample
+from diffusion_jax.samplers.guidance import classifier_free_guidance
+from diffusion_jax.samplers.guidance import Inpaint
+from diffusion_jax.samplers.likelihood import ode_log_likelihood
+from diffusion_jax.samplers.respacing import respace
+from diffusion_jax.samplers.respacing import respaced_model_fn
+from diffusion_jax.samplers.respacing import space_timesteps
+
+SAMPLERS: dict[str, Callable] = {
+    "ddpm": ancestral.sample,
+    "ddim": ddim.sample,
+    "dpm_solver++": dpm_solver.sample,
+    "euler": functools.partial(ode.sample, method="euler"),
+    "heun": functools.partial(ode.sample, method="heun"),
+}
+# Samplers whose step count is the length of the (respaced) schedule they are given.
+SCHEDULE_SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
+
+
+def get_sampler(name: str, **static) -> Callable:
+  """The named sampler with its static settings bound.
+
+  Args:
+    name: one of `SAMPLERS` ('ddpm', 'ddim', 'dpm_solver++', 'euler', 'heun').
+    **static: keyword settings of that sampler (e.g. `prediction='v'`, `variance='learned_range'`,
+      `num_steps=18` for euler/heun, `clip_denoised=True`).
+
+  Returns:
+    `sampler(model_fn, schedule, shape, rng, **per_call) -> samples [B, ...]`.
+  """
+  if name not in SAMPLERS:
+    raise ValueError(f"Unknown sampler name={name!r}; allowed: {sorted(SAMPLERS)}.")
+  fn = SAMPLERS[name]
+  allowed = {p.name for p in inspect.signature(fn).parameters.values()
+             if p.kind == inspect.Parameter.KEYWORD_ONLY}
+  unknown = sorted(set(static) - allowed)
+  if unknown:
+    raise ValueError(f"get_sampler({name!r}) got unknown settings {unknown}; allowed: "
+                     f"{sorted(allowed)}.")
+  return functools.partial(fn, **static)

@@ -1,0 +1,109 @@
+"""The data options, read once from a data config and validated eagerly.
+
+`data_config` may be an `ml_collections.ConfigDict`, a dict, or any object with attributes; the
+keys of the contract are `name`, `data_dir`, `split`, `image_size`, `random_flip`, `folder` and
+`on_corrupt`; the others below are optional and have defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+from diffusion_jax.data import images
+
+ON_CORRUPT = ("raise", "skip")
+IN_MEMORY = ("auto", True, False)
+DEFAULT_DATA_DIR_ENV = "DIFFUSION_JAX_DATA_DIR"
+# Decode a whole split into host memory when it takes at most this many bytes (in_memory='auto').
+AUTO_IN_MEMORY_BYTES = 1 << 30
+
+
+def default_data_dir() -> str:
+  """`$DIFFUSION_JAX_DATA_DIR`, else `~/tensorflow_datasets` (TFDS's own default)."""
+  return os.environ.get(DEFAULT_DATA_DIR_ENV) or os.path.expanduser("~/tensorflow_datasets")
+
+
+def _get(config: Any, key: str, default: Any) -> Any:
+  """config[key] / config.key, or default when absent or None."""
+  if isinstance(config, dict) or hasattr(config, "keys") and hasattr(config, "__getitem__"):
+    try:
+      value = config[key]
+    except (KeyError, AttributeError):
+      value = None
+  else:
+    value = getattr(config, key, None)
+  return default if value is None else value
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+  """Resolved data options.
+
+  name: 'digits', 'folder', or a TFDS dataset name (e.g. 'cifar10', 'mnist', 'celeb_a').
+  data_dir: TFDS data dir (where prepared datasets live).
+  split: the training split (TFDS split syntax, e.g. 'train[:90%]'); eval_split: the test split.
+  image_size: side of the square output; None/0 keeps the native size.
+  random_flip: random horizontal flips in the training iterator.
+  folder: the image folder when name == 'folder'.
+  on_corrupt: 'raise' or 'skip' (with a warning naming each file) for unreadable images.
+  crop: 'center' (central square, then resize) or 'none' (resize, aspect ratio not kept).
+  resize_method: PIL filter, one of images.RESIZE_METHODS.
+  channels: folder images are converted to 1 (grey) or 3 (RGB) channels.
+  in_memory: 'auto' (decode the split into host memory if <= 1 GiB), True or False.
+  shuffle: shuffle the training stream (per epoch, by seed).
+  download: let TFDS download and prepare a missing dataset (needs network, often TensorFlow).
+  num_threads, prefetch: grain read threads and prefetch depth in batches (at least num_threads;
+    num_threads=0 reads synchronously).
+  num_workers: > 0 makes training batches in that many processes (grain mp_prefetch), for
+    datasets streamed from disk whose decoding one process cannot keep up with.
+  image_key, label_key: TFDS feature names.
+  """
+  name: str
+  data_dir: str
+  split: str = "train"
+  eval_split: str = "test"
+  image_size: Optional[int] = None
+  random_flip: bool = False
+  folder: Optional[str] = None
+  on_corrupt: str = "raise"
+  crop: str = "center"
+  resize_method: str = "bicubic"
+  channels: int = 3
+  in_memory: Any = "auto"
+  shuffle: bool = True
+  download: bool = False
+  num_threads: int = 4
+  prefetch: int = 4
+  num_workers: int = 0
+  image_key: str = "image"
+  label_key: str = "label"
+
+  @classmethod
+  def from_config(cls, config: Any) -> "DataOptions":
+    """Reads and validates the options of a data config (see the class docstring)."""
+    fields = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in ("name", "data_dir")}
+    name = _get(config, "name", None)
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"data_config.name must be 'digits', 'folder' or a TFDS name, got {name!r}.")
+    values = {key: _get(config, key, default) for key, default in fields.items()}
+    data_dir = os.path.expanduser(str(_get(config, "data_dir", "") or default_data_dir()))
+    options = cls(name=name, data_dir=data_dir, **values)
+    options.validate()
+    return options
+
+  def validate(self) -> None:
+    if self.on_corrupt not in ON_CORRUPT:
+      raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {self.on_corrupt!r}.")
+    images.check_options(self.crop, self.resize_method)
+    if self.channels not in images.CHANNELS:
+      raise ValueError(f"channels must be one of {images.CHANNELS}, got {self.channels!r}.")
+    if self.in_memory not in IN_MEMORY:
+      raise ValueError(f"in_memory must be one of {IN_MEMORY}, got {self.in_memory!r}.")
+    if self.image_size and (int(self.image_size) != self.image_size or self.image_size < 1):
+      raise ValueError(f"image_size must be a positive int or None, got {self.image_size!r}.")
+    if self.name == "folder" and not self.folder:
+      raise ValueError("data_config.folder must be set when data_config.name == 'folder'.")
+    for key in ("num_threads", "prefetch", "num_workers"):
+      if int(getattr(self, key)) < 0:
+        raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}.")

@@ -1,0 +1,163 @@
+"""Diffusion Transformer (DiT) with adaLN-Zero blocks, in flax.linen.
+
+The image [B, H, W, C] is cut into p x p patches by a stride-p conv, a fixed 2-D sine-cosine
+positional embedding is added (a constant computed from the input size, not a parameter), and
+`depth` blocks modulated by c = t_emb + y_emb follow; the final adaLN layer maps each token back to
+a p x p x out_channels patch.
+
+Parameter names mirror the official checkpoint (`x_embedder`, `t_embedder_0/2`, `y_embedder`,
+`block_N/{attn_qkv, attn_proj, mlp_fc1, mlp_fc2, adaLN_modulation}`,
+`final_adaLN_modulation`, `final_linear`); `diffusion_jax.convert` maps them.
+
+References:
+  Peebles, Xie 2023, "Scalable Diffusion Models with Transformers", arXiv:2212.09748, Sec. 3.2,
+  Fig. 3 and the official `models.py`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models import layers
+
+Dtype = Any
+xavier = nn.initializers.xavier_uniform()
+# Xavier-uniform over the conv kernel viewed as a [p*p*C, D] matrix, as the official code does.
+patch_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2),
+                                              out_axis=-1)
+
+
+def _layer_norm(x: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm without affine parameters, statistics in float32."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero transformer block.
+
+  x = x + g1 * Attn(LN(x) * (1 + s1) + b1); x = x + g2 * MLP(LN(x) * (1 + s2) + b2), with
+  (b1, s1, g1, b2, s2, g2) = Linear(SiLU(c)) zero-initialised, so the block starts as identity.
+
+  Args:
+    x: [B, N, D] tokens; c: [B, D] conditioning.
+  Returns:
+    [B, N, D].
+  References: DiT Sec. 3.2 "adaLN-Zero block"; official `DiTBlock`.
+  """
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    b, n, d = x.shape
+    dense = lambda width, name, init=xavier: nn.Dense(
+        width, kernel_init=init, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    mod = dense(6 * d, 'adaLN_modulation', nn.initializers.zeros)(nn.silu(c))
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+
+    h = _modulate(_layer_norm(x, self.norm_eps), shift1, scale1)
+    head_dim = d // self.num_heads
+    qkv = dense(3 * d, 'attn_qkv')(h).reshape(b, n, 3, self.num_heads, head_dim)
+    h = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, n, d)
+    x = x + gate1[:, None, :] * dense(d, 'attn_proj')(h)
+
+    h = _modulate(_layer_norm(x, self.norm_eps), shift2, scale2)
+    h = nn.gelu(dense(int(d * self.mlp_ratio), 'mlp_fc1')(h), approximate=True)
+    return x + gate2[:, None, :] * dense(d, 'mlp_fc2')(h)
+
+
+class DiT(nn.Module):
+  """Class-conditional (or unconditional) Diffusion Transformer.
+
+  Call: `apply({'params': p}, x, t, y=None, train=False, rngs={'dropout': key})` with
+  x [B, H, W, in_channels], t [B] int or float, y [B] int32 labels or None (None on a
+  class-conditional model means the null class `num_classes`). Returns [B, H, W, out_channels]
+  float32 with out_channels = 2 * in_channels under `learn_sigma`.
+
+  Attributes:
+    in_channels: input channels (4 for Stable Diffusion VAE latents, 3 for pixels).
+    patch_size: p; H and W must be multiples of p.
+    hidden_size, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP expansion.
+    num_classes: size of the label table without the null row (0: unconditional, no table).
+    label_dropout: probability of replacing a label by the null class when train=True (the DiT
+      paper trains with 0.1; uses the 'dropout' rng). 0 leaves label dropping to the caller.
+    learn_sigma: double the output channels for a learned variance.
+    freq_shift: sinusoidal time-embedding denominator shift (0 = official DiT, half;
+      1 = the diffusers DiT port, half - 1).
+    norm_eps: LayerNorm epsilon (1e-6 in DiT).
+    remat: rematerialise each block in the backward pass.
+    dtype: computation dtype; param_dtype: parameter dtype.
+  """
+  in_channels: int = 4
+  patch_size: int = 2
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000
+  label_dropout: float = 0.0
+  learn_sigma: bool = True
+  freq_shift: float = 0.0
+  norm_eps: float = 1e-6
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def out_channels(self) -> int:
+    return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    t = layers.check_inputs(x, t, y, in_channels=self.in_channels, num_classes=self.num_classes)
+    b, hgt, wid, _ = x.shape
+    p, d = self.patch_size, self.hidden_size
+    if hgt % p or wid % p:
+      raise ValueError(f'patch_size={p} must divide the image size {(hgt, wid)}')
+    if d % self.num_heads or d % 4:
+      raise ValueError(f'hidden_size={d} must be divisible by num_heads={self.num_heads} and 4')
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gh, gw = hgt // p, wid // p
+
+    h = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', kernel_init=patch_init,
+                name='x_embedder', **kw)(x.astype(self.dtype))
+    pos = layers.sincos_pos_embed_2d(d, gh, gw)
+    h = h.reshape(b, gh * gw, d) + jnp.asarray(pos, jnp.float32).astype(self.dtype)
+
+    temb = layers.timestep_embedding(t, 256, flip_sin_to_cos=True, freq_shift=self.freq_shift)
+    normal = nn.initializers.normal(0.02)
+    c = nn.Dense(d, kernel_init=normal, name='t_embedder_0', **kw)(temb.astype(self.dtype))
+    c = nn.Dense(d, kernel_init=normal, name='t_embedder_2', **kw)(nn.silu(c))
+    if self.num_classes > 0:
+      if y is None:
+        y = jnp.full((b,), self.num_classes, jnp.int32)
+      if train and self.label_dropout > 0:
+        y = layers.drop_labels(y, self.num_classes, self.label_dropout, self.make_rng('dropout'))
+      c = c + nn.Embed(self.num_classes + 1, d, embedding_init=normal, name='y_embedder', **kw)(y)
+
+    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+    for i in range(self.depth):
+      h = block_cls(d, self.num_heads, self.mlp_ratio, self.norm_eps, name=f'block_{i}', **kw)(h, c)
+
+    zeros = nn.initializers.zeros
+    mod = nn.Dense(2 * d, kernel_init=zeros, name='final_adaLN_modulation', **kw)(nn.silu(c))
+    shift, scale = jnp.split(mod, 2, axis=-1)
+    h = _modulate(_layer_norm(h, self.norm_eps), shift, scale)
+    h = nn.Dense(p * p * self.out_channels, kernel_init=zeros, name='final_linear', **kw)(h)
+    h = h.reshape(b, gh, gw, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
+    return h.reshape(b, hgt, wid, self.out_channels).astype(jnp.float32)

@@ -1,0 +1,263 @@
+"""Building blocks shared by the U-Net and the DiT.
+
+All blocks take NHWC (or [B, N, D] token) inputs, keep parameters in `param_dtype` (float32) and
+compute in `dtype` (bfloat16 on accelerators). Normalisation statistics and softmax are computed in
+float32 whatever `dtype` is.
+
+References:
+  Ho, Jain, Abbeel 2020 (DDPM), arXiv:2006.11239, Appendix B;
+  Nichol, Dhariwal 2021 (improved DDPM), arXiv:2102.09672; Dhariwal, Nichol 2021 (ADM),
+  arXiv:2105.05233, Sec. 3; Peebles, Xie 2023 (DiT), arXiv:2212.09748, Sec. 3.2.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+default_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
+RESAMPLE_MODES = ('none', 'up', 'down')
+
+
+def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1.0, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps, computed in float32.
+
+  freqs_i = exp(-log(max_period) * i / (half - freq_shift)), i = 0..half-1, half = dim // 2;
+  emb = [sin(t * freqs), cos(t * freqs)] (or cos first with `flip_sin_to_cos`), zero-padded to
+  `dim` when odd. DDPM: freq_shift=1, sin first; DiT / ADM: freq_shift=0, cos first.
+
+  Args:
+    t: [B] int or float timesteps.
+    dim: embedding width.
+  Returns:
+    [B, dim] float32.
+  References: DDPM code `get_timestep_embedding`; DiT `TimestepEmbedder.timestep_embedding`.
+  """
+  half = dim // 2
+  if half - freq_shift <= 0:
+    raise ValueError(f'dim={dim} too small for freq_shift={freq_shift}')
+  freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift))
+  args = t.astype(jnp.float32)[:, None] * jnp.asarray(freqs, jnp.float32)[None, :]
+  first, second = (jnp.cos(args), jnp.sin(args)) if flip_sin_to_cos else (jnp.sin(args), jnp.cos(args))
+  emb = jnp.concatenate([first, second], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """Fixed 2-D sine-cosine positional embedding, in NumPy float64 (a constant, not a parameter).
+
+  The first dim/2 channels encode the column index, the last dim/2 the row index, each as
+  [sin(pos * omega), cos(pos * omega)] with omega_k = 10000^(-k / (dim/4)), as the official DiT
+  (MAE) code does (its meshgrid puts the w coordinate first).
+
+  Returns:
+    [grid_h * grid_w, dim] float64, tokens in row-major (h, w) order.
+  References: DiT `models.py` get_2d_sincos_pos_embed; MAE (He et al. 2022).
+  """
+  if dim % 4:
+    raise ValueError(f'dim must be divisible by 4 for the 2-D sin-cos embedding, got {dim}')
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+
+  def one_d(pos: np.ndarray) -> np.ndarray:
+    out = pos.reshape(-1)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
+                           indexing='ij')
+  return np.concatenate([one_d(cols), one_d(rows)], axis=1)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Softmax attention, [B, N, heads, head_dim] in and out, scale head_dim ** -0.5.
+
+  Goes through `jax.nn.dot_product_attention` so accelerators can pick a fused kernel.
+  """
+  return jax.nn.dot_product_attention(q, k, v)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over NHWC with statistics in float32; output cast to `dtype`."""
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f'num_groups={self.num_groups} must divide the channel count {channels}')
+    y = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, dtype=jnp.float32,
+                     param_dtype=self.param_dtype, name='norm')(x.astype(jnp.float32))
+    return y.astype(self.dtype)
+
+
+def _resample(x: jax.Array, mode: str) -> jax.Array:
+  """Parameter-free 2x nearest upsampling or 2x2 average pooling (NHWC)."""
+  if mode == 'up':
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  if mode == 'down':
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+  return x
+
+
+class ResBlock(nn.Module):
+  """Residual block conditioned on an embedding (DDPM / ADM / BigGAN style).
+
+  h = conv1(resample(act(norm1(x)))); h = norm2(h + W e) or norm2(h) * (1 + s) + b (scale-shift);
+  h = conv2(dropout(act(h))); out = resample(x) [1x1 conv if channels change] + h.
+
+  Args:
+    x: [B, H, W, C_in]; emb: [B, E] (not yet passed through the activation).
+  Returns:
+    [B, H', W', out_channels] with H' = 2H / H / H/2 for resample 'up' / 'none' / 'down'.
+  References: DDPM `resnet_block`; ADM `ResBlock` (use_scale_shift_norm, up/down).
+  """
+  out_channels: int
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dropout: float = 0.0
+  scale_shift: bool = False
+  resample: str = 'none'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+    if self.resample not in RESAMPLE_MODES:
+      raise ValueError(f'resample must be one of {RESAMPLE_MODES}, got {self.resample!r}')
+    conv = lambda c, k, name, init=default_kernel_init: nn.Conv(
+        c, (k, k), padding='SAME' if k > 1 else 'VALID', dtype=self.dtype,
+        param_dtype=self.param_dtype, kernel_init=init, name=name)
+    norm = lambda name: GroupNorm(self.num_groups, self.epsilon, self.dtype, self.param_dtype,
+                                  name=name)
+    h = nn.silu(norm('norm1')(x))
+    h = _resample(h, self.resample)
+    skip = _resample(x.astype(self.dtype), self.resample)
+    h = conv(self.out_channels, 3, 'conv1')(h)
+    width = 2 * self.out_channels if self.scale_shift else self.out_channels
+    e = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=default_kernel_init, name='temb_proj')(nn.silu(emb.astype(self.dtype)))
+    e = e[:, None, None, :]
+    if self.scale_shift:
+      scale, shift = jnp.split(e, 2, axis=-1)
+      h = norm('norm2')(h) * (1 + scale) + shift
+    else:
+      h = norm('norm2')(h + e)
+    h = nn.silu(h)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = conv(self.out_channels, 3, 'conv2', nn.initializers.zeros)(h)
+    if skip.shape[-1] != self.out_channels:
+      skip = conv(self.out_channels, 1, 'skip')(skip)
+    return skip + h
+
+
+class AttnBlock(nn.Module):
+  """Multi-head self-attention over the pixels of a feature map, with a residual connection.
+
+  out = x + proj_out(attention(q, k, v)), with q, k, v = Dense(GroupNorm(x)) split into heads.
+
+  Args:
+    x: [B, H, W, C]; `head_dim` None means one head of width C.
+  Returns:
+    [B, H, W, C].
+  References: DDPM `attn_block`; ADM `AttentionBlock`.
+  """
+  head_dim: int | None = None
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, hgt, wid, c = x.shape
+    head_dim = c if self.head_dim is None else self.head_dim
+    if c % head_dim:
+      raise ValueError(f'head_dim={head_dim} must divide the channel count {c}')
+    heads = c // head_dim
+    h = GroupNorm(self.num_groups, self.epsilon, self.dtype, self.param_dtype, name='norm')(x)
+    h = h.reshape(b, hgt * wid, c)
+    dense = lambda name, init=default_kernel_init: nn.Dense(
+        c, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init, name=name)
+    q, k, v = (dense(n)(h).reshape(b, hgt * wid, heads, head_dim) for n in ('q', 'k', 'v'))
+    h = attention(q, k, v).reshape(b, hgt * wid, c)
+    h = dense('proj_out', nn.initializers.zeros)(h)
+    return x.astype(self.dtype) + h.reshape(b, hgt, wid, c)
+
+
+class Downsample(nn.Module):
+  """2x downsampling by a strided 3x3 conv.
+
+  padding 'asymmetric' pads (0, 1) on each spatial axis (TF 'SAME', as the DDPM release and the
+  diffusers port with downsample_padding=0); 'symmetric' pads (1, 1) (ADM, diffusers default).
+  """
+  channels: int
+  padding: str = 'asymmetric'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pads = {'asymmetric': ((0, 1), (0, 1)), 'symmetric': ((1, 1), (1, 1))}
+    if self.padding not in pads:
+      raise ValueError(f'padding must be one of {tuple(pads)}, got {self.padding!r}')
+    return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding=pads[self.padding],
+                   dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=default_kernel_init, name='conv')(x)
+
+
+class Upsample(nn.Module):
+  """2x nearest-neighbour upsampling followed by a 3x3 conv."""
+  channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.Conv(self.channels, (3, 3), padding='SAME', dtype=self.dtype,
+                   param_dtype=self.param_dtype, kernel_init=default_kernel_init,
+                   name='conv')(_resample(x, 'up'))
+
+
+def drop_labels(y: jax.Array, null_class: int, prob: float, rng: jax.Array) -> jax.Array:
+  """Replace each label by `null_class` with probability `prob` (classifier-free guidance).
+
+  References: Ho & Salimans 2022 (classifier-free guidance); DiT `LabelEmbedder.token_drop`.
+  """
+  drop = jax.random.uniform(rng, y.shape) < prob
+  return jnp.where(drop, null_class, y)
+
+
+def check_inputs(x: jax.Array, t: jax.Array, y: jax.Array | None, *, in_channels: int,
+                 num_classes: int) -> jax.Array:
+  """Validate static shapes of a model call; returns t broadcast to [B].
+
+  Raises ValueError for a non-4-D x, a channel count other than `in_channels`, a t that is not a
+  scalar or [B], labels given to an unconditional model, or labels not of shape [B].
+  """
+  if x.ndim != 4:
+    raise ValueError(f'x must be [B, H, W, C] (rank 4), got shape {x.shape}')
+  if x.shape[-1] != in_channels:
+    raise ValueError(f'x has {x.shape[-1]} channels, the model expects in_channels={in_channels}'
+                     ' (inputs are NHWC)')
+  t = jnp.asarray(t)
+  if t.ndim == 0:
+    t = jnp.broadcast_to(t, (x.shape[0],))
+  if t.shape != (x.shape[0],):
+    raise ValueError(f't must be a scalar or of shape [B]=({x.shape[0]},), got {t.shape}')
+  if y is not None:
+    if num_classes <= 0:
+      raise ValueError('labels y were given to an unconditional model (num_classes=0)')
+    if jnp.shape(y) != (x.shape[0],):
+      raise ValueError(f'y must be of shape [B]=({x.shape[0]},), got {jnp.shape(y)}')
+  return t

@@ -1,0 +1,116 @@
+"""Weight import: files on disk -> CLI -> orbax checkpoint -> the same outputs as the PyTorch model."""
+import argparse
+import json
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel, UNet2DModel
+from safetensors.torch import save_file
+
+from diffusion_jax import convert
+from models_testlib import (SMALL_DIT_CONFIG, SMALL_UNET_CONV_CONFIG, nchw_to_nhwc, randomize,
+                            rel_err, tie_dit_embedders)
+
+
+def _apply(module, params, x, t, y=None):
+  out = jax.jit(lambda p: module.apply({'params': p}, x, t, y))(params)
+  return np.asarray(out).transpose(0, 3, 1, 2)
+
+
+def test_cli_diffusers_unet_safetensors_roundtrip(tmp_path):
+  model = randomize(UNet2DModel(**SMALL_UNET_CONV_CONFIG))
+  weights = tmp_path / 'diffusion_pytorch_model.safetensors'
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+  config = tmp_path / 'config.json'
+  config.write_text(json.dumps(dict(model.config)))
+  out = tmp_path / 'ckpt'
+  convert.main(['--format', 'diffusers_unet', '--weights', str(weights), '--config', str(config),
+                '--out', str(out)])
+
+  spec = json.loads((out / 'model.json').read_text())
+  assert spec['name'] == 'ddpm_cifar10' and spec['overrides']['in_channels'] == 1
+  assert spec['source']['format'] == 'diffusers_unet'
+  assert (out / '0').is_dir()  # CheckpointManager step 0
+  module, params = convert.load_checkpoint(str(out))
+  x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+  t = torch.tensor([10, 900])
+  with torch.no_grad():
+    ref = model(x, t).sample.numpy()
+  ours = _apply(module, params, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()))
+  assert rel_err(ours, ref) < 1e-4
+
+
+def test_cli_official_dit_pt_roundtrip(tmp_path):
+  model = randomize(DiTTransformer2DModel(**SMALL_DIT_CONFIG), seed=2)
+  tie_dit_embedders(model)
+  for block in model.transformer_blocks:  # the official time embedding (see test_models_dit)
+    block.norm1.emb.time_proj.downscale_freq_shift = 0
+  official = convert.official_dit_from_diffusers_state(model.state_dict())
+  official['pos_embed'] = model.pos_embed.pos_embed.numpy()
+  path = tmp_path / 'DiT-tiny.pt'
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in official.items()}, path)
+  out = tmp_path / 'ckpt'
+  convert.main(['--format', 'dit_official', '--weights', str(path), '--num_heads', '4',
+                '--out', str(out)])
+  module, params = convert.load_checkpoint(str(out))
+  assert (module.depth, module.hidden_size, module.num_heads) == (3, 64, 4)
+  x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+  t, y = torch.tensor([10, 900]), torch.tensor([2, 10])
+  with torch.no_grad():
+    ref = model(x, t, class_labels=y).sample.numpy()
+  ours = _apply(module, params, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()),
+                jnp.asarray(y.numpy(), jnp.int32))
+  assert rel_err(ours, ref) < 1e-4
+
+
+def test_checkpoint_spec_of_a_preset_has_no_overrides(tmp_path):
+  from diffusion_jax.models import get_model
+  from models_testlib import random_params
+  module = get_model('dit_tiny')
+  params = random_params(module, (8, 8, 3), True)
+  convert.save_checkpoint(str(tmp_path), module, params)
+  spec = json.loads((tmp_path / 'model.json').read_text())
+  assert spec == {'name': 'dit_tiny', 'overrides': {}, 'source': {}}
+  loaded, restored = convert.load_checkpoint(str(tmp_path), dtype=jnp.bfloat16)
+  assert loaded.dtype == jnp.bfloat16
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
+
+
+def test_pos_embed_mismatch_is_refused():
+  model = randomize(DiTTransformer2DModel(**SMALL_DIT_CONFIG))
+  tie_dit_embedders(model)
+  official = convert.official_dit_from_diffusers_state(model.state_dict())
+  official['pos_embed'] = np.zeros((1, 16, 64), np.float32)
+  with pytest.raises(ValueError, match='pos_embed'):
+    convert.dit_from_official(official, num_heads=4)
+
+
+@pytest.mark.parametrize('change,match', [
+    ({'time_embedding_type': 'fourier'}, 'time_embedding_type'),
+    ({'down_block_types': ('AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D')}, 'same levels'),
+    ({'resnet_time_scale_shift': 'scale_shift'}, 'attn_norm_num_groups'),
+    ({'out_channels': 3}, 'out_channels'),
+])
+def test_unsupported_unet_configs_are_refused(change, match):
+  with pytest.raises(ValueError, match=match):
+    convert.unet_kwargs_from_diffusers({**SMALL_UNET_CONV_CONFIG, **change})
+
+
+def test_missing_and_extra_keys_are_reported():
+  model = randomize(UNet2DModel(**SMALL_UNET_CONV_CONFIG))
+  sd = dict(model.state_dict())
+  del sd['conv_in.bias']
+  with pytest.raises(ValueError, match='missing'):
+    convert.unet_from_diffusers(sd, dict(model.config))
+
+
+def test_load_state_dict_refuses_pickled_objects(tmp_path):
+  path = tmp_path / 'evil.pt'
+  # Training checkpoints of the official code carry an argparse.Namespace: not a tensor, refused.
+  torch.save({'w': torch.zeros(2), 'args': argparse.Namespace(lr=1e-4)}, path)
+  with pytest.raises(pickle.UnpicklingError, match='Weights only'):
+    convert.load_state_dict(str(path))

@@ -1,0 +1,152 @@
+"""DiT: side by side with diffusers DiTTransformer2DModel and the official layout, zero init."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+from diffusion_jax import convert
+from diffusion_jax.models import get_model, layers
+from models_testlib import (SMALL_DIT_CONFIG, nchw_to_nhwc, random_params, randomize, rel_err,
+                            tie_dit_embedders)
+
+
+def _reference(seed=0):
+  model = randomize(DiTTransformer2DModel(**SMALL_DIT_CONFIG), seed=seed)
+  tie_dit_embedders(model)
+  gen = torch.Generator().manual_seed(1)
+  x = torch.randn(3, 4, 8, 8, generator=gen)
+  t = torch.tensor([0, 999, 417])
+  y = torch.tensor([3, 10, 0])  # 10 = the null class
+  return model, x, t, y
+
+
+def _run(module, params, x, t, y):
+  fn = jax.jit(lambda p, x, t, y: module.apply({'params': p}, x, t, y))
+  out = fn(params, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()),
+           jnp.asarray(y.numpy(), jnp.int32))
+  return np.asarray(out).transpose(0, 3, 1, 2)
+
+
+def test_matches_diffusers_dit_with_tied_embedders():
+  model, x, t, y = _reference()
+  with torch.no_grad():
+    ref = model(x, t, class_labels=y).sample.numpy()
+  module, params = convert.dit_from_diffusers(model.state_dict(), dict(model.config))
+  assert module.freq_shift == 1.0 and module.learn_sigma and module.num_classes == 10
+  assert rel_err(_run(module, params, x, t, y), ref) < 1e-4
+
+
+def test_matches_official_layout_and_time_embedding():
+  """The official checkpoint path, against diffusers' DiT with the official time embedding.
+
+  The official DiT uses freqs exp(-log(1e4) i / half) where the diffusers port divides by
+  half - 1; setting the port's `downscale_freq_shift` to 0 makes it the official network.
+  """
+  model, x, t, y = _reference(seed=5)
+  for block in model.transformer_blocks:
+    block.norm1.emb.time_proj.downscale_freq_shift = 0
+  with torch.no_grad():
+    ref = model(x, t, class_labels=y).sample.numpy()
+  official = convert.official_dit_from_diffusers_state(model.state_dict())
+  official['pos_embed'] = model.pos_embed.pos_embed.numpy()  # [1, N, D], as the .pt holds it
+  assert {k.split('.')[0] for k in official} == {
+      'x_embedder', 't_embedder', 'y_embedder', 'blocks', 'final_layer', 'pos_embed'}
+  assert official['blocks.0.attn.qkv.weight'].shape == (3 * 64, 64)
+  module, params = convert.dit_from_official(official, num_heads=4)
+  assert module.freq_shift == 0.0 and module.depth == 3 and module.patch_size == 2
+  assert rel_err(_run(module, params, x, t, y), ref) < 1e-4
+
+
+def test_untied_diffusers_embedders_are_refused():
+  model = randomize(DiTTransformer2DModel(**SMALL_DIT_CONFIG))
+  with pytest.raises(ValueError, match='embedder'):
+    convert.dit_from_diffusers(model.state_dict(), dict(model.config))
+
+
+@pytest.mark.parametrize('grid', [2, 4, 16])
+def test_pos_embed_matches_diffusers(grid):
+  ref = get_2d_sincos_pos_embed(64, grid, base_size=grid, output_type='np')
+  np.testing.assert_allclose(layers.sincos_pos_embed_2d(64, grid, grid), ref, atol=1e-6)
+
+
+def test_pos_embed_rectangular_grid():
+  """First half encodes the column only, second half the row only."""
+  emb = layers.sincos_pos_embed_2d(32, 3, 5).reshape(3, 5, 32)
+  np.testing.assert_array_equal(emb[:, :, :16], np.broadcast_to(emb[:1, :, :16], (3, 5, 16)))
+  np.testing.assert_array_equal(emb[:, :, 16:], np.broadcast_to(emb[:, :1, 16:], (3, 5, 16)))
+  np.testing.assert_allclose(emb[2, 0, 16:], layers.sincos_pos_embed_2d(32, 3, 1)[2, 16:])
+
+
+def test_timestep_embedding_closed_forms():
+  t = jnp.array([0.0, 1.0, 37.5, 999.0])
+  half = 64
+  ddpm = np.exp(-np.log(10000) * np.arange(half) / (half - 1))
+  dit = np.exp(-np.log(10000) * np.arange(half) / half)
+  tt = np.asarray(t, np.float64)[:, None]
+  np.testing.assert_allclose(layers.timestep_embedding(t, 128, freq_shift=1),
+                             np.concatenate([np.sin(tt * ddpm), np.cos(tt * ddpm)], 1), atol=2e-4)
+  np.testing.assert_allclose(
+      layers.timestep_embedding(t, 128, flip_sin_to_cos=True, freq_shift=0),
+      np.concatenate([np.cos(tt * dit), np.sin(tt * dit)], 1), atol=2e-4)
+
+
+def test_fresh_dit_returns_exactly_zero():
+  module = get_model('dit_tiny')
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+
+  @jax.jit
+  def init_and_apply(x):
+    params = module.init(jax.random.key(0, impl='rbg'), x, jnp.array([3, 700]),
+                         jnp.array([1, 10]))['params']
+    return params, module.apply({'params': params}, x, jnp.array([3, 700]), jnp.array([1, 10]))
+  params, out = init_and_apply(x)
+  chex.assert_shape(out, (2, 8, 8, 6))
+  np.testing.assert_array_equal(out, 0)
+  for i in range(module.depth):
+    np.testing.assert_array_equal(params[f'block_{i}']['adaLN_modulation']['kernel'], 0)
+  np.testing.assert_array_equal(params['final_linear']['kernel'], 0)
+  assert params['y_embedder']['embedding'].shape == (11, 64)  # 10 classes + the null row
+
+
+@pytest.mark.parametrize('kwargs,size,labels,dtype', [
+    ({}, 32, True, jnp.bfloat16),  # pixel-space DiT on 32x32x3
+    ({'num_classes': 0, 'learn_sigma': False, 'patch_size': 4}, 16, False, jnp.float32),
+    ({'in_channels': 4, 'remat': True}, 8, False, jnp.bfloat16),  # labels None -> null class
+])
+def test_dit_tiny_forward_shapes(kwargs, size, labels, dtype):
+  module = get_model('dit_tiny', dtype=dtype, **kwargs)
+  cin = module.in_channels
+  params = random_params(module, (size, size, cin), labels)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  x = jax.random.normal(jax.random.key(1), (2, size, size, cin))
+  y = jnp.array([0, 9]) if labels else None
+  out = jax.jit(lambda p: module.apply({'params': p}, x, jnp.array([1.5, 999.0]), y))(params)
+  chex.assert_shape(out, (2, size, size, module.out_channels))
+  assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
+
+
+def test_bf16_dit_tracks_float32():
+  f32, bf16 = get_model('dit_tiny'), get_model('dit_tiny', dtype=jnp.bfloat16)
+  params = random_params(f32, (8, 8, 3), True)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  args = (x, jnp.array([1, 500]), jnp.array([0, 9]))
+  run = lambda m: jax.jit(lambda p: m.apply({'params': p}, *args))(params)
+  assert rel_err(run(bf16), np.asarray(run(f32))) < 5e-2
+
+
+@pytest.mark.parametrize('kwargs,x_shape,y,match', [
+    ({}, (8, 8, 3), None, 'rank 4'),
+    ({}, (2, 8, 8, 4), None, 'in_channels=3'),
+    ({'num_classes': 0}, (2, 8, 8, 3), np.array([0, 1]), 'unconditional'),
+    ({'patch_size': 4}, (2, 10, 10, 3), None, 'patch_size=4'),
+    ({'num_heads': 3}, (2, 8, 8, 3), None, 'num_heads'),
+])
+def test_bad_input_raises(kwargs, x_shape, y, match):
+  module = get_model('dit_tiny', **kwargs)
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(x_shape),
+                                       jnp.zeros((2,), jnp.int32), y))

@@ -1,0 +1,186 @@
+"""Samplers and the ODE likelihood on 2-D Gaussian data with the exact denoiser (closed forms).
+
+For data N(mu, Sigma) every quantity is known: the optimal eps at any noise level, the
+probability-flow ODE solution (x - mu = (Sigma + sigma^2)^(1/2) (Sigma + sigma_T^2)^(-1/2)
+(x_T - mu) in sigma space, in Sigma's eigenbasis) and the density at every noise level.
+
+Every deterministic sampler ends with the same first-order jump from the smallest training sigma
+to 0, x -> D(x; sigma_min) (the DDIM / DPM-Solver++ step to alpha_bar = 1, the last Euler step);
+the reference solution includes that jump, so the measured error is the solver's alone.
+"""
+from diffusion_jax import schedules
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffusion_jax as dj
+from diffusion_jax.samplers import ode
+
+MU = np.array([0.5, -0.3])
+ROT = np.array([[np.cos(0.4), -np.sin(0.4)], [np.sin(0.4), np.cos(0.4)]])
+LAMBDA = np.array([0.8, 0.05])            # eigenvalues of Sigma
+SIGMA = ROT @ np.diag(LAMBDA) @ ROT.T
+T = 1000
+SCHEDULE = dj.get_schedule("linear", T)
+
+
+def exact_model(prediction="eps", mean=MU):
+  """The optimal network for N(MU, SIGMA): (x_vp [B, 2], t [B] int or float) -> prediction.
+
+  Written in sigma = sqrt((1 - abar) / abar) (from the float64-built table, log-interpolated at
+  fractional t), in Sigma's eigenbasis: x = x_vp sqrt(1 + sigma^2), x0 = mu + lam / (lam +
+  sigma^2) (x - mu), eps = sigma / (lam + sigma^2) (x - mu), without cancellation at small sigma.
+  """
+  rot = jnp.asarray(ROT, jnp.float32)
+  lam = jnp.asarray(LAMBDA, jnp.float32)
+  mu = jnp.asarray(mean, jnp.float32)
+
+  def model_fn(x_vp, t):
+    t = jnp.asarray(t)
+    if jnp.issubdtype(t.dtype, jnp.integer):
+      sigma = ode.training_sigmas(SCHEDULE)[t]
+    else:
+      sigma = ode.t_to_sigma(SCHEDULE, t)
+    sigma = sigma[:, None]
+    scale = jnp.sqrt(1.0 + sigma ** 2)
+    centred = (x_vp * scale - mu) @ rot                     # eigenbasis coordinates
+    x0 = mu + (lam / (lam + sigma ** 2) * centred) @ rot.T
+    eps = (sigma / (lam + sigma ** 2) * centred) @ rot.T
+    if prediction == "eps":
+      return eps
+    if prediction == "x0":
+      return x0
+    return (eps - sigma * x0) / scale                       # v = sqrt(abar) eps - sqrt(1-abar) x0
+
+  return model_fn
+
+
+ABAR = np.cumprod(1.0 - np.asarray(SCHEDULE.betas, np.float64))
+
+
+def exact_ode_solution(x_vp_init):
+  """PF-ODE from VP noise x_vp_init [B, 2] at t = T-1 to sigma_min, then x -> D(x; sigma_min)."""
+  sigma_t2, sigma_min2 = 1.0 / ABAR[-1] - 1.0, 1.0 / ABAR[0] - 1.0
+  x_t = np.asarray(x_vp_init, np.float64) * np.sqrt(1.0 + sigma_t2)
+  gain = np.sqrt((LAMBDA + sigma_min2) / (LAMBDA + sigma_t2)) * LAMBDA / (LAMBDA + sigma_min2)
+  return MU + (x_t - MU) @ (ROT @ np.diag(gain) @ ROT.T).T
+
+
+def logsnr_grid(n):
+  """A schedule of n levels uniform in log SNR between the training ends, and the fractional
+  training timesteps of its levels (a smooth grid, so the order shows from few steps)."""
+  logsnr = np.linspace(np.log(ABAR[-1] / (1 - ABAR[-1])), np.log(ABAR[0] / (1 - ABAR[0])), n)
+  abar = 1.0 / (1.0 + np.exp(-logsnr[::-1]))
+  timesteps = ode.sigma_to_t(SCHEDULE, jnp.asarray(np.sqrt((1 - abar) / abar), jnp.float32))
+  return schedules.from_alphas_cumprod(abar), timesteps
+
+
+def run_deterministic(name, n, x_init, prediction="eps"):
+  model_fn = exact_model(prediction)
+  if name in ("euler", "heun"):
+    sampler = dj.get_sampler(name, num_steps=n, prediction=prediction)
+    return jax.jit(lambda x: sampler(model_fn, SCHEDULE, x.shape, jax.random.key(0), x_init=x))(
+        x_init)
+  schedule, timesteps = logsnr_grid(n)
+  sampler = dj.get_sampler(name, prediction=prediction)
+  return jax.jit(lambda x, s, ts: sampler(model_fn, s, x.shape, jax.random.key(0), x_init=x,
+                                          timesteps=ts))(x_init, schedule, timesteps)
+
+
+DETERMINISTIC = {  # name: (theoretical order, step counts whose doublings are compared)
+    "ddim": (1, (20, 40, 80)),
+    "euler": (1, (20, 40, 80)),
+    "dpm_solver++": (2, (20, 40, 80)),
+    "heun": (2, (20, 40, 80)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DETERMINISTIC))
+def test_deterministic_samplers_converge_at_their_order(name):
+  order, counts = DETERMINISTIC[name]
+  x_init = jax.random.normal(jax.random.key(1), (64, 2))
+  exact = exact_ode_solution(x_init)
+  errors = [np.abs(np.asarray(run_deterministic(name, n, x_init), np.float64) - exact).max()
+            for n in counts]
+  ratios = [errors[k] / errors[k + 1] for k in range(len(errors) - 1)]
+  expected = 2.0 ** order
+  assert errors[-1] < 0.1, errors
+  for ratio in ratios:
+    assert 0.8 * expected < ratio < 1.25 * expected, (errors, ratios)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+@pytest.mark.parametrize("name", sorted(DETERMINISTIC))
+def test_deterministic_samplers_agree_across_parameterizations(name, prediction):
+  x_init = jax.random.normal(jax.random.key(2), (16, 2))
+  n = DETERMINISTIC[name][1][0]
+  np.testing.assert_allclose(run_deterministic(name, n, x_init, prediction),
+                             run_deterministic(name, n, x_init, "eps"), atol=2e-4)
+
+
+@pytest.mark.parametrize("name", sorted(DETERMINISTIC))
+def test_deterministic_samplers_reproduce_mean_and_covariance(name):
+  # The map from VP noise to the sample is affine (A x + b) for Gaussian data and a linear
+  # denoiser, so the sample distribution is exactly N(b, A A^T): read b and A off three points.
+  n = 1000 if DETERMINISTIC[name][0] == 1 else 160
+  points = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+  out = np.asarray(run_deterministic(name, n, points), np.float64)
+  mean, gain = out[0], (out[1:] - out[0]).T
+  np.testing.assert_allclose(mean, MU, atol=1e-2)
+  np.testing.assert_allclose(gain @ gain.T, SIGMA, atol=1e-2)
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("ddpm", dict(variance="fixed_small")),
+    ("ddpm", dict(variance="fixed_large")),
+    ("ddim", dict(eta=1.0)),
+    ("ddim", dict(eta=0.5)),
+])
+def test_stochastic_samplers_reproduce_mean_and_covariance(name, kw):
+  n_samples = 20000
+  schedule, timesteps = dj.respace(SCHEDULE, "1000")
+  static = {k: v for k, v in kw.items() if k != "eta"}
+  per_call = {k: v for k, v in kw.items() if k == "eta"}
+  sampler = dj.get_sampler(name, clip_denoised=False, **static)
+  run = jax.jit(lambda s, ts: sampler(exact_model(), s, (n_samples, 2), jax.random.key(3),
+                                      timesteps=ts, **per_call))
+  x = np.asarray(run(schedule, timesteps), np.float64)
+  # Monte Carlo standard errors: sqrt(var / n) for the mean, ~sqrt(2 / n) var for the covariance.
+  np.testing.assert_allclose(x.mean(0), MU, atol=4 * np.sqrt(LAMBDA.max() / n_samples))
+  np.testing.assert_allclose(np.cov(x.T), SIGMA, atol=5 * np.sqrt(2.0 / n_samples) * LAMBDA.max())
+
+
+def gaussian_log_density(x, cov, mean):
+  diff = np.asarray(x, np.float64) - mean
+  inv = np.linalg.inv(cov)
+  return (-0.5 * np.einsum("bi,ij,bj->b", diff, inv, diff)
+          - 0.5 * np.log(np.linalg.det(2 * np.pi * cov)))
+
+
+# The likelihood integrates to sigma_max = 157 and scores the end point under the VP prior
+# N(0, I); the true law there has mean mu / sqrt(1 + sigma_max^2), an O(|mu| |y| / sigma_max) ~ 5e-3
+# error of the method itself, so the closed-form comparisons use centred data.
+CENTRED = np.zeros(2)
+SIGMA_MIN = float(np.sqrt(1.0 / ABAR[0] - 1.0))
+
+
+def test_ode_likelihood_exact_trace_matches_closed_form():
+  x = np.asarray(jax.random.normal(jax.random.key(4), (32, 2))) @ np.linalg.cholesky(SIGMA).T
+  expected = gaussian_log_density(x, SIGMA + SIGMA_MIN ** 2 * np.eye(2), CENTRED)
+  fn = jax.jit(lambda x: dj.ode_log_likelihood(exact_model(mean=CENTRED), SCHEDULE, x,
+                                               num_steps=400, trace="exact"))
+  np.testing.assert_allclose(fn(jnp.asarray(x, jnp.float32)).log_p, expected, atol=5e-4)
+
+
+def test_ode_likelihood_hutchinson_is_unbiased():
+  x_one = np.array([[0.9, -0.6]])
+  expected = gaussian_log_density(x_one, SIGMA + SIGMA_MIN ** 2 * np.eye(2), CENTRED)[0]
+  probes = 4096
+  x = jnp.asarray(np.repeat(x_one, probes, axis=0), jnp.float32)
+  fn = jax.jit(lambda x, key: dj.ode_log_likelihood(exact_model(mean=CENTRED), SCHEDULE, x, key,
+                                                    num_steps=50, probe="gaussian"))
+  log_p = np.asarray(fn(x, jax.random.key(5)).log_p, np.float64)
+  assert np.std(log_p) > 1e-2   # the estimator is random ...
+  assert abs(log_p.mean() - expected) < 4 * np.std(log_p) / np.sqrt(probes)  # ... and unbiased
