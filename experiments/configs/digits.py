@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.ch_mult = (1, 2)
   c.model.num_res_blocks = 1
   c.model.attention_levels = (1,)
+  c.model.num_groups = 8
   c.model.dropout = 0.0
 
   c.diffusion = ml_collections.ConfigDict()
