@@ -5,6 +5,7 @@
   python -m experiments.sample --workdir=runs/digits --num_samples=64 --out=runs/digits/samples.npz
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -14,11 +15,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"
-  c.data.data_dir = None           # default: $DIFFUSION_JAX_DATA_DIR or ~/tensorflow_datasets
+  c.data.data_dir = config_dict.placeholder(str)  # default: $DIFFUSION_JAX_DATA_DIR or ~/tensorflow_datasets
   c.data.split = "train"
   c.data.image_size = 8            # native 8x8
   c.data.random_flip = False       # digits are not mirror-symmetric
-  c.data.folder = None
+  c.data.folder = config_dict.placeholder(str)    # image folder when name == 'folder'
   c.data.on_corrupt = "raise"
 
   c.model = ml_collections.ConfigDict()
