@@ -70,7 +70,7 @@ def run_single(state, data, mk):
 
 
 def run_parallel(state, data, mk, mode, k=1):
-  ps = parallel.make_parallel_step(mk(axis_name="batch"), mode)
+  ps = parallel.make_parallel_step(mk(axis_name="batch"), mode, steps_per_call=k)
   n = jax.local_device_count()
   rng = jax.random.PRNGKey(42)
   s = ps.put_state(state)

@@ -43,8 +43,18 @@ def global_mesh() -> Mesh:
   return Mesh(np.array(devices), (AXIS,))
 
 
-def _fuse(step_fn):
-  """Per-device body running k steps: batch leaves [k, b, ...] -> metrics leaves [k]."""
+def _fuse(step_fn, steps_per_call: int):
+  """Per-device body running k steps: batch leaves [k, b, ...] -> metrics leaves [k].
+
+  k = 1 calls the step directly: on XLA:CPU the same step inside a one-iteration `lax.scan` was
+  measured 18x slower (0.15 s -> 2.8 s per step, digits U-Net, batch 64, 2 cores).
+  """
+  if steps_per_call == 1:
+    def single(state, batch, rng):
+      state, metrics = step_fn(state, jax.tree.map(lambda x: x[0], batch), rng)
+      return state, jax.tree.map(lambda m: m[None], metrics)
+    return single
+
   def fused(state, batch, rng):
     return lax.scan(lambda s, b: step_fn(s, b, rng), state, batch)
   return fused
@@ -57,14 +67,16 @@ def resolve_mode(mode: str) -> str:
   return mode
 
 
-def make_parallel_step(step_fn: Callable, mode: str = "pmap", donate: bool = True
-                       ) -> ParallelStep:
+def make_parallel_step(step_fn: Callable, mode: str = "pmap", donate: bool = True,
+                       steps_per_call: int = 1) -> ParallelStep:
   """Wraps `step_fn(state, batch, rng)` (built with axis_name='batch', or None for 'jit') for
   all devices. Use `resolve_mode` first for 'auto'."""
   if mode not in MODES:
     raise ValueError(f"train.parallel must be one of {MODES}, got {mode!r}")
+  if steps_per_call < 1:
+    raise ValueError(f"train.steps_per_call must be >= 1, got {steps_per_call}")
   mode = resolve_mode(mode)
-  fused = _fuse(step_fn)
+  fused = _fuse(step_fn, steps_per_call)
   donate_argnums = (0,) if donate else ()
   if mode == "jit":
     if jax.device_count() != 1:

@@ -202,7 +202,7 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
   step_fn = step_lib.make_train_step(comp.model.apply, components.make_loss_fn(
       config.diffusion, comp.schedule), comp.tx, comp.lr_fn, step_cfg,
       axis_name=None if mode == "jit" else parallel.AXIS)
-  pstep = parallel.make_parallel_step(step_fn, mode)
+  pstep = parallel.make_parallel_step(step_fn, mode, steps_per_call=k)
   num_samples = int(_cfg(_cfg(config, "sample", {}), "num_samples", 64))
   sample_fn = _make_sample_fn(config, comp) if host0 and num_samples > 0 else None
 
