@@ -76,8 +76,8 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1,
 
 
 def save_grid(images: np.ndarray, path: str, ncols: int | None = None) -> None:
-  """Writes uint8 [N, H, W, C] as a PNG grid (small images are upscaled to ~256 px wide)."""
+  """Writes uint8 [N, H, W, C] as a PNG grid (small images are upscaled to ~512 px wide)."""
   grid = image_grid(images, ncols)
-  scale = max(1, 256 // grid.shape[1])
+  scale = max(1, 512 // grid.shape[1])
   grid = grid.repeat(scale, 0).repeat(scale, 1)
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
