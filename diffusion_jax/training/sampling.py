@@ -1,7 +1,7 @@
 """Sampling from a trained model: the `model_fn` closure over params (and labels), the sampler
 chosen by config, and uint8 / PNG-grid output.
 
-References: Ho et al. 2020, algorithm 2 (the ancestral sampler used by default).
+References: Ho et al. 2020, algorithm 2 (the ancestral 'ddpm' sampler used by default).
 """
 from typing import Any, Callable
 import math
@@ -32,25 +32,24 @@ def default_labels(num_samples: int, num_classes: int) -> jax.Array | None:
 def generate(config: Any, model: Any, schedule: Any, params: PyTree, rng: jax.Array,
              num_samples: int, image_shape: tuple[int, ...],
              labels: jax.Array | None = None) -> jax.Array:
-  """Samples [N, H, W, C] in [-1, 1] with the config's sampler (`sample.sampler`, default
-  'ancestral': the T-step DDPM loop in one lax.scan). Pure: the caller jits it."""
+  """Samples [N, H, W, C] in [-1, 1] with the config's sampler over the training schedule.
+
+  `config.sample.sampler` names a sampler of `samplers.get_sampler` (default 'ddpm', the T-step
+  ancestral loop in one lax.scan); `config.sample.kwargs` adds static settings. Pure: the caller
+  jits it.
+  """
   sample_cfg = config.get("sample", {}) if hasattr(config, "get") else {}
-  name = sample_cfg.get("sampler", "ancestral")
   diffusion = config.diffusion
-  model_fn = make_model_fn(model, params, labels)
+  name = sample_cfg.get("sampler", "ddpm")
+  static = {"prediction": diffusion.get("prediction", "eps"),
+            "variance": sample_cfg.get("variance", None) or diffusion.get("variance", None)
+                        or "fixed_small"}
+  if name in ("ddpm", "ddim"):
+    static["clip_denoised"] = sample_cfg.get("clip_denoised", True)
+  static.update(dict(sample_cfg.get("kwargs", {}) or {}))
   shape = (num_samples,) + tuple(image_shape)
-  prediction = diffusion.get("prediction", "eps")
-  if name == "ancestral":
-    return samplers.sample(model_fn, schedule, shape, rng, prediction=prediction,
-                           variance=sample_cfg.get("variance", diffusion.get("variance", None))
-                           or "fixed_small",
-                           clip_denoised=sample_cfg.get("clip_denoised", True))
-  get_sampler = getattr(samplers, "get_sampler", None)
-  if get_sampler is None:
-    raise ValueError(f"sample.sampler must be 'ancestral' (no other sampler is installed), "
-                     f"got {name!r}")
-  kwargs = dict(sample_cfg.get("kwargs", {}) or {})
-  return get_sampler(name, **kwargs)(model_fn, schedule, shape, rng, prediction=prediction)
+  sampler = samplers.get_sampler(name, **static)
+  return sampler(make_model_fn(model, params, labels), schedule, shape, rng)
 
 
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:

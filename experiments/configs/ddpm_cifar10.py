@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.log_every = 500
   c.train.sample_every = 50_000
 
-  c.sample.sampler = "ancestral"
+  c.sample.sampler = "ddpm"
   c.sample.num_samples = 64
   c.sample.variance = "fixed_large"
   return c

@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.sample_every = 0         # 0: one grid at the end
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.sampler = "ancestral"
+  c.sample.sampler = "ddpm"
   c.sample.num_samples = 100
   c.sample.variance = "fixed_small"
   c.sample.clip_denoised = True
