@@ -33,7 +33,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
@@ -104,7 +103,7 @@ def cache_path(settings: ClassifierSettings = DEFAULT_SETTINGS) -> str:
   return os.path.join(cache_dir(), f"digits_classifier-{settings.key()}.npz")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _split(split: str) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 [N, 8, 8, 1] images, int32 [N] labels) of a digits split."""
   from diffusion_jax.data import load_split_as_numpy  # pylint: disable=g-import-not-at-top
@@ -166,7 +165,7 @@ def _save(path: str, params: dict[str, Any], settings: ClassifierSettings) -> No
   """Writes params (flattened, '/'-joined keys) and the settings atomically to `path`."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
-  meta = dict(settings=dataclasses.asdict(settings), jax=jax.__version__)
+  meta = {"settings": dataclasses.asdict(settings), "jax": jax.__version__}
   tmp = f"{path}.{os.getpid()}.tmp.npz"
   np.savez(tmp, __meta__=np.array(json.dumps(meta)), **flat)
   os.replace(tmp, path)  # Atomic: concurrent first uses each write a whole file.
@@ -178,7 +177,7 @@ def _load(path: str) -> dict[str, Any]:
   return traverse_util.unflatten_dict(flat)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_classifier(settings: ClassifierSettings = DEFAULT_SETTINGS) -> dict[str, Any]:
   """The classifier's params: from the cache, else trained now (seconds on a CPU) and cached."""
   path = cache_path(settings)
@@ -187,7 +186,7 @@ def load_classifier(settings: ClassifierSettings = DEFAULT_SETTINGS) -> dict[str
   return _load(path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _apply_fn(settings: ClassifierSettings):
   model = _model(settings)
   return jax.jit(lambda params, x: model.apply({"params": params}, x))
@@ -247,7 +246,7 @@ def classifier_accuracy(split: str = "test",
   return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_statistics(reference: str = "test", settings: ClassifierSettings = DEFAULT_SETTINGS
                          ) -> tuple[np.ndarray, np.ndarray]:
   """(mu [D], sigma [D, D]) of the classifier's features on a digits split ('test' or 'train')."""
