@@ -5,15 +5,27 @@ already produced; none knows which network that was.
 
 - `feature_statistics(features [N, D]) -> (mu [D], sigma [D, D])`: mean and unbiased covariance.
 - `frechet_distance(mu1, sigma1, mu2, sigma2)`: ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)),
-  with scipy's matrix square root and pytorch-fid's eps-offset fallback.
+  with scipy's matrix square root and pytorch-fid's eps-offset fallback (FID).
+- `inception_score(logits [N, C])`: exp E[KL(p(y|x) || p(y))] over 10 splits (IS).
+- `kernel_distance(features1, features2)`: unbiased MMD^2 with the cubic polynomial kernel over
+  random subsets (KID), subsets drawn as torch-fidelity draws them.
+- `precision_recall(real, fake, k=3)`: k-NN manifold precision and recall (Kynkaanniemi et al.).
+- `density_coverage(real, fake, k=5)`: density and coverage (Naeem et al.).
+
+Conventions follow torch-fidelity 0.4.0 (IS shuffle, KID subsets, P/R's `<=`) and prdc 0.2
+(density/coverage's strict `<`), so that the same features give the same numbers.
 
 References: Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local
 Nash Equilibrium", arXiv:1706.08500, Sec. 3 (FID); Dowson & Landau 1982 (the Frechet distance of
-Gaussians); pytorch-fid `fid_score.calculate_frechet_distance` (the numerical recipe).
+Gaussians); pytorch-fid `fid_score.calculate_frechet_distance` (the numerical recipe); Salimans
+et al. 2016, arXiv:1606.03498, Sec. 4 (IS); Binkowski et al. 2018, arXiv:1801.01401, Sec. 4 (KID);
+Kynkaanniemi et al. 2019, arXiv:1904.06991, Sec. 3 (P/R); Naeem et al. 2020, arXiv:2002.09797,
+Sec. 4 (density/coverage).
 """
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import numpy as np
 import scipy.linalg
@@ -22,6 +34,8 @@ import scipy.linalg
 FID_EPS = 1e-6
 # pytorch-fid tolerates imaginary parts of the square root's diagonal up to this (then drops them).
 IMAG_ATOL = 1e-3
+# torch-fidelity's default seed for the IS shuffle and the KID subsets.
+DEFAULT_SEED = 2020
 
 
 def _as_features(features: np.ndarray, name: str = "features") -> np.ndarray:
@@ -123,3 +137,182 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
                        f"> {IMAG_ATOL}: the covariances are not positive semi-definite.")
     covmean = covmean.real
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def _softmax_stats(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(p, log p) float64 [N, C] of a softmax over the last axis."""
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+  return np.exp(log_p), log_p
+
+
+def inception_score(logits: np.ndarray, splits: int = 10, shuffle: bool = True,
+                    seed: int = DEFAULT_SEED) -> tuple[float, float]:
+  """Inception Score from classifier logits: (mean, std) over `splits` disjoint splits.
+
+  Per split s: exp(mean_x KL(p(y|x) || p_s(y))) with p_s the split's mean prediction; the
+  splits are rows [i N / splits, (i + 1) N / splits) after a permutation by
+  `np.random.RandomState(seed)` when shuffle (torch-fidelity's default; the original code does
+  not shuffle). std is the population standard deviation (ddof 0).
+
+  Args:
+    logits: [N, C] pre-softmax scores (for the FID Inception net: the 1008 logits without the
+      bias, torch-fidelity's 'logits_unbiased', as the original TF code computes them).
+    splits: number of splits (10 in the literature).
+    shuffle, seed: the permutation.
+
+  Returns:
+    (mean, std) as Python floats.
+
+  References: Salimans et al. 2016, arXiv:1606.03498, Sec. 4; torch-fidelity `metric_isc`.
+  """
+  logits = _as_features(logits, "logits")
+  n = logits.shape[0]
+  if not 1 <= splits <= n:
+    raise ValueError(f"splits must lie in [1, N={n}], got {splits}.")
+  if shuffle:
+    logits = logits[np.random.RandomState(seed).permutation(n)]
+  p, log_p = _softmax_stats(logits)
+  scores = []
+  for i in range(splits):
+    rows = slice(i * n // splits, (i + 1) * n // splits)
+    p_split, log_p_split = p[rows], log_p[rows]
+    log_marginal = np.log(p_split.mean(axis=0, keepdims=True))
+    kl = (p_split * (log_p_split - log_marginal)).sum(axis=1)
+    scores.append(np.exp(kl.mean()))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+def _polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int, gamma: float,
+                       coef0: float) -> np.ndarray:
+  """(gamma x y^T + coef0)^degree, [n, m]."""
+  return (x @ y.T * gamma + coef0) ** degree
+
+
+def _unbiased_mmd2(k_xx: np.ndarray, k_xy: np.ndarray, k_yy: np.ndarray) -> float:
+  """Unbiased MMD^2 of two m-sample sets from their kernel matrices (diagonals of K_xx, K_yy out)."""
+  m = k_xx.shape[0]
+  within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+  return float(within - 2.0 * k_xy.sum() / (m * m))
+
+
+def kernel_distance(features1: np.ndarray, features2: np.ndarray, num_subsets: int = 100,
+                    subset_size: int = 1000, degree: int = 3, gamma: Optional[float] = None,
+                    coef0: float = 1.0, seed: int = DEFAULT_SEED) -> tuple[float, float]:
+  """Kernel Inception Distance: (mean, std) of unbiased MMD^2 over random subsets.
+
+  Subset i draws `subset_size` rows of features1, then of features2, without replacement, from
+  one `np.random.RandomState(seed)` (torch-fidelity's order); the kernel is
+  k(x, y) = (gamma x.y + coef0)^degree with gamma = 1 / D by default. Computed in float64.
+
+  Args:
+    features1, features2: [N1, D], [N2, D] (generated and real; the metric is symmetric).
+    num_subsets, subset_size: 100 and 1000 as torch-fidelity (subset_size <= N1, N2).
+    degree, gamma, coef0: the polynomial kernel.
+    seed: the subset draws.
+
+  Returns:
+    (mean, std) as Python floats (std with ddof 0). Slightly negative means are valid.
+
+  References: Binkowski et al. 2018, arXiv:1801.01401, Sec. 4 and App. A; torch-fidelity
+  `metric_kid`.
+  """
+  x = _as_features(features1, "features1")
+  y = _as_features(features2, "features2")
+  if x.shape[1] != y.shape[1]:
+    raise ValueError(f"features1 and features2 must have the same D, got {x.shape[1]} and "
+                     f"{y.shape[1]}.")
+  if not 2 <= subset_size <= min(len(x), len(y)):
+    raise ValueError(f"subset_size must lie in [2, min(N1, N2) = {min(len(x), len(y))}], got "
+                     f"{subset_size}.")
+  if num_subsets < 1:
+    raise ValueError(f"num_subsets must be >= 1, got {num_subsets}.")
+  gamma = 1.0 / x.shape[1] if gamma is None else gamma
+  rng = np.random.RandomState(seed)
+  values = []
+  for _ in range(num_subsets):
+    xs = x[rng.choice(len(x), subset_size, replace=False)]
+    ys = y[rng.choice(len(y), subset_size, replace=False)]
+    kernel = lambda a, b: _polynomial_kernel(a, b, degree, gamma, coef0)
+    values.append(_unbiased_mmd2(kernel(xs, xs), kernel(xs, ys), kernel(ys, ys)))
+  return float(np.mean(values)), float(np.std(values))
+
+
+def _pairwise_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Euclidean distances [n, m] in float64, by |x|^2 + |y|^2 - 2 x.y (clipped at 0)."""
+  squared = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+  return np.sqrt(np.maximum(squared, 0.0))
+
+
+def _kth_neighbour_radii(x: np.ndarray, k: int, chunk: int) -> np.ndarray:
+  """[N] distance of each row to its k-th nearest other row (the row itself counts as the 0th)."""
+  return np.concatenate([np.partition(_pairwise_distances(x[s:s + chunk], x), k, axis=1)[:, k]
+                         for s in range(0, len(x), chunk)])
+
+
+def _check_pair(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  real, fake = _as_features(real, "real"), _as_features(fake, "fake")
+  if real.shape[1] != fake.shape[1]:
+    raise ValueError(f"real and fake must have the same D, got {real.shape[1]} and "
+                     f"{fake.shape[1]}.")
+  if not 1 <= k < min(len(real), len(fake)):
+    raise ValueError(f"k must lie in [1, min(N_real, N_fake) - 1 = "
+                     f"{min(len(real), len(fake)) - 1}], got {k}.")
+  return real, fake
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
+                     chunk: int = 1024) -> tuple[float, float]:
+  """Improved precision and recall: (precision, recall).
+
+  Each set's manifold is the union of balls around its points reaching their k-th nearest
+  neighbour. Precision: the fraction of fake points inside the real manifold (distance <= a
+  real point's radius); recall: the fraction of real points inside the fake manifold.
+
+  Args:
+    real, fake: [N_real, D], [N_fake, D] features.
+    k: the neighbourhood (3 in the paper and torch-fidelity).
+    chunk: rows per block of the distance matrices (memory: chunk x N float64).
+
+  Returns:
+    (precision, recall) as Python floats.
+
+  References: Kynkaanniemi et al. 2019, arXiv:1904.06991, Sec. 3 (Eq. 1-2); torch-fidelity
+  `metric_prc`.
+  """
+  real, fake = _check_pair(real, fake, k)
+  real_radii = _kth_neighbour_radii(real, k, chunk)
+  fake_radii = _kth_neighbour_radii(fake, k, chunk)
+  in_real = [np.any(_pairwise_distances(fake[s:s + chunk], real) <= real_radii, axis=1)
+             for s in range(0, len(fake), chunk)]
+  in_fake = [np.any(_pairwise_distances(real[s:s + chunk], fake) <= fake_radii, axis=1)
+             for s in range(0, len(real), chunk)]
+  return float(np.concatenate(in_real).mean()), float(np.concatenate(in_fake).mean())
+
+
+def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5,
+                     chunk: int = 1024) -> tuple[float, float]:
+  """Density and coverage: (density, coverage).
+
+  With r_i the distance of real point i to its k-th nearest real neighbour: density is
+  (1 / k) mean over fake points of the number of real balls B(real_i, r_i) containing them
+  (strictly); coverage is the fraction of real points whose ball contains some fake point.
+
+  Args:
+    real, fake: [N_real, D], [N_fake, D] features.
+    k: the neighbourhood (5 in the paper).
+    chunk: rows per block of the distance matrices.
+
+  Returns:
+    (density, coverage) as Python floats.
+
+  References: Naeem et al. 2020, arXiv:2002.09797, Sec. 4 (Eq. 4-5); the `prdc` package.
+  """
+  real, fake = _check_pair(real, fake, k)
+  real_radii = _kth_neighbour_radii(real, k, chunk)
+  counts = np.concatenate([np.sum(_pairwise_distances(fake[s:s + chunk], real) < real_radii,
+                                  axis=1) for s in range(0, len(fake), chunk)])
+  covered = np.concatenate([
+      _pairwise_distances(real[s:s + chunk], fake).min(axis=1) < real_radii[s:s + chunk]
+      for s in range(0, len(real), chunk)])
+  return float(counts.mean() / k), float(covered.mean())
