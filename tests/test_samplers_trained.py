@@ -39,7 +39,7 @@ def draw(loaded, name, steps):
 @pytest.mark.xdist_group("quickstart")
 def test_fast_samplers_match_the_ancestral_chain_on_trained_digits(quickstart_run):
   from diffusion_jax.evaluation.digits import digits_frechet_distance
-  loaded = restore.load_for_sampling(quickstart_run, use_ema=True)
+  loaded = restore.load_for_sampling(quickstart_run.workdir, use_ema=True)
   num_timesteps = loaded.schedule.num_timesteps
   samples = {"ddpm": draw(loaded, "ddpm", num_timesteps)}
   samples.update({name: draw(loaded, name, steps) for name, steps in RUNS.items()})
