@@ -110,7 +110,14 @@ def plot(rows: Sequence[dict], path: str, floor: float | None = None) -> None:
   ax.axhline(rows[0]["fd"], color="k", ls="--", label=f"ddpm, {rows[0]['nfe']} NFE")
   if floor is not None:
     ax.axhline(floor, color="grey", ls=":", label="real held-out digits")
-  ax.set(xscale="log", yscale="log", xlabel="network evaluations", ylabel="digits Frechet distance")
+  ax.set(xscale="log", yscale="log", xlabel="network evaluations",
+         ylabel="digits Frechet distance (lower is better)")
+  ax.set_xticks(BUDGETS, [str(b) for b in BUDGETS])
+  ax.set_xticks([], minor=True)
+  ticks = [t for t in (50, 60, 70, 80, 100, 120, 150, 200, 300) if
+           min(r["fd"] for r in rows) * 0.7 <= t <= max(r["fd"] for r in rows) * 1.3]
+  ax.set_yticks(ticks, [str(t) for t in ticks])
+  ax.set_yticks([], minor=True)
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
@@ -169,13 +176,20 @@ def _plot_pil(rows: Sequence[dict], path: str, floor: float | None) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--replot", default=None, help="Only redraw the PNG from this JSON.")
+  parser.add_argument("--workdir", default=None)
   parser.add_argument("--num_samples", type=int, default=500)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch_size", type=int, default=500)
   parser.add_argument("--png", default=None)
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
+  if args.replot:
+    with open(args.replot) as f:
+      saved = json.load(f)
+    print(markdown(saved["rows"], saved["real_floor"]))
+    plot(saved["rows"], args.png, saved["real_floor"])
+    return
   from diffusion_jax.evaluation.digits import digits_frechet_distance
   from diffusion_jax.evaluation.digits import real_floor
   from diffusion_jax.training import restore
