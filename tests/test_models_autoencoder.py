@@ -300,3 +300,20 @@ def test_encode_decode_helpers_scale_and_shift():
   recon, post2 = vae.apply({'params': params}, x)
   np.testing.assert_array_equal(recon, direct)
   np.testing.assert_array_equal(post2.logvar, post.logvar)
+
+
+def test_cli_ldm_ckpt_roundtrip(tmp_path):
+  # An original-layout .ckpt ({'state_dict': ..., 'global_step': ...}) read with weights_only=True.
+  model = _randomize_fan_in(TorchAutoencoderKL(**TINY), seed=5)
+  path = tmp_path / 'model.ckpt'
+  torch.save({'state_dict': _ldm_state_dict(model), 'global_step': 7}, path)
+  out = tmp_path / 'ckpt'
+  convert.main(['--format', 'ldm_vae', '--weights', str(path), '--preset', 'vae_tiny',
+                '--out', str(out)])
+  spec = json.loads((out / 'model.json').read_text())
+  assert spec['name'] == 'vae_tiny' and spec['overrides'] == {}  # the architecture read back
+  vae, params = convert.load_checkpoint(str(out))
+  x = np.random.default_rng(2).uniform(-1, 1, (1, 8, 8, 3)).astype(np.float32)
+  ref = _reference(model, x)
+  for a, b in zip(_ours(vae, params, x, ref[0]), ref):
+    assert rel_err(a, b) < _tolerance(TINY)
