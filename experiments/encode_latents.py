@@ -28,7 +28,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 from ml_collections import config_flags
@@ -46,8 +45,10 @@ FLAGS = flags.FLAGS
 
 
 def _default_data() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(name='digits', split='train', image_size=0, data_dir='',
-                                        folder='', crop='center', channels=3))
+  # None: the data pipeline's default (diffusion_jax.data.DataOptions); any type may override it.
+  return ml_collections.ConfigDict(dict(name='digits', split='train', image_size=None,
+                                        data_dir=None, folder=None, crop=None, channels=None,
+                                        resize_method=None))
 
 
 config_flags.DEFINE_config_dict('data', _default_data(), 'Data config (as in the training configs).')

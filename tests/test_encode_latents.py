@@ -90,3 +90,24 @@ def test_bad_arguments(vae_and_params, tmp_path):
     _encode(get_autoencoder('vae_tiny'), params, tmp_path)
   with pytest.raises(ValueError, match='batch_size'):
     encode_latents.encode_dataset(vae, params, {}, dict(DATA), str(tmp_path), batch_size=0)
+
+
+@pytest.mark.slow
+def test_cli(vae_and_params, tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import convert  # pylint: disable=import-outside-toplevel
+  vae, params = vae_and_params
+  convert.save_checkpoint(str(tmp_path / 'vae'), vae, params, {'format': 'test'})
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, '-m', 'experiments.encode_latents', f'--vae={tmp_path / "vae"}',
+         '--data.split=train[:50]', '--shard_size=20', '--batch_size=8', f'--out={tmp_path / "z"}']
+  subprocess.run(cmd, check=True, cwd=root, env={**os.environ, 'PYTHONPATH': root})
+  meta = latent_format.read_meta(str(tmp_path / 'z'))
+  assert (meta.num_examples, meta.num_shards, meta.scaling_factor) == (50, 3, 0.5)
+  assert meta.vae['overrides']['in_channels'] == 1  # model.json of the autoencoder
+  got, _ = latent_format.LatentSource(str(tmp_path / 'z')).read(np.arange(50))
+  ours = _encode(vae, params, tmp_path / 'direct')  # 300 examples; the first 50 are the same
+  want, _ = latent_format.LatentSource(str(tmp_path / 'direct')).read(np.arange(50))
+  np.testing.assert_allclose(got['mean'], want['mean'], atol=1e-5 * np.abs(want['mean']).max())
+  del ours
