@@ -183,3 +183,25 @@ def test_command_killed_and_rerun_gives_the_same_numbers(run_copy):
   assert 1 <= len(shards) < 96 // 16, "the kill must land mid-way"
   subprocess.run(**_command(killed, 2), check=True, capture_output=True, timeout=1800)
   assert _results(killed)["metrics"] == _results(whole)["metrics"]
+
+
+def test_in_training_hook(tmp_path):
+  from diffusion_jax.data import load_split_as_numpy
+  from diffusion_jax.evaluation import digits, hook
+  config = hook.default_config()
+  config.every = 100
+  h = hook.EvalHook(config)
+  assert [h.due(s) for s in (0, 50, 100, 200)] == [False, False, True, True]
+  train = load_split_as_numpy({"name": "digits", "image_size": 8}, "train")["image"][:300]
+  scalars = h(train)
+  assert scalars == {"eval/digits_fd": digits.digits_frechet_distance(train)}
+  assert h.update_best(str(tmp_path), 100, scalars)
+  assert not h.update_best(str(tmp_path), 200, {"eval/digits_fd": scalars["eval/digits_fd"] + 1})
+  assert h.update_best(str(tmp_path), 300, {"eval/digits_fd": scalars["eval/digits_fd"] - 1})
+  assert json.loads((tmp_path / "eval" / "best.json").read_text())["step"] == 300
+  config.metric = "fid"
+  with pytest.raises(ValueError, match="inception_weights"):
+    hook.EvalHook(config)
+  config.metric = "is"
+  with pytest.raises(ValueError, match="allowed"):
+    hook.EvalHook(config)
