@@ -204,3 +204,30 @@ def test_in_training_hook(tmp_path):
   config.metric = "is"
   with pytest.raises(ValueError, match="allowed"):
     hook.EvalHook(config)
+
+
+def test_build_reference_dataset_digits_and_adm_images(tmp_path, digits_net):
+  from diffusion_jax.data import load_split_as_numpy
+  from diffusion_jax.evaluation import digits
+  feature_fn = evaluate.make_feature_fn(digits_net, jax.devices(), per_device_batch=8)
+  data_config = {"name": "digits", "image_size": 8}
+  # --ref=dataset on the digits test split and --ref=digits are the same reference.
+  by_dataset, info = evaluate.build_reference("dataset", feature_fn, "digits", data_config,
+                                              "test", str(tmp_path))
+  by_name, info_digits = evaluate.build_reference("digits", feature_fn, "digits", None, "train",
+                                                  str(tmp_path))
+  np.testing.assert_array_equal(by_dataset.features, by_name.features)
+  assert info["num_reference"] == 297 and info_digits["real_floor"] == digits.real_floor()
+  # The same statistics as the library's digits path (batched differently: float32 round-off).
+  np.testing.assert_allclose(by_name.mu, digits.reference_statistics("test")[0],
+                             rtol=1e-5, atol=1e-5)
+  # An ADM-style batch holding only images: features computed here.
+  test_images = load_split_as_numpy(data_config, "test")["image"]
+  np.savez(tmp_path / "adm.npz", arr_0=test_images)
+  from_file, _ = evaluate.build_reference(str(tmp_path / "adm.npz"), feature_fn, "digits", None,
+                                          "train", str(tmp_path))
+  np.testing.assert_array_equal(from_file.mu, by_name.mu)
+  # --save_ref writes pytorch-fid's layout, read back unchanged.
+  reference_lib.save_statistics(str(tmp_path / "ref.npz"), by_name.mu, by_name.sigma)
+  np.testing.assert_array_equal(reference_lib.load_reference(str(tmp_path / "ref.npz")).sigma,
+                                by_name.sigma)
