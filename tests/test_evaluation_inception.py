@@ -72,7 +72,7 @@ def _assert_features_equal(both, batches):
     with torch.no_grad():
       expected = model(torch.from_numpy(images).permute(0, 3, 1, 2))
     got = apply(params, images)
-    for ours, theirs in zip(OURS, expected):
+    for ours, theirs in zip(OURS, expected, strict=True):
       theirs = theirs.numpy()
       scale = np.abs(theirs).max()
       assert scale > 1e-2  # Random weights kept the activations alive.
