@@ -18,6 +18,7 @@ import jax
 from ml_collections import config_flags
 
 from diffusion_jax.training import trainer
+from experiments.configs import overrides
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -53,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=overrides.parse_flags)
