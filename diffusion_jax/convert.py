@@ -13,8 +13,10 @@ Three source formats:
 Files are read with safetensors or `torch.load(..., weights_only=True)`: nothing is unpickled
 beyond tensors.
 
-CLI (writes `OUT/model.json` and an orbax `CheckpointManager` directory at `OUT` whose step 0
-holds the item `{'params': params}` saved with `StandardSave`):
+CLI: writes OUT as a run workdir, like the trainer's (`config.json` from
+`experiments/configs/default.py` with the converted model and the release's diffusion settings,
+`dataset_info.json`, `checkpoints/0/{state, data}`, plus `source.json`), so that
+`python -m experiments.sample --workdir=OUT` samples from it:
 
   python -m diffusion_jax.convert --format diffusers_unet \
       --weights ddpm-cifar10-32/diffusion_pytorch_model.safetensors \
@@ -22,7 +24,8 @@ holds the item `{'params': params}` saved with `StandardSave`):
   python -m diffusion_jax.convert --format dit_official --weights DiT-XL-2-256x256.pt \
       --preset DiT-XL/2 --out /tmp/dit_xl2_ckpt
 
-Load it back with `load_checkpoint(OUT) -> (module, params)`.
+Load it back with `load_checkpoint(OUT) -> (module, params)` or
+`training.restore.load_for_sampling(OUT)` (the same reader).
 
 References: diffusers `UNet2DModel` / `DiTTransformer2DModel` (v0.42); DiT official `models.py`.
 """
@@ -37,10 +40,14 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from diffusion_jax.models import layers
 from diffusion_jax.models.registry import PRESETS, get_model, init_params
+from diffusion_jax.training import restore
+from diffusion_jax.training import state as state_lib
+from experiments.configs import default as default_config
 
 StateDict = Mapping[str, np.ndarray]
 FORMATS = ('diffusers_unet', 'dit_official', 'diffusers_dit')
@@ -374,34 +381,71 @@ def _model_spec(module: nn.Module) -> dict[str, Any]:
   return {'name': name, 'overrides': overrides}
 
 
-def save_checkpoint(out_dir: str, module: nn.Module, params: Any,
-                    source: Mapping[str, Any] | None = None) -> None:
-  """Write `out_dir/model.json` and an orbax CheckpointManager step 0 holding {'params': params}."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+def _image_shape(module: nn.Module, image_size: int | None) -> tuple[int, int, int]:
+  if not image_size:
+    raise ValueError('the image size is not in the weights: give --image_size (the side of the '
+                     'square images the model was trained on; for a latent DiT, the latent side)')
+  return (int(image_size), int(image_size), int(module.in_channels))
+
+
+def default_diffusion(module: nn.Module) -> dict[str, Any]:
+  """The diffusion settings of the published DDPM / DiT releases: T = 1000 linear betas, eps
+  prediction; a learned-sigma model samples with 'learned_range' (trained with the hybrid loss),
+  the others with 'fixed_large' (the DDPM CIFAR-10 choice)."""
+  learned = bool(module.learn_sigma)
+  return {'schedule': 'linear', 'num_timesteps': 1000, 'prediction': 'eps',
+          'loss_type': 'hybrid' if learned else 'mse',
+          'variance': 'learned_range' if learned else 'fixed_large'}
+
+
+def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[int, int, int], *,
+              diffusion: Mapping[str, Any] | None = None,
+              source: Mapping[str, Any] | None = None) -> None:
+  """Write `out_dir` as a run workdir that `experiments.sample` and `load_for_sampling` read.
+
+  `config.json`: `experiments/configs/default.py` with the model (closest preset and the fields
+  that differ from it) and `diffusion` (default: `default_diffusion(module)`);
+  `dataset_info.json`: image_shape [H, W, C] and the model's num_classes;
+  `checkpoints/0/{state, data}` in the trainer's layout, the state holding `step`, `params` and
+  `ema_params` (the published weights under the config's EMA decay too, since releases publish
+  EMA weights; no optimizer state, so the directory is for sampling and evaluation);
+  `source.json`: where the weights came from.
+  """
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  spec = {**_model_spec(module), 'source': dict(source or {})}
-  with open(os.path.join(out_dir, 'model.json'), 'w') as f:
-    json.dump(spec, f, indent=2)
+  spec = _model_spec(module)
+  config = default_config.get_config()
+  config.model.name = spec['name']
+  for key, value in spec['overrides'].items():
+    config.model[key] = tuple(value) if isinstance(value, list) else value
+  for key, value in {**default_diffusion(module), **dict(diffusion or {})}.items():
+    config.diffusion[key] = value
+  config.data.name = str((source or {}).get('dataset') or 'unknown')
+  config.data.image_size = int(image_shape[0])
+  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(out_dir, 'dataset_info.json'), 'w') as f:
+    json.dump({'image_shape': [int(s) for s in image_shape],
+               'num_classes': int(getattr(module, 'num_classes', 0) or 0)}, f)
+  with open(os.path.join(out_dir, 'source.json'), 'w') as f:
+    json.dump(dict(source or {}), f, indent=2)
   params = jax.tree.map(np.asarray, params)
-  mngr = ocp.CheckpointManager(out_dir, options=ocp.CheckpointManagerOptions(create=True))
-  mngr.save(0, args=ocp.args.StandardSave({'params': params}), force=True)
+  ema = {state_lib.ema_key(d): params for d in config.train.ema_decays}
+  state = {'step': np.zeros((), np.int32), 'params': params, 'ema_params': ema}
+  mngr = ocp.CheckpointManager(os.path.join(out_dir, 'checkpoints'),
+                               options=ocp.CheckpointManagerOptions(create=True),
+                               item_names=('state', 'data'))
+  mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                       data=ocp.args.JsonSave({})), force=True)
   mngr.wait_until_finished()
   mngr.close()
 
 
 def load_checkpoint(out_dir: str, **overrides: Any) -> tuple[nn.Module, Any]:
-  """Read what `save_checkpoint` wrote: (module with `overrides` applied, params)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  out_dir = os.path.abspath(out_dir)
-  with open(os.path.join(out_dir, 'model.json')) as f:
-    spec = json.load(f)
-  module = get_model(spec['name'], **{**spec['overrides'], **overrides})
-  mngr = ocp.CheckpointManager(out_dir)
-  step = mngr.latest_step()
-  restored = mngr.restore(step, args=ocp.args.StandardRestore())
-  mngr.close()
-  return module, restored['params']
+  """(module with `overrides` applied, params) of a run workdir (`write_run`'s or a trainer's),
+  read by `training.restore.load_for_sampling` (EMA params)."""
+  loaded = restore.load_for_sampling(os.path.abspath(out_dir))
+  return loaded.model.clone(**overrides), loaded.params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -412,8 +456,17 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--config', help='diffusers config.json (diffusers_* formats)')
   parser.add_argument('--preset', help='DiT preset giving num_heads for dit_official (DiT-XL/2)')
   parser.add_argument('--num_heads', type=int, help='heads for dit_official without --preset')
-  parser.add_argument('--out', required=True, help='output directory')
+  parser.add_argument('--out', required=True, help='output run directory')
+  parser.add_argument('--image_size', type=int,
+                      help='side of the square images (default: from the config or pos_embed)')
+  parser.add_argument('--dataset', help='data.name written to config.json (e.g. cifar10)')
+  parser.add_argument('--schedule', help='diffusion.schedule (default linear)')
+  parser.add_argument('--num_timesteps', type=int, help='diffusion.num_timesteps (default 1000)')
+  parser.add_argument('--prediction', help='diffusion.prediction (default eps)')
+  parser.add_argument('--variance', help='diffusion.variance (default learned_range for a '
+                      'learned-sigma model, else fixed_large)')
   args = parser.parse_args(argv)
+  image_size = args.image_size
   sd = load_state_dict(args.weights)
   if args.format == 'dit_official':
     if args.preset is not None:
@@ -426,6 +479,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
       parser.error('dit_official needs --preset or --num_heads')
     module, params = dit_from_official(sd, num_heads=heads)
+    if not image_size and 'pos_embed' in sd:
+      image_size = int(round(np.sqrt(sd['pos_embed'].size // module.hidden_size))) * \
+          module.patch_size
   else:
     if not args.config:
       parser.error(f'--config is required for --format {args.format}')
@@ -433,10 +489,17 @@ def main(argv: list[str] | None = None) -> None:
       config = json.load(f)
     convert = unet_from_diffusers if args.format == 'diffusers_unet' else dit_from_diffusers
     module, params = convert(sd, config)
-  save_checkpoint(args.out, module, params,
-                  {'format': args.format, 'weights': os.path.basename(args.weights)})
+    size = config.get('sample_size')
+    if not image_size and size:
+      image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
+  diffusion = {k: getattr(args, k) for k in ('schedule', 'num_timesteps', 'prediction', 'variance')
+               if getattr(args, k) is not None}
+  write_run(args.out, module, params, _image_shape(module, image_size), diffusion=diffusion,
+            source={'format': args.format, 'weights': os.path.basename(args.weights),
+                    'dataset': args.dataset})
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  print(f'wrote {args.out}: {type(module).__name__} {_model_spec(module)["name"]}, {n:,} params')
+  print(f'wrote {args.out}: {type(module).__name__} {_model_spec(module)["name"]}, {n:,} params; '
+        f'sample with: python -m experiments.sample --workdir={args.out} --out=samples.npz')
 
 
 if __name__ == '__main__':
