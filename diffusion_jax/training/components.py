@@ -51,7 +51,7 @@ def build_model(model_config: Any, image_shape: Sequence[int]):
   `patch_size` for a U-Net) are ignored with a warning; a key no model takes is a ValueError
   naming the chosen model's fields. 'dtype' / 'param_dtype' may be given as names.
   """
-  name = _checks.check_choice("model.name", model_config.name, models.PRESETS)
+  name = _checks.check_choice("model.name", model_config["name"], models.PRESETS)
   cls = models.PRESETS[name][0]
   fields = _fields(cls)
   every_field = set().union(*(_fields(c) for c, _ in models.PRESETS.values()))
