@@ -95,7 +95,7 @@ def make_loss_fn(diffusion_config: Any, schedule: schedules.Schedule
 
 def model_num_classes(model: Any) -> int:
   """The model's number of classes (0: unconditional)."""
-  return int(getattr(model, "num_classes", 0) or 0)
+  return int(model.num_classes)
 
 
 def build(config: Any, image_shape: tuple[int, int, int]) -> Components:
