@@ -304,7 +304,7 @@ def test_check_choice_and_keys():
 def test_import_diffusion_jax_is_light():
   """The pure API imports neither TFDS, grain nor orbax; they load with dj.data / dj.training."""
   code = ("import sys, diffusion_jax as dj\n"
-          "heavy = ('tensorflow_datasets', 'grain', 'orbax', 'tensorflow', 'optax')\n"
+          "heavy = ('tensorflow_datasets', 'grain', 'orbax', 'tensorflow')\n"
           "def loaded(): return sorted({m.split('.')[0] for m in sys.modules} & set(heavy))\n"
           "print(loaded())\n"
           "dj.q_sample, dj.get_model\n"
