@@ -30,13 +30,14 @@ Metric = Callable[[np.ndarray], float]
 def draw(loaded, name: str, steps: int, num_samples: int, seed: int,
          batch_size: int) -> np.ndarray:
   """float32 samples [N, H, W, C] of an unconditional run with the sampler's defaults."""
+  from diffusion_jax.training import sampling
   from experiments import sampling_lib
-  diffusion = loaded.config.diffusion
   apply_fn = lambda p, x, t, y: loaded.model.apply({"params": p}, x, t, y, train=False)
   return sampling_lib.generate(
       apply_fn, loaded.params, loaded.schedule, loaded.image_shape, num_samples=num_samples,
       seed=seed, batch_size=batch_size, sampler=name, steps=steps,
-      prediction=diffusion.prediction, variance=diffusion.variance, progress=False)
+      prediction=loaded.config.diffusion.prediction,
+      variance=sampling.sampling_variance(loaded.config), progress=False)
 
 
 def measure(loaded, metric: Metric, *, num_samples: int = 500, seed: int = 0,

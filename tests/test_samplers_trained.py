@@ -32,7 +32,7 @@ def draw(loaded, name, steps):
       lambda p, x, t, y: loaded.model.apply({"params": p}, x, t, y, train=False), loaded.params,
       loaded.schedule, loaded.image_shape, num_samples=NUM_SAMPLES, seed=0,
       batch_size=NUM_SAMPLES, sampler=name, steps=steps, prediction=diffusion.prediction,
-      variance=diffusion.variance, progress=False)
+      variance=sampling.sampling_variance(loaded.config), progress=False)
 
 
 @pytest.mark.slow
