@@ -20,6 +20,7 @@ import functools
 import inspect
 from typing import Callable
 
+from diffusion_jax import _checks
 from diffusion_jax.samplers import ancestral
 from diffusion_jax.samplers import base
 from diffusion_jax.samplers import ddim
@@ -64,9 +65,7 @@ def get_sampler(name: str, **static) -> Callable:
   Returns:
     `sampler(model_fn, schedule, shape, rng, **per_call) -> samples [B, ...]`.
   """
-  if name not in SAMPLERS:
-    raise ValueError(f"Unknown sampler name={name!r}; allowed: {sorted(SAMPLERS)}.")
-  fn = SAMPLERS[name]
+  fn = SAMPLERS[_checks.check_choice("sampler", name, sorted(SAMPLERS))]
   allowed = {p.name for p in inspect.signature(fn).parameters.values()
              if p.kind == inspect.Parameter.KEYWORD_ONLY}
   unknown = sorted(set(static) - allowed)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import _checks
 from diffusion_jax.samplers import respacing
 from diffusion_jax.schedules import Schedule
 
@@ -35,8 +36,7 @@ EVALUATIONS_PER_STEP = {"ddpm": 1, "ddim": 1, "dpm_solver++": 1, "euler": 1, "he
 
 
 def _check(name: str, num_steps: int) -> None:
-  if name not in EVALUATIONS_PER_STEP:
-    raise ValueError(f"Unknown sampler name={name!r}; allowed: {sorted(EVALUATIONS_PER_STEP)}.")
+  _checks.check_choice("sampler", name, sorted(EVALUATIONS_PER_STEP))
   if int(num_steps) < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
 

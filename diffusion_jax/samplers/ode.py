@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from diffusion_jax import _checks
 from diffusion_jax.samplers import base
 from diffusion_jax.samplers import driver
 from diffusion_jax.samplers import inpainting
@@ -107,8 +108,7 @@ def sigma_grid(schedule: Schedule, num_steps: int, *, grid: str = "karras", rho:
 
   References: Karras et al. 2022, eq. 5; diffusers `EulerDiscreteScheduler.set_timesteps`.
   """
-  if grid not in GRIDS:
-    raise ValueError(f"Unknown grid={grid!r}; allowed: {list(GRIDS)}.")
+  _checks.check_choice("grid", grid, GRIDS)
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
   table = training_sigmas(schedule)
@@ -181,10 +181,8 @@ def sample(model_fn: base.ModelFn, schedule: Schedule, shape: Sequence[int], rng
 
   References: Karras et al. 2022, algorithm 1 with S_churn = 0.
   """
-  if method not in METHODS:
-    raise ValueError(f"Unknown method={method!r}; allowed: {list(METHODS)}.")
-  if timestep_mode not in TIMESTEP_MODES:
-    raise ValueError(f"Unknown timestep_mode={timestep_mode!r}; allowed: {list(TIMESTEP_MODES)}.")
+  _checks.check_choice("method", method, METHODS)
+  _checks.check_choice("timestep_mode", timestep_mode, TIMESTEP_MODES)
   thresholding = base.resolve_thresholding(thresholding, clip_denoised)
   sigmas, timesteps = sigma_grid(schedule, num_steps, grid=grid, rho=rho, sigma_min=sigma_min,
                                  sigma_max=sigma_max)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import _checks
+
 THRESHOLDINGS = ("clip", "dynamic", "none")
 DEFAULT = "clip"
 DEFAULT_PERCENTILE = 0.995
@@ -25,8 +27,7 @@ DEFAULT_PERCENTILE = 0.995
 
 def check_thresholding(thresholding: str, percentile: float = DEFAULT_PERCENTILE) -> None:
   """Raises a ValueError for an unknown mode or a percentile outside (0, 1]."""
-  if thresholding not in THRESHOLDINGS:
-    raise ValueError(f"Unknown thresholding={thresholding!r}; allowed: {list(THRESHOLDINGS)}.")
+  _checks.check_choice("thresholding", thresholding, THRESHOLDINGS)
   if not 0.0 < percentile <= 1.0:
     raise ValueError(f"dynamic_percentile must be in (0, 1], got {percentile}.")
 
