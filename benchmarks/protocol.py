@@ -158,8 +158,6 @@ def compare(task: str, models: Sequence[str], *, batch: int, iters: int, rounds:
               f'(min {min(comp):.2f}, max {max(comp):.2f})')
       if scale != 1.0 or per != 'call':
         line += f'; {statistics.median(ts) * scale:.2f} s per {per}'
-      if rs[0].get('flops'):
-        line += f'; XLA flops {rs[0]["flops"] / 1e9:.1f} GFLOP/call'
       print(line, flush=True)
     if torch_side:
       print(ratio_line(f'{model} {task} JAX vs PyTorch (PyTorch time / JAX time)',

@@ -109,9 +109,6 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', 0.0)) if cost else 0.0
 
   if task == 'train':
     def run():
@@ -119,7 +116,7 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
       value.block_until_ready()
   else:
     run = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
-  return dict(compile_s=compile_s, times_s=_timed(run, iters), flops=flops)
+  return dict(compile_s=compile_s, times_s=_timed(run, iters))
 
 
 # ------------------------------------------------------------------------------------- PyTorch

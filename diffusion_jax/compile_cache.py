@@ -50,7 +50,18 @@ def enable(cache_dir: str | None = None, min_compile_time_secs: float = 0.5) -> 
   jax.config.update('jax_compilation_cache_dir', cache_dir)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', float(min_compile_time_secs))
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  _forget_cache_decision()
   return cache_dir
+
+
+def _forget_cache_decision() -> None:
+  """JAX decides once per process whether the cache is used (at the first compilation); make
+  it decide again so that enabling after something was compiled still takes effect."""
+  try:
+    from jax._src import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+    cc.reset_cache()
+  except (ImportError, AttributeError):  # a JAX without it: enable() must then come first
+    pass
 
 
 def define_flag() -> None:
