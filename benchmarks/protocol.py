@@ -19,7 +19,8 @@ import platform
 import statistics
 import subprocess
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LOAD_PER_CORE = 0.5
@@ -76,7 +77,8 @@ def alternate(sides: dict[str, list[str]], rounds: int, verbose: bool = True,
       out[name].append(res)
       if verbose:
         ts = res.get('times_s', [])
-        print(f'    round {r + 1} {name:8s}: compile {res.get("compile_s", float("nan")):6.2f} s, '
+        what = 'compile' if name == 'jax' else 'first call'
+        print(f'    round {r + 1} {name:8s}: {what} {res.get("compile_s", float("nan")):6.2f} s, '
               f'calls {", ".join(f"{t * 1e3:.0f}" for t in ts)} ms  (load '
               f'{loadavg()[0]:.2f})', flush=True)
   return out

@@ -29,17 +29,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
+import protocol
 
-import protocol  # noqa: E402
-
-UNET_DIFFUSERS = dict(
-    sample_size=32, in_channels=3, out_channels=3, attention_head_dim=None,
-    block_out_channels=(128, 256, 256, 256), layers_per_block=2, norm_eps=1e-6,
-    norm_num_groups=32, down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D',
+UNET_DIFFUSERS = {
+    'sample_size': 32, 'in_channels': 3, 'out_channels': 3, 'attention_head_dim': None,
+    'block_out_channels': (128, 256, 256, 256), 'layers_per_block': 2, 'norm_eps': 1e-6,
+    'norm_num_groups': 32, 'down_block_types': ('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D',
                                           'DownBlock2D'),
-    up_block_types=('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
-    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.0)
+    'up_block_types': ('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
+    'downsample_padding': 0, 'flip_sin_to_cos': False, 'freq_shift': 1, 'dropout': 0.0}
 DIT_SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
 
 
@@ -65,11 +64,12 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
   import optax
+
   import diffusion_jax as dj
   from diffusion_jax.samplers import ancestral, ddim, respacing
 
   size, cin, ncls, _ = _shape(model)
-  kw = dict(learn_sigma=False) if model.startswith('DiT-') else dict(dropout=0.0)
+  kw = {'learn_sigma': False} if model.startswith('DiT-') else {'dropout': 0.0}
   module = dj.get_model(model, dtype=jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32, **kw)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(-1, 1, (batch, size, size, cin)), jnp.float32)
@@ -79,7 +79,7 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
   params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype),
                         shapes)
   schedule = dj.get_schedule('linear', 1000)
-  model_fn = lambda p: (lambda xt, tt: module.apply({'params': p}, xt, tt, y))  # noqa: E731
+  model_fn = lambda p: (lambda xt, tt: module.apply({'params': p}, xt, tt, y))
 
   if task == 'forward':
     fn = jax.jit(lambda p, x, t: module.apply({'params': p}, x, t, y))
@@ -88,7 +88,7 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
     tx = optax.adam(2e-4)
 
     def step(p, opt, x, key):
-      loss = lambda p: dj.training_loss(model_fn(p), schedule, x, key).mean()  # noqa: E731
+      loss = lambda p: dj.training_loss(model_fn(p), schedule, x, key).mean()
       value, grads = jax.value_and_grad(loss)(p)
       updates, opt = tx.update(grads, opt, p)
       return optax.apply_updates(p, updates), opt, value
@@ -115,8 +115,8 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
       args[0], args[1], value = compiled(*args)
       value.block_until_ready()
   else:
-    run = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
-  return dict(compile_s=compile_s, times_s=_timed(run, iters))
+    run = lambda: jax.block_until_ready(compiled(*args))
+  return {'compile_s': compile_s, 'times_s': _timed(run, iters)}
 
 
 # ------------------------------------------------------------------------------------- PyTorch
@@ -164,8 +164,7 @@ def torch_side(task: str, model: str, batch: int, iters: int, steps: int, thread
   elif task in ('ddpm', 'ddim'):
     if ncls:
       raise ValueError('sampling pipelines are benchmarked for the unconditional U-Net only')
-    from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline,  # pylint: disable=g-import-not-at-top
-                           DDPMScheduler)
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler  # pylint: disable=g-import-not-at-top
     net.eval()
     if task == 'ddpm':
       pipe = DDPMPipeline(unet=net, scheduler=DDPMScheduler(num_train_timesteps=1000))
@@ -182,8 +181,8 @@ def torch_side(task: str, model: str, batch: int, iters: int, steps: int, thread
   t0 = time.perf_counter()
   run()
   first = time.perf_counter() - t0
-  return dict(compile_s=first, times_s=_timed(run, iters), threads=threads,
-              torch=torch.__version__)
+  return {'compile_s': first, 'times_s': _timed(run, iters), 'threads': threads,
+          'torch': torch.__version__}
 
 
 def main() -> None:

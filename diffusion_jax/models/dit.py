@@ -139,7 +139,7 @@ class DiT(nn.Module):
     backward fusions, and the gradient cost grew with depth squared (see benchmarks/README.md).
     It also compiles one block instead of `depth`.
     """
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
     args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.norm_eps)
     if self.is_initializing() or not self.scan_blocks or self.depth == 0:
       block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
