@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from diffusion_jax import compile_cache
 from diffusion_jax import reverse
 from diffusion_jax.training import restore
 from diffusion_jax.training import sampling
@@ -29,6 +30,7 @@ flags.DEFINE_integer("batch_size", 256, "Samples per compiled call (over all loc
 flags.DEFINE_enum("variance", None, list(reverse.VARIANCES), "Reverse-process variance; unset: "
                   "the run's own (sample.variance, else diffusion.variance).")
 sampling_lib.define_flags()
+compile_cache.define_flag()
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -55,6 +57,7 @@ def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_siz
 
 def main(argv):
   del argv
+  compile_cache.enable(FLAGS.compile_cache)
   loaded = restore.load_for_sampling(paths.absolute(FLAGS.workdir), use_ema=FLAGS.use_ema)
   labels = sampling_lib.parse_labels(FLAGS.labels, FLAGS.num_samples, loaded.num_classes)
   images = sample_images(loaded, FLAGS.num_samples, FLAGS.seed, FLAGS.batch_size, labels,

@@ -17,6 +17,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from diffusion_jax import compile_cache
 from diffusion_jax.training import trainer
 from experiments import paths
 from experiments.configs import overrides
@@ -29,11 +30,13 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 flags.DEFINE_string("cpu_collectives", None, "CPU collectives implementation, e.g. 'gloo'.")
+compile_cache.define_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
+  compile_cache.enable(FLAGS.compile_cache)
   if FLAGS.cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
   if FLAGS.distributed or FLAGS.coordinator_address:
