@@ -13,13 +13,14 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from diffusion_jax.training import console
 from diffusion_jax.training import restore
 from diffusion_jax.training import sampling
 from experiments import sampling_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a training run.")
-flags.DEFINE_integer("num_samples", 64, "Number of samples.")
+flags.DEFINE_integer("num_samples", 64, "Number of samples (>= 1).", lower_bound=1)
 flags.DEFINE_string("out", None, "Output .npz path (a .png grid is written beside it).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("use_ema", True, "Sample with EMA params (else the raw params).")
@@ -28,8 +29,12 @@ sampling_lib.define_flags()
 
 
 def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_size: int,
-                  labels: np.ndarray | None = None, **sampler_kw) -> np.ndarray:
-  """uint8 [N, H, W, C] from a restored run (see `sampling_lib.generate` for sampler_kw)."""
+                  labels: np.ndarray | None = None, progress: bool = False,
+                  **sampler_kw) -> np.ndarray:
+  """uint8 [N, H, W, C] from a restored run (see `sampling_lib.generate` for sampler_kw);
+  `progress` shows a bar over the batches (tqdm, on stderr)."""
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
   diffusion = loaded.config.diffusion
   sample_cfg = loaded.config.get("sample", {})
   if labels is None and loaded.num_classes:
@@ -38,7 +43,7 @@ def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_siz
   kw = dict(prediction=diffusion.get("prediction", "eps"),
             variance=sample_cfg.get("variance", None) or diffusion.get("variance", None)
             or "fixed_small",
-            clip_denoised=sample_cfg.get("clip_denoised", True), progress=False)
+            clip_denoised=sample_cfg.get("clip_denoised", True), progress=progress)
   kw.update(sampler_kw)
   images = sampling_lib.generate(apply_fn, loaded.params, loaded.schedule, loaded.image_shape,
                                  num_samples=num_samples, seed=seed, batch_size=batch_size,
@@ -48,10 +53,11 @@ def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_siz
 
 def main(argv):
   del argv
+  console.quiet_libraries(FLAGS.verbosity)
   loaded = restore.load_for_sampling(FLAGS.workdir, use_ema=FLAGS.use_ema)
   labels = sampling_lib.parse_labels(FLAGS.labels, FLAGS.num_samples, loaded.num_classes)
   images = sample_images(loaded, FLAGS.num_samples, FLAGS.seed, FLAGS.batch_size, labels,
-                         sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
+                         progress=True, sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
                          guidance_scale=FLAGS.guidance_scale)
   out = FLAGS.out if FLAGS.out.endswith(".npz") else FLAGS.out + ".npz"
   np.savez(out, images=images,

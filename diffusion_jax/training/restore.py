@@ -35,8 +35,8 @@ def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
                       ema_decay: float | None = None, step: int | None = None) -> Loaded:
   """Restores the newest readable checkpoint (or the newest at or below `step`).
 
-  use_ema: EMA params of `ema_decay` (default: the first of `train.ema_decays`), else the raw
-  params.
+  use_ema, ema_decay: which params, per `state.params_for_sampling` (the rule the trainer's
+  previews use).
   """
   workdir = epath.Path(workdir)
   config = load_config(workdir)
@@ -49,13 +49,7 @@ def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
   finally:
     ckpt.close()
   if restored is None:
-    raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")
+    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
   at, state, _ = restored
-  if use_ema:
-    decays = tuple(config.train.ema_decays)
-    if ema_decay is None and not decays:
-      raise ValueError("use_ema=True but the run kept no EMA (train.ema_decays is empty)")
-    params = state.ema_params[state_lib.ema_key(ema_decay if ema_decay is not None else decays[0])]
-  else:
-    params = state.params
+  params, _ = state_lib.params_for_sampling(state, config.train.ema_decays, use_ema, ema_decay)
   return Loaded(config, comp.model, comp.schedule, params, comp.image_shape, comp.num_classes, at)

@@ -52,3 +52,28 @@ def ema_update(ema_params: Mapping[str, PyTree], params: PyTree,
         lambda e, p, d=decay: jnp.where(apply, d * e + (1.0 - d) * p.astype(e.dtype), e),
         ema, params)
   return out
+
+
+def params_for_sampling(state: TrainState, ema_decays: Sequence[float], use_ema: bool = True,
+                        ema_decay: float | None = None) -> tuple[PyTree, str]:
+  """The params to sample with, and a label for logs ('EMA 0.999' or 'raw').
+
+  The one rule used by the trainer's previews and by `restore.load_for_sampling`:
+  use_ema=False: the raw params. use_ema=True: the EMA of `ema_decay`, by default the first of
+  the run's `ema_decays`; a run that kept no EMA falls back to the raw params.
+
+  Raises:
+    ValueError: `ema_decay` names a decay the run did not keep.
+  """
+  if not use_ema:
+    return state.params, "raw"
+  kept = [float(d) for d in ema_decays]
+  if ema_decay is None:
+    if not kept:
+      return state.params, "raw (the run kept no EMA)"
+    ema_decay = kept[0]
+  key = ema_key(ema_decay)
+  if key not in state.ema_params:
+    raise ValueError(f"ema_decay={ema_decay!r} was not kept by this run; allowed: {kept} "
+                     "(train.ema_decays).")
+  return state.ema_params[key], f"EMA {float(ema_decay)}"
