@@ -1,6 +1,7 @@
 """A run's config across launches: what may change when a workdir is resumed, and the record.
 
-`config.json` is the config of the run's latest launch; `configs/<UTC time>.json` keeps the
+`config.json` is the config of the run's latest launch; `configs/<UTC time>.json` (e.g.
+`configs/20261125T233700.123456Z.json`) keeps the
 config of every launch (a run that predates the history gets its old `config.json` copied in
 first), so no config a run was trained with is ever lost.
 
@@ -119,14 +120,13 @@ def record(config: Any, workdir: str | epath.Path) -> epath.Path:
   text = to_json(config)
   now = datetime.datetime.now(datetime.timezone.utc)
   path = history / f"{_stamp(now)}.json"
-  n = 1
-  while path.exists():   # two launches in one second
-    path = history / f"{_stamp(now)}-{n}.json"
-    n += 1
+  if path.exists():
+    raise FileExistsError(f"{path} exists: two launches in the same microsecond?")
   path.write_text(text)
   current.write_text(text)
   return path
 
 
 def _stamp(t: datetime.datetime) -> str:
-  return t.strftime("%Y%m%dT%H%M%SZ")
+  """'20261125T233700.123456Z': sorts in launch order."""
+  return t.strftime("%Y%m%dT%H%M%S.%fZ")
