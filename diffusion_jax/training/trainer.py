@@ -183,6 +183,8 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
         ckpt.wait()
         raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}.")
     ckpt.wait()
+    if host0:
+      logging.info("Training finished at step %d; the run is in %s.", step, workdir)
     return pstep.get_state(dstate)
 
 
@@ -252,7 +254,7 @@ class _Hooks:
       self.ckpt.save(step, host_state(), data_state())
       self.last_saved = step
       if self.host0:
-        logging.info("Saved checkpoint %d to %s.", step, self.ckpt.directory / str(step))
+        logging.info("Checkpoint at step %d: %s", step, self.ckpt.directory / str(step))
     if "samples" in due:
       self.samples(step, host_state())
 
