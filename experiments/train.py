@@ -25,6 +25,7 @@ from diffusion_jax.training import console
 from diffusion_jax.training import run_config
 from diffusion_jax.training import trainer
 from diffusion_jax.training import workdir_lock
+from experiments import paths
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -54,7 +55,8 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    trainer.train_and_evaluate(paths.resolve_config_paths(FLAGS.config),
+                               paths.absolute(FLAGS.workdir))
   except trainer.NonFiniteError as e:
     logging.error("%s", e)
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
