@@ -1,5 +1,6 @@
 """experiments.train as a subprocess: exact resume after SIGKILL, SIGTERM checkpoint, multi-host
 (2 processes x 4 CPU devices == 1 process x 8 devices), and experiments.sample determinism."""
+import json
 import os
 import signal
 import socket
@@ -60,6 +61,9 @@ def test_sigkill_mid_run_then_rerun_resumes_exactly(tmp_path, data_dir, referenc
   rerun = _run(cmd, env)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "Resumed from" in rerun.stderr
+  assert "is no longer running" in rerun.stderr          # the killed run's lock, taken over
+  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert steps == sorted(set(steps)) and steps[-1] == 12, steps   # one row per step
   step_a, a = tl.read_state(reference_run)
   step_b, b = tl.read_state(workdir)
   assert step_a == step_b == 12

@@ -9,7 +9,6 @@ References: clu.metric_writers (the interface: write_scalars(step, dict), flush,
 """
 from typing import Mapping
 import json
-import os
 
 import numpy as np
 from etils import epath
@@ -36,7 +35,7 @@ def drop_rows_after(path: epath.Path, step: int) -> int:
   if dropped:
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    tmp.replace(path)
   return dropped
 
 

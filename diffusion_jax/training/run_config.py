@@ -123,7 +123,9 @@ def record(config: Any, workdir: str | epath.Path) -> epath.Path:
   if path.exists():
     raise FileExistsError(f"{path} exists: two launches in the same microsecond?")
   path.write_text(text)
-  current.write_text(text)
+  tmp = workdir / "config.json.tmp"   # atomic: other hosts may be reading config.json
+  tmp.write_text(text)
+  tmp.replace(current)
   return path
 
 
