@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp

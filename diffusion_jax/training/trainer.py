@@ -159,7 +159,7 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
     _log_header(config, comp, state, workdir, start, restored is not None, writer.dropped)
 
     pstep = _make_parallel_step(config, comp, sched.k)
-    hooks = _Hooks(config, comp, sched, ckpt, writer, workdir, sample_rng, host0)
+    hooks = _Hooks(config, comp, sched, pstep, ckpt, writer, workdir, sample_rng, host0)
     hooks.last_saved = start if restored is not None else None
 
     step, dstate, pending = start, pstep.put_state(state), None
@@ -178,7 +178,7 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
       if due:
         hooks.accumulate(pstep.get_state(pending), step)
         pending = None
-        hooks.run(due, step, lambda: pstep.get_state(dstate), it.get_state)
+        hooks.run(due, step, dstate, it)
       if preempted:
         ckpt.wait()
         raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}.")
@@ -207,9 +207,10 @@ class _Hooks:
   """The loop's periodic actions: 'log', 'checkpoint' and 'samples', each at its cadence and
   at the last step; a preemption forces 'log' and 'checkpoint'."""
 
-  def __init__(self, config, comp, sched: _Schedule, ckpt: ckpt_lib.Checkpointer,
-               writer: metric_writer.MetricWriter, workdir: epath.Path, sample_rng, host0: bool):
-    self.config, self.comp, self.sched, self.ckpt = config, comp, sched, ckpt
+  def __init__(self, config, comp, sched: _Schedule, pstep: parallel.ParallelStep,
+               ckpt: ckpt_lib.Checkpointer, writer: metric_writer.MetricWriter,
+               workdir: epath.Path, sample_rng, host0: bool):
+    self.config, self.comp, self.sched, self.pstep, self.ckpt = config, comp, sched, pstep, ckpt
     self.writer, self.workdir, self.sample_rng, self.host0 = writer, workdir, sample_rng, host0
     self.meter = metric_writer.MeanAccumulator()
     self.chrono = progress.Chrono(sched.num_steps)
@@ -247,16 +248,18 @@ class _Hooks:
           f"checkpoint is kept: {kept} in {self.ckpt.directory}.")
     self.meter.add(metrics)
 
-  def run(self, due: list[str], step: int, host_state, data_state) -> None:
+  def run(self, due: list[str], step: int, device_state: PyTree, data_iterator: Any) -> None:
+    """Runs the due actions at `step` (the metrics are already accumulated)."""
     if "log" in due:
       self.log(step)
+    host_state = self.pstep.get_state(device_state) if len(due) > due.count("log") else None
     if "checkpoint" in due:
-      self.ckpt.save(step, host_state(), data_state())
+      self.ckpt.save(step, host_state, data_iterator.get_state())
       self.last_saved = step
       if self.host0:
         logging.info("Checkpoint at step %d: %s", step, self.ckpt.directory / str(step))
     if "samples" in due:
-      self.samples(step, host_state())
+      self.samples(step, host_state)
 
   def log(self, step: int) -> None:
     means = self.meter.pop()
