@@ -273,7 +273,9 @@ def test_one_ema_rule_for_previews_and_sampling():
   assert pick((0.9, 0.99)) == 1.0 and pick((0.9, 0.99), ema_decay=0.99) == 2.0
   assert pick((0.9, 0.99), use_ema=False) == 0.0
   no_ema = state.replace(ema_params={})
-  assert state_lib.params_for_sampling(no_ema, ())[1].startswith("raw")
+  assert state_lib.params_for_sampling(no_ema, ())[1] == "raw"
+  assert state_lib.sampling_params_path((0.9, 0.99)) == ("ema_params", "0.9")
+  assert state_lib.sampling_params_path((), use_ema=True) == ("params",)
   with pytest.raises(ValueError, match=r"ema_decay=0.5 was not kept by this run; allowed"):
     state_lib.params_for_sampling(state, (0.9, 0.99), ema_decay=0.5)
 

@@ -105,7 +105,7 @@ class Checkpointer:
       except CheckpointMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        if not _is_corruption(e):
+        if not is_unreadable_error(e):
           raise
         reason = f"{type(e).__name__}: {str(e)[:300]}"
       if reason is not None:
@@ -160,8 +160,9 @@ class Checkpointer:
                     "inspection and resumed from step %d.", bad, why, moved, restored)
 
 
-def _is_corruption(e: BaseException) -> bool:
-  """True for the errors a damaged checkpoint raises (see the module docstring)."""
+def is_unreadable_error(e: BaseException) -> bool:
+  """True for the errors a damaged checkpoint raises (see the module docstring); every other
+  exception must stop the caller rather than fall back to an older checkpoint."""
   if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
     return True
   return type(e) is ValueError and str(e).startswith(_CORRUPTION_CODES)  # pylint: disable=unidiomatic-typecheck
