@@ -92,7 +92,11 @@ def check_resume(config: Any, workdir: str | epath.Path) -> dict[str, tuple[Any,
   saved = epath.Path(workdir) / "config.json"
   if not saved.exists():
     return {}
-  diff = differences(json.loads(saved.read_text()), json.loads(to_json(config)))
+  # Read through `restore.load_config`, so keys a run written by an older version lacks take
+  # the declared defaults rather than reading as changes.
+  from diffusion_jax.training import restore  # pylint: disable=import-outside-toplevel
+  old = json.loads(to_json(restore.load_config(workdir)))
+  diff = differences(old, json.loads(to_json(config)))
   refused = {k: v for k, v in diff.items() if not may_change(k)}
   if refused:
     lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
