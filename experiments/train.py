@@ -26,6 +26,7 @@ from diffusion_jax.training import run_config
 from diffusion_jax.training import trainer
 from diffusion_jax.training import workdir_lock
 from experiments import paths
+from experiments.configs import overrides
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -72,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=overrides.parse_flags)

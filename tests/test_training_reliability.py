@@ -283,9 +283,10 @@ def test_one_ema_rule_for_previews_and_sampling():
 def test_restore_and_trainer_use_the_same_ema_rule():
   import inspect   # pylint: disable=import-outside-toplevel
   from diffusion_jax.training import restore   # pylint: disable=import-outside-toplevel
-  for module in (restore, trainer):
+  for module, rule in ((restore, "state_lib.sampling_params_path("),
+                       (trainer, "state_lib.params_for_sampling(")):
     src = inspect.getsource(module)
-    assert "params_for_sampling" in src and "ema_params[" not in src, module.__name__
+    assert rule in src and "ema_key(" not in src and "ema_params[" not in src, module.__name__
 
 
 def test_library_info_lines_are_hidden_unless_verbose():

@@ -131,17 +131,7 @@ class Checkpointer:
     return self.directory / str(step)
 
   def _missing_or_undecodable(self, step: int) -> str | None:
-    """Why the step's files are incomplete or undecodable, or None. Read errors (permission...)
-    propagate."""
-    for rel in _REQUIRED_FILES:
-      path = self._step_dir(step) / rel
-      if not path.exists():
-        return f"incomplete: {rel} is missing"
-      try:
-        json.loads(path.read_text())
-      except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return f"{rel} is not valid JSON ({e})"
-    return None
+    return missing_or_undecodable(self._step_dir(step))
 
   def _saved_arrays(self, step: int) -> PyTree:
     """The checkpoint's tree of array metadata (shape, dtype per leaf)."""
@@ -158,6 +148,20 @@ class Checkpointer:
     self._mngr.reload()
     logging.warning("The checkpoint at step %d is unreadable (%s): moved it to %s for "
                     "inspection and resumed from step %d.", bad, why, moved, restored)
+
+
+def missing_or_undecodable(step_dir: epath.Path) -> str | None:
+  """Why a step directory's files are incomplete or undecodable, or None. Read errors
+  (permission...) propagate."""
+  for rel in _REQUIRED_FILES:
+    path = epath.Path(step_dir) / rel
+    if not path.exists():
+      return f"incomplete: {rel} is missing"
+    try:
+      json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      return f"{rel} is not valid JSON ({e})"
+  return None
 
 
 def is_unreadable_error(e: BaseException) -> bool:

@@ -49,10 +49,6 @@ class Preempted(Exception):
   """SIGTERM arrived; a checkpoint of the current step was written before this was raised."""
 
 
-def _cfg(cfg: Any, key: str, default: Any) -> Any:
-  return cfg.get(key, default) if hasattr(cfg, "get") else default
-
-
 def check_batch_size(batch_size: int, num_devices: int) -> int:
   """Per-device batch; ValueError unless `batch_size` is a positive multiple of `num_devices`."""
   if batch_size <= 0 or batch_size % num_devices:
@@ -71,10 +67,10 @@ class _Schedule:
     self.num_steps = int(train_cfg.num_steps)
     if self.num_steps <= 0:
       raise ValueError(f"config.train.num_steps={self.num_steps} must be >= 1.")
-    self.k = int(_cfg(train_cfg, "steps_per_call", 1))
-    self.checkpoint_every = int(_cfg(train_cfg, "checkpoint_every", 0) or 0)
-    self.sample_every = int(_cfg(train_cfg, "sample_every", 0) or 0)
-    self.log_every = (int(_cfg(train_cfg, "log_every", 0) or 0)
+    self.k = int(train_cfg.steps_per_call)
+    self.checkpoint_every = int(train_cfg.checkpoint_every)
+    self.sample_every = int(train_cfg.sample_every)
+    self.log_every = (int(train_cfg.log_every)
                       or max(self.k, self.num_steps // 100 // self.k * self.k))
     for name in ("num_steps", "checkpoint_every", "sample_every", "log_every"):
       if getattr(self, name) % self.k:
@@ -141,8 +137,8 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
         process_index=jax.process_index(), process_count=jax.process_count(),
         num_local_devices=jax.local_device_count())
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
-                                 keep_latest=int(_cfg(config.train, "keep_latest", 2)),
-                                 snapshot_every=int(_cfg(config.train, "snapshot_every", 0) or 0))
+                                 keep_latest=int(config.train.keep_latest),
+                                 snapshot_every=int(config.train.snapshot_every))
     stack.callback(ckpt.close)
     restored = ckpt.restore(state, set_aside=host0)
     if restored is not None:
@@ -193,10 +189,10 @@ def _make_parallel_step(config: Any, comp: components.Components, k: int
   train_cfg = config.train
   step_cfg = step_lib.StepConfig(
       num_classes=comp.num_classes,
-      label_dropout=float(_cfg(train_cfg, "label_dropout", 0.0)) if comp.num_classes else 0.0,
-      compute_dtype=_cfg(train_cfg, "compute_dtype", "float32"),
-      accumulate=int(_cfg(config.optim, "accumulate", 1)), process_count=jax.process_count())
-  mode = parallel.resolve_mode(_cfg(train_cfg, "parallel", "pmap"))
+      label_dropout=float(train_cfg.label_dropout) if comp.num_classes else 0.0,
+      compute_dtype=train_cfg.compute_dtype,
+      accumulate=int(config.optim.accumulate), process_count=jax.process_count())
+  mode = parallel.resolve_mode(train_cfg.parallel)
   step_fn = step_lib.make_train_step(comp.model.apply, components.make_loss_fn(
       config.diffusion, comp.schedule), comp.tx, comp.lr_fn, step_cfg,
       axis_name=None if mode == "jit" else parallel.AXIS)
@@ -215,7 +211,7 @@ class _Hooks:
     self.meter = metric_writer.MeanAccumulator()
     self.chrono = progress.Chrono(sched.num_steps)
     self.last_saved: int | None = None
-    num_samples = int(_cfg(_cfg(config, "sample", {}), "num_samples", 64))
+    num_samples = int(config.sample.num_samples)
     self.sample_fn = _make_sample_fn(config, comp, num_samples) if host0 and num_samples > 0 \
         else None
     self.every = {"log": sched.log_every, "checkpoint": sched.checkpoint_every,
@@ -279,7 +275,7 @@ class _Hooks:
     t0 = time.perf_counter()
     params, which = state_lib.params_for_sampling(
         host_state, self.config.train.ema_decays,
-        ema_decay=_cfg(_cfg(self.config, "sample", {}), "ema_decay", None))
+        ema_decay=self.config.sample.ema_decay)
     images = sampling.to_uint8(self.sample_fn(params, jax.random.fold_in(self.sample_rng, step)))
     (self.workdir / "samples").mkdir(exist_ok=True)
     path = self.workdir / "samples" / f"step_{step:07d}.png"
