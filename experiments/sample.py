@@ -63,7 +63,8 @@ def main(argv):
   loaded = restore.load_for_sampling(paths.absolute(FLAGS.workdir), use_ema=FLAGS.use_ema)
   labels = sampling_lib.parse_labels(FLAGS.labels, FLAGS.num_samples, loaded.num_classes)
   images = sample_images(loaded, FLAGS.num_samples, FLAGS.seed, FLAGS.batch_size, labels,
-                         progress=True, sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
+                         progress=True, sampler=FLAGS.sampler, steps=FLAGS.steps,
+                         timesteps=FLAGS.timesteps, thresholding=FLAGS.thresholding, eta=FLAGS.eta,
                          guidance_scale=FLAGS.guidance_scale, variance=FLAGS.variance)
   out = paths.absolute(FLAGS.out if FLAGS.out.endswith(".npz") else FLAGS.out + ".npz")
   np.savez(out, images=images,
