@@ -4,7 +4,7 @@ A second `experiments.sample` or `experiments.train` call with the same model an
 loads the compiled executables from disk instead of compiling them again.
 
     from diffusion_jax import compile_cache
-    compile_cache.enable()                # $DIFFUSION_JAX_CACHE or ~/.cache/diffusion_jax/jax_cache
+    compile_cache.enable()                # $DIFFUSION_JAX_CACHE/jax_cache or ~/.cache/diffusion_jax/jax_cache
     compile_cache.enable('/tmp/my_cache')
     compile_cache.enable('')              # off
 
@@ -24,10 +24,11 @@ ENV_VAR = 'DIFFUSION_JAX_CACHE'
 
 
 def default_cache_dir() -> str:
-  """$DIFFUSION_JAX_CACHE if set (empty turns the cache off), else ~/.cache/diffusion_jax/jax_cache
+  """`jax_cache` under $DIFFUSION_JAX_CACHE (the library's cache, which also holds the digits
+  classifier) if set (set but empty turns the cache off), else ~/.cache/diffusion_jax/jax_cache
   (under $XDG_CACHE_HOME when that is set)."""
   if ENV_VAR in os.environ:
-    return os.environ[ENV_VAR]
+    return os.path.join(os.environ[ENV_VAR], 'jax_cache') if os.environ[ENV_VAR] else ''
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
   return os.path.join(base, 'diffusion_jax', 'jax_cache')
 
@@ -69,4 +70,4 @@ def define_flag() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('compile_cache', default_cache_dir(),
                       'Directory of the persistent JAX compilation cache; empty turns it off '
-                      f'(default: ${ENV_VAR} or ~/.cache/diffusion_jax/jax_cache).')
+                      f'(default: ${ENV_VAR}/jax_cache or ~/.cache/diffusion_jax/jax_cache).')

@@ -21,7 +21,9 @@ def restore_jax_config():
 
 def test_default_dir_from_env_and_home(monkeypatch):
   monkeypatch.setenv(compile_cache.ENV_VAR, '/somewhere/cache')
-  assert compile_cache.default_cache_dir() == '/somewhere/cache'
+  assert compile_cache.default_cache_dir() == '/somewhere/cache/jax_cache'
+  monkeypatch.setenv(compile_cache.ENV_VAR, '')
+  assert compile_cache.default_cache_dir() == ''      # set but empty: off
   monkeypatch.delenv(compile_cache.ENV_VAR)
   monkeypatch.delenv('XDG_CACHE_HOME', raising=False)
   monkeypatch.setenv('HOME', '/home/u')

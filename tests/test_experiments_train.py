@@ -1,5 +1,6 @@
 """experiments.train as a subprocess: exact resume after SIGKILL, SIGTERM checkpoint, multi-host
 (2 processes x 4 CPU devices == 1 process x 8 devices), and experiments.sample determinism."""
+import json
 import os
 import signal
 import socket
@@ -60,6 +61,9 @@ def test_sigkill_mid_run_then_rerun_resumes_exactly(tmp_path, data_dir, referenc
   rerun = _run(cmd, env)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "Resumed from" in rerun.stderr
+  assert "is no longer running" in rerun.stderr          # the killed run's lock, taken over
+  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert steps == sorted(set(steps)) and steps[-1] == 12, steps   # one row per step
   step_a, a = tl.read_state(reference_run)
   step_b, b = tl.read_state(workdir)
   assert step_a == step_b == 12
@@ -95,12 +99,16 @@ def _free_port() -> int:
 def test_two_processes_of_4_devices_equal_one_process_of_8(tmp_path, data_dir, reference_run):
   workdir = str(tmp_path / "multihost")
   port = _free_port()
+  # No persistent compilation cache here: process 1's cache key differs from process 0's, so a
+  # warm cache lets process 0 skip compiling and wait at the first collective for more than
+  # gloo's 30 s context-initialisation deadline while process 1 compiles (seen under load).
+  env = {k: v for k, v in tl.subprocess_env(4).items() if k != "JAX_COMPILATION_CACHE_DIR"}
   procs = []
   for pid in range(2):
     cmd = tl.train_command(workdir, data_dir, **LONG) + [
         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}",
-        "--cpu_collectives=gloo"]
-    procs.append(subprocess.Popen(cmd, env=tl.subprocess_env(4), cwd=tl.REPO,
+        "--cpu_collectives=gloo", "--compile_cache="]
+    procs.append(subprocess.Popen(cmd, env=env, cwd=tl.REPO,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
   errs = [p.communicate(timeout=900)[1] for p in procs]
   for p, e in zip(procs, errs):

@@ -1,4 +1,5 @@
 """The trainer in-process: resume, SIGTERM, injected NaN, indivisible batch, image folder."""
+import json
 import os
 import signal
 
@@ -57,9 +58,32 @@ def test_uninterrupted_vs_sigterm_then_resume(tmp_path, data_dir, monkeypatch):
   with pytest.raises(trainer.Preempted, match="step 3"):
     trainer.train_and_evaluate(tl.tiny_config(data_dir), workdir)
   assert tl.read_state(workdir)[0] == 3
+  assert not os.path.exists(os.path.join(workdir, ".lock"))   # released on SIGTERM
   monkeypatch.undo()
   resumed = trainer.train_and_evaluate(tl.tiny_config(data_dir), workdir)
   chex.assert_trees_all_equal(resumed, full)
+
+
+def test_corrupt_newest_checkpoint_is_set_aside_and_the_rerun_completes(tmp_path, data_dir):
+  """Truncated array files in the newest checkpoint (4): the rerun resumes from 2, keeps the
+  broken step as 4.unreadable-<time>, saves 4 again and ends with the same state as the first
+  run; metrics.jsonl keeps one row per step."""
+  workdir = tmp_path / "run"
+  config = tl.tiny_config(data_dir, **{"train.num_steps": 4})
+  trainer.train_and_evaluate(config, str(workdir))
+  _, first = tl.read_state(str(workdir))
+  for path in (workdir / "checkpoints" / "4" / "state").rglob("d/*"):
+    with open(path, "r+b") as f:
+      f.truncate(3)
+  resumed = trainer.train_and_evaluate(config, str(workdir))
+  assert int(resumed.step) == 4
+  assert len(list((workdir / "checkpoints").glob("4.unreadable-*"))) == 1
+  at, state = tl.read_state(str(workdir))
+  assert at == 4
+  chex.assert_trees_all_equal(state, first)   # exact: same data, keys and program from step 2
+  steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
+  assert steps == [2, 4]
+  assert len(os.listdir(workdir / "configs")) == 2
 
 
 def test_nan_stops_with_message_and_keeps_last_checkpoint(tmp_path, data_dir, monkeypatch):
