@@ -80,7 +80,7 @@ def markdown(rows: Sequence[dict], floor: float | None = None) -> str:
            "|---|" + "---|" * len(budgets)]
   for name in dict.fromkeys(r["sampler"] for r in rows[1:]):
     cells = []
-    for budget, row in zip(budgets, [r for r in rows[1:] if r["sampler"] == name]):
+    for budget, row in zip(budgets, [r for r in rows[1:] if r["sampler"] == name], strict=True):
       note = "" if row["nfe"] == budget else f" ({row['nfe']})"
       cells.append(f"{row['fd']:.1f}{note}")
     lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
@@ -107,7 +107,7 @@ def plot(rows: Sequence[dict], path: str, floor: float | None = None) -> None:
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
   for name in dict.fromkeys(r["sampler"] for r in rows[1:]):
     pts = [(r["nfe"], r["fd"]) for r in rows[1:] if r["sampler"] == name]
-    ax.plot(*zip(*pts), "o-", label=name, color=np.array(COLORS[name]) / 255)
+    ax.plot(*zip(*pts, strict=True), "o-", label=name, color=np.array(COLORS[name]) / 255)
   ax.axhline(rows[0]["fd"], color="k", ls="--", label=f"ddpm, {rows[0]['nfe']} NFE")
   if floor is not None:
     ax.axhline(floor, color="grey", ls=":", label="real held-out digits")

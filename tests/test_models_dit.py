@@ -176,7 +176,7 @@ def test_scanned_blocks_match_unrolled_blocks():
   assert rel_err(np.asarray(out_s), np.asarray(out_u)) < 1e-5
   (l_s, g_s), (l_u, g_u) = (_dit_loss_grad(m, x, t, y)(params) for m in (scanned, unrolled))
   assert abs(float(l_s) - float(l_u)) <= 1e-5 * abs(float(l_u))
-  for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_u)):
+  for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_u), strict=True):
     assert rel_err(np.asarray(a), np.asarray(b)) < 1e-5
 
 

@@ -114,7 +114,7 @@ def blowing_up(x, t):
 def test_every_sampler_thresholds_x0_by_default(name):
   key = jax.random.key(4)
   for policy in ("clip", "dynamic"):
-    out = np.asarray(jax.jit(lambda k: sampler_call(name, thresholding=policy)(blowing_up, k))(
+    out = np.asarray(jax.jit(lambda k, policy=policy: sampler_call(name, thresholding=policy)(blowing_up, k))(
         key))
     assert np.abs(out).max() <= 1.0, (policy, np.abs(out).max())
   default = jax.jit(lambda k: sampler_call(name)(blowing_up, k))(key)

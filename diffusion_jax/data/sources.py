@@ -106,7 +106,7 @@ def tfds_builder(options: DataOptions):
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   # Registers the package's builders with TFDS.
-  from diffusion_jax.data import digits, synthetic  # pylint: disable=g-import-not-at-top,unused-import
+  from diffusion_jax.data import digits, synthetic  # noqa: F401  # pylint: disable=unused-import
   try:
     builder = tfds.builder(options.name, data_dir=options.data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
