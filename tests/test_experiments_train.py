@@ -103,14 +103,22 @@ def test_two_processes_of_4_devices_equal_one_process_of_8(tmp_path, data_dir, r
     procs.append(subprocess.Popen(cmd, env=tl.subprocess_env(4), cwd=tl.REPO,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
   errs = [p.communicate(timeout=900)[1] for p in procs]
-  for p, e in zip(procs, errs):
+  for p, e in zip(procs, errs, strict=True):
     assert p.returncode == 0, e[-3000:]
   assert "JAX process 1/2, 4 local devices of 8" in errs[1]
   _, a = tl.read_state(reference_run)
   _, b = tl.read_state(workdir)
   diff = tl.max_abs_diff(a.params, b.params)
   print(f"max |params difference| 2 hosts x 4 devices vs 1 host x 8 devices: {diff:.3g}")
-  np.testing.assert_allclose(tl.max_abs_diff(a, b), 0.0, atol=1e-5)
+  # Same data, keys and formulas; only the cross-device gradient sum runs in another order (gloo
+  # between processes vs XLA in one), so rounding only. Each kind of state (params, each EMA,
+  # Adam's mu and nu) is compared with its own magnitude (nu ~1e-8, which the former absolute
+  # 1e-5 could never see). Bound: a psum of 8 shards rounds ~3 times and Adam ~20 operations per
+  # step, 12 steps: 12 x 23 ~ 280 ulps of the group's largest value.
+  rel = tl.group_relative_diffs(a, b)
+  print("per-group relative differences:", {k: f"{v:.3g}" for k, v in rel.items()})
+  for group, value in rel.items():
+    assert value <= 12 * 23 * np.finfo(np.float32).eps, (group, value)
 
 
 def test_sample_same_seed_same_images(tmp_path, reference_run):
