@@ -262,3 +262,39 @@ def test_shape_and_name_errors():
     dj.p_mean_variance(s, x, x, t, variance="small")
   with pytest.raises(ValueError, match="noise and xt"):
     dj.p_sample(s, x, x, t, None, noise=jnp.zeros((2, 4, 4, 1)))
+
+
+# --- timesteps out of range (issue 9) --------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [[-1, 0], [0, 10], [10, 11], [0.0, 1.0]])
+def test_concrete_timesteps_outside_the_schedule_raise(bad):
+  schedule = dj.get_schedule("cosine", 10)
+  x = jnp.ones((2, 3))
+  t = jnp.asarray(bad)
+  calls = {
+      "q_sample": lambda: dj.q_sample(schedule, x, t, x),
+      "q_mean_variance": lambda: dj.q_mean_variance(schedule, x, t),
+      "q_posterior_mean_variance": lambda: dj.q_posterior_mean_variance(schedule, x, x, t),
+      "p_mean_variance": lambda: dj.p_mean_variance(schedule, x, x, t),
+      "training_loss": lambda: dj.training_loss(lambda xt, tt: xt, schedule, x, None, t=t,
+                                                noise=x),
+  }
+  for name, call in calls.items():
+    with pytest.raises(ValueError, match=r"t must .*\[0, 9\]"):
+      call()
+      pytest.fail(name)
+  with pytest.raises(ValueError, match="t must lie"):      # a Python int too
+    dj.q_sample(schedule, x, 10, x)
+
+
+def test_traced_timesteps_outside_the_schedule_give_nan_not_another_step():
+  """Under jit t cannot be checked: -1 must not silently mean T - 1, T must not read garbage."""
+  schedule = dj.get_schedule("cosine", 10)
+  x = jnp.ones((3, 2))
+  t = jnp.array([-1, 4, 10])
+  q = np.asarray(jax.jit(lambda t: dj.q_sample(schedule, x, t, x))(t))
+  p = np.asarray(jax.jit(lambda t: dj.p_mean_variance(schedule, x, x, t).mean)(t))
+  for out in (q, p):
+    assert np.all(np.isnan(out[[0, 2]])) and np.all(np.isfinite(out[1]))
+  np.testing.assert_array_equal(q[1], np.asarray(dj.q_sample(schedule, x[1:2], jnp.array([4]),
+                                                             x[1:2]))[0])
