@@ -11,12 +11,11 @@ import os
 import subprocess
 import sys
 
+import digits_quality
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
-
-import digits_quality
 import training_testlib as tl
+from sklearn.datasets import load_digits
 
 N = 200
 

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-
 import training_testlib as tl
 
 pytestmark = pytest.mark.slow
@@ -166,6 +165,7 @@ def test_sample_command_flags(tmp_path, tiny_runs, monkeypatch):
   it, in test_samplers_cli.py: an 8-step model's samples are clipped to 0/255 whatever the
   label.)"""
   from absl import flags
+
   from experiments import sample, sampling_lib
   seen = {}
   real_generate, real_load = sampling_lib.generate, sample.restore.load_for_sampling

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics_testlib import assert_f32_close
 
 import diffusion_jax as dj
-from numerics_testlib import assert_f32_close
 
 F32_OPS = 16
 

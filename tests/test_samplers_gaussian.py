@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics_testlib import assert_f32_close, f32_tol
 
 import diffusion_jax as dj
 from diffusion_jax import schedules
-from numerics_testlib import assert_f32_close, f32_tol
 
 MU = np.array([0.5, -0.3])
 ROT = np.array([[np.cos(0.4), -np.sin(0.4)], [np.sin(0.4), np.cos(0.4)]])
@@ -220,10 +220,11 @@ def test_ode_likelihood_default_probe_is_rademacher_and_unbiased():
   x = jnp.asarray(np.repeat(x_one, probes, axis=0), jnp.float32)
   for rotation, random in ((np.eye(2), False), (ROT, True)):
     model = exact_model(mean=CENTRED, rotation=rotation)
-    exact = jax.jit(lambda x: dj.ode_log_likelihood(model, SCHEDULE, x[:1], num_steps=50,
-                                                    trace="exact"))(x).log_p
-    default = jax.jit(lambda x, key: dj.ode_log_likelihood(model, SCHEDULE, x, key,
-                                                           num_steps=50))(x, jax.random.key(6))
+    exact = jax.jit(lambda x, m=model: dj.ode_log_likelihood(m, SCHEDULE, x[:1], num_steps=50,
+                                                             trace="exact"))(x).log_p
+    default = jax.jit(lambda x, key, m=model: dj.ode_log_likelihood(m, SCHEDULE, x, key,
+                                                                    num_steps=50))(
+        x, jax.random.key(6))
     log_p = np.asarray(default.log_p, np.float64)
     if not random:
       # Same arithmetic up to the order of a 2-term sum: float32 rounding of ~50 steps x 10 ops.

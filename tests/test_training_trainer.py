@@ -5,11 +5,11 @@ import signal
 import chex
 import numpy as np
 import pytest
+import training_testlib as tl
+from numerics_testlib import f32_tol
 from PIL import Image
 
 from diffusion_jax.training import trainer
-import training_testlib as tl
-from numerics_testlib import f32_tol
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,7 @@ def _read_tb_scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:
   (uint64 length, masked CRC32C of it, payload, masked CRC32C of the payload: both checked) and
   the Event protobuf; no TensorBoard writer code involved."""
   import struct
+
   from tensorboardX.crc32c import crc32c
   from tensorboardX.proto import event_pb2
 
@@ -142,7 +143,9 @@ def test_adamw_bfloat16_retention_and_tensorboard(tmp_path, data_dir, monkeypatc
   step, the retained checkpoints are exactly the snapshots {4, 8} plus the newest (8), and the
   TensorBoard event files hold the logged losses, equal to metrics.jsonl's."""
   import json
-  from diffusion_jax.training import optim, step as step_lib
+
+  from diffusion_jax.training import optim
+  from diffusion_jax.training import step as step_lib
   seen = {}
   real_opt, real_step = optim.make_optimizer, step_lib.make_train_step
 
