@@ -193,7 +193,7 @@ def test_two_steps_against_numpy_adam_ema_and_metrics(name, weight_decay):
     # The rounding of each gradient element, seen as the difference between two float32
     # programs (jit, eager). Adam's update is scale-free in g (u ~ lr m / sqrt(v)), so a
     # relative gradient error r_i moves u_i by ~lr r_i however small g_i is (after cancellation
-    # in the batch sum r_i can be 1e-4 and more): bounded below by 4 lr r_i per element.
+    # in the batch sum r_i can be 1e-4 and more): allowed 4 lr r_i per element.
     eager = leaves64(mean_loss(at)[1])
     rel = [np.minimum(np.abs(a - e) / np.maximum(np.abs(a), 1e-30), 1.0)
            for a, e in zip(grads, eager, strict=True)]
