@@ -20,8 +20,10 @@ Five source formats:
 Files are read with safetensors or `torch.load(..., weights_only=True)`: nothing is unpickled
 beyond tensors.
 
-CLI (writes `OUT/model.json` and an orbax `CheckpointManager` directory at `OUT` whose step 0
-holds the item `{'params': params}` saved with `StandardSave`):
+CLI: writes OUT as a run workdir, like the trainer's (`config.json` from
+`experiments/configs/default.py` with the converted model and the release's diffusion settings,
+`dataset_info.json`, `checkpoints/0/{state, data}`, plus `source.json`), so that
+`python -m experiments.sample --workdir=OUT` samples from it:
 
   python -m diffusion_jax.convert --format diffusers_unet \
       --weights ddpm-cifar10-32/diffusion_pytorch_model.safetensors \
@@ -32,7 +34,10 @@ holds the item `{'params': params}` saved with `StandardSave`):
       --weights sd-vae-ft-mse/diffusion_pytorch_model.safetensors \
       --config sd-vae-ft-mse/config.json --out /tmp/sd_vae_ckpt
 
-Load it back with `load_checkpoint(OUT) -> (module, params)`.
+Load it back with `load_checkpoint(OUT) -> (module, params)` or
+`training.restore.load_for_sampling(OUT)` (the same reader). An autoencoder is a component, not
+a diffusion run: its directory holds `model.json` (preset and overrides) and an orbax step 0 of
+`{'params': params}`, read by the same `load_checkpoint`.
 
 References: diffusers `UNet2DModel` / `DiTTransformer2DModel` / `AutoencoderKL` (v0.42); DiT
 official `models.py`; LDM `ldm/modules/diffusionmodules/model.py` (Encoder / Decoder).
@@ -48,12 +53,16 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from diffusion_jax.models import layers
 from diffusion_jax.models import autoencoder
 from diffusion_jax.models.registry import (AUTOENCODER_PRESETS, PRESETS, get_autoencoder, get_model,
                                            init_params)
+from diffusion_jax.training import restore
+from diffusion_jax.training import state as state_lib
+from experiments.configs import default as default_config
 
 StateDict = Mapping[str, np.ndarray]
 FORMATS = ('diffusers_unet', 'dit_official', 'diffusers_dit', 'diffusers_vae', 'ldm_vae')
@@ -539,30 +548,92 @@ def _preset(name: str, **overrides: Any) -> nn.Module:
 
 def save_checkpoint(out_dir: str, module: nn.Module, params: Any,
                     source: Mapping[str, Any] | None = None) -> None:
-  """Write `out_dir/model.json` and an orbax CheckpointManager step 0 holding {'params': params}."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  """Write an autoencoder (a component, not a diffusion run): `out_dir/model.json` and an orbax
+  CheckpointManager step 0 holding {'params': params}. Denoisers are written by `write_run`."""
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  spec = {**_model_spec(module), 'source': dict(source or {})}
   with open(os.path.join(out_dir, 'model.json'), 'w') as f:
-    json.dump(spec, f, indent=2)
-  params = jax.tree.map(np.asarray, params)
-  mngr = ocp.CheckpointManager(out_dir, options=ocp.CheckpointManagerOptions(create=True))
+    json.dump({**_model_spec(module), 'source': dict(source or {})}, f, indent=2)
+  mngr = ocp.CheckpointManager(out_dir)
   mngr.save(0, args=ocp.args.StandardSave({'params': params}), force=True)
   mngr.wait_until_finished()
   mngr.close()
 
 
-def load_checkpoint(out_dir: str, **overrides: Any) -> tuple[nn.Module, Any]:
-  """Read what `save_checkpoint` wrote: (module with `overrides` applied, params)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+def _image_shape(module: nn.Module, image_size: int | None) -> tuple[int, int, int]:
+  if not image_size:
+    raise ValueError('the image size is not in the weights: give --image_size (the side of the '
+                     'square images the model was trained on; for a latent DiT, the latent side)')
+  return (int(image_size), int(image_size), int(module.in_channels))
+
+
+def default_diffusion(module: nn.Module) -> dict[str, Any]:
+  """The diffusion settings of the published DDPM / DiT releases: T = 1000 linear betas, eps
+  prediction; a learned-sigma model samples with 'learned_range' (trained with the hybrid loss),
+  the others with 'fixed_large' (the DDPM CIFAR-10 choice)."""
+  learned = bool(module.learn_sigma)
+  return {'schedule': 'linear', 'num_timesteps': 1000, 'prediction': 'eps',
+          'loss_type': 'hybrid' if learned else 'mse',
+          'variance': 'learned_range' if learned else 'fixed_large'}
+
+
+def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[int, int, int], *,
+              diffusion: Mapping[str, Any] | None = None,
+              source: Mapping[str, Any] | None = None) -> None:
+  """Write `out_dir` as a run workdir that `experiments.sample` and `load_for_sampling` read.
+
+  `config.json`: `experiments/configs/default.py` with the model (closest preset and the fields
+  that differ from it) and `diffusion` (default: `default_diffusion(module)`);
+  `dataset_info.json`: image_shape [H, W, C] and the model's num_classes;
+  `checkpoints/0/{state, data}` in the trainer's layout, the state holding `step`, `params` and
+  `ema_params` (the published weights under the config's EMA decay too, since releases publish
+  EMA weights; no optimizer state, so the directory is for sampling and evaluation);
+  `source.json`: where the weights came from.
+  """
   out_dir = os.path.abspath(out_dir)
-  with open(os.path.join(out_dir, 'model.json')) as f:
+  os.makedirs(out_dir, exist_ok=True)
+  spec = _model_spec(module)
+  config = default_config.get_config()
+  config.model.name = spec['name']
+  for key, value in spec['overrides'].items():
+    config.model[key] = tuple(value) if isinstance(value, list) else value
+  for key, value in {**default_diffusion(module), **dict(diffusion or {})}.items():
+    config.diffusion[key] = value
+  config.data.name = str((source or {}).get('dataset') or 'unknown')
+  config.data.image_size = int(image_shape[0])
+  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(out_dir, 'dataset_info.json'), 'w') as f:
+    json.dump({'image_shape': [int(s) for s in image_shape],
+               'num_classes': int(getattr(module, 'num_classes', 0) or 0)}, f)
+  with open(os.path.join(out_dir, 'source.json'), 'w') as f:
+    json.dump(dict(source or {}), f, indent=2)
+  params = jax.tree.map(np.asarray, params)
+  ema = {state_lib.ema_key(d): params for d in config.train.ema_decays}
+  state = {'step': np.zeros((), np.int32), 'params': params, 'ema_params': ema}
+  mngr = ocp.CheckpointManager(os.path.join(out_dir, 'checkpoints'),
+                               options=ocp.CheckpointManagerOptions(create=True),
+                               item_names=('state', 'data'))
+  mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                       data=ocp.args.JsonSave({})), force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def load_checkpoint(out_dir: str, **overrides: Any) -> tuple[nn.Module, Any]:
+  """(module with `overrides` applied, params) of a directory written here or by the trainer:
+  an autoencoder (`save_checkpoint`: model.json + params) or a run workdir (`write_run`'s or a
+  trainer's, read by `training.restore.load_for_sampling`: EMA params)."""
+  out_dir = os.path.abspath(out_dir)
+  spec_path = os.path.join(out_dir, 'model.json')
+  if not os.path.exists(spec_path):
+    loaded = restore.load_for_sampling(out_dir)
+    return loaded.model.clone(**overrides), loaded.params
+  with open(spec_path) as f:
     spec = json.load(f)
   module = _preset(spec['name'], **{**spec['overrides'], **overrides})
   mngr = ocp.CheckpointManager(out_dir)
-  step = mngr.latest_step()
-  restored = mngr.restore(step, args=ocp.args.StandardRestore())
+  restored = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
   mngr.close()
   return module, restored['params']
 
@@ -576,8 +647,17 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--preset', help='DiT preset giving num_heads for dit_official (DiT-XL/2); '
                       'autoencoder preset giving the scaling factor for ldm_vae (default sd_vae)')
   parser.add_argument('--num_heads', type=int, help='heads for dit_official without --preset')
-  parser.add_argument('--out', required=True, help='output directory')
+  parser.add_argument('--out', required=True, help='output run directory')
+  parser.add_argument('--image_size', type=int,
+                      help='side of the square images (default: from the config or pos_embed)')
+  parser.add_argument('--dataset', help='data.name written to config.json (e.g. cifar10)')
+  parser.add_argument('--schedule', help='diffusion.schedule (default linear)')
+  parser.add_argument('--num_timesteps', type=int, help='diffusion.num_timesteps (default 1000)')
+  parser.add_argument('--prediction', help='diffusion.prediction (default eps)')
+  parser.add_argument('--variance', help='diffusion.variance (default learned_range for a '
+                      'learned-sigma model, else fixed_large)')
   args = parser.parse_args(argv)
+  image_size = args.image_size
   sd = load_state_dict(args.weights)
   if args.format == 'dit_official':
     if args.preset is not None:
@@ -590,6 +670,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
       parser.error('dit_official needs --preset or --num_heads')
     module, params = dit_from_official(sd, num_heads=heads)
+    if not image_size and 'pos_embed' in sd:
+      image_size = int(round(np.sqrt(sd['pos_embed'].size // module.hidden_size))) * \
+          module.patch_size
   elif args.format == 'ldm_vae':
     preset = args.preset or 'sd_vae'
     if preset not in AUTOENCODER_PRESETS:
@@ -603,10 +686,21 @@ def main(argv: list[str] | None = None) -> None:
     convert = {'diffusers_unet': unet_from_diffusers, 'diffusers_dit': dit_from_diffusers,
                'diffusers_vae': autoencoder_from_diffusers}[args.format]
     module, params = convert(sd, config)
-  save_checkpoint(args.out, module, params,
-                  {'format': args.format, 'weights': os.path.basename(args.weights)})
+    size = config.get('sample_size')
+    if not image_size and size:
+      image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  print(f'wrote {args.out}: {type(module).__name__} {_model_spec(module)["name"]}, {n:,} params')
+  source = {'format': args.format, 'weights': os.path.basename(args.weights)}
+  if isinstance(module, autoencoder.AutoencoderKL):
+    save_checkpoint(args.out, module, params, source)
+    print(f'wrote {args.out}: AutoencoderKL {_model_spec(module)["name"]}, {n:,} params')
+    return
+  diffusion = {k: getattr(args, k) for k in ('schedule', 'num_timesteps', 'prediction', 'variance')
+               if getattr(args, k) is not None}
+  write_run(args.out, module, params, _image_shape(module, image_size), diffusion=diffusion,
+            source={**source, 'dataset': args.dataset})
+  print(f'wrote {args.out}: {type(module).__name__} {_model_spec(module)["name"]}, {n:,} params; '
+        f'sample with: python -m experiments.sample --workdir={args.out} --out=samples.npz')
 
 
 if __name__ == '__main__':

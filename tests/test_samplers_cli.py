@@ -92,3 +92,13 @@ def test_readme_sampling_example_runs():
   exec(compile(block.group(1), "README.md", "exec"), namespace)
   assert namespace["images"].shape == namespace["more"].shape == (8, 8, 8, 3)
   assert namespace["draw"]._cache_size() == 1
+
+
+def test_steps_is_a_count_on_the_default_grid():
+  assert sampling_lib.parse_steps("20") == 20 and sampling_lib.parse_steps(None) is None
+  with pytest.raises(ValueError, match="timesteps"):
+    sampling_lib.parse_steps("ddim50")
+  # --steps=20 for dpm_solver++ is the authors' time-uniform grid, not the '20' respacing spec.
+  plan = dj.samplers.plan("dpm_solver++", SCHEDULE, sampling_lib.parse_steps("20"))
+  np.testing.assert_array_equal(plan.per_call["timesteps"],
+                                dj.samplers.space_timesteps(50, "linspace20"))
