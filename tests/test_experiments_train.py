@@ -158,7 +158,8 @@ def _sample(workdir, out, *flags_):
 
 
 def test_sample_command_flags(tmp_path, tiny_runs, monkeypatch):
-  """--sampler/--steps/--eta/--guidance_scale/--labels/--use_ema/--seed/--batch_size reach the
+  """--sampler/--steps/--eta/--guidance_scale/--labels/--use_ema/--seed/--batch_size (and
+  --timesteps, --thresholding, --variance) reach the
   run loader and the sampler exactly as given (experiments.sample's main, flags parsed by absl,
   the library calls spied on); then the same command as a subprocess writes the images and the
   labels. (Whether each argument changes the images is tested on a network whose output shows
@@ -183,7 +184,8 @@ def test_sample_command_flags(tmp_path, tiny_runs, monkeypatch):
   out = tmp_path / "s.npz"
   argv = ["sample", f"--workdir={tiny_runs['cond']}", "--num_samples=4", f"--out={out}",
           "--sampler=ddim", "--steps=5", "--eta=0.5", "--guidance_scale=2.5", "--labels=7,1",
-          "--use_ema=false", "--seed=3", "--batch_size=2"]
+          "--use_ema=false", "--seed=3", "--batch_size=2", "--thresholding=clip",
+          "--variance=fixed_large"]
   try:
     flags.FLAGS(argv)
     sample.main([])
@@ -191,8 +193,9 @@ def test_sample_command_flags(tmp_path, tiny_runs, monkeypatch):
     flags.FLAGS.unparse_flags()
   assert seen["load"] == (tiny_runs["cond"], {"use_ema": False})
   kw = seen["generate"]
-  assert (kw["sampler"], kw["steps"], kw["eta"], kw["guidance_scale"]) == ("ddim", "5", 0.5, 2.5)
+  assert (kw["sampler"], kw["steps"], kw["eta"], kw["guidance_scale"]) == ("ddim", 5, 0.5, 2.5)
   assert (kw["seed"], kw["batch_size"], kw["num_samples"], kw["num_classes"]) == (3, 2, 4, 10)
+  assert (kw["thresholding"], kw["variance"]) == ("clip", "fixed_large")
   np.testing.assert_array_equal(kw["labels"], [7, 1, 7, 1])
   with np.load(out) as f:
     assert f["images"].shape == (4, 8, 8, 1)
