@@ -82,8 +82,9 @@ def test_cli_diffusers_dit_bin_roundtrip(tmp_path):
   out = tmp_path / 'ckpt'
   convert.main(['--format', 'diffusers_dit', '--weights', str(weights), '--config', str(config),
                 '--out', str(out)])
-  spec = json.loads((out / 'model.json').read_text())
-  assert spec['source'] == {'format': 'diffusers_dit', 'weights': weights.name}
+  source = json.loads((out / 'source.json').read_text())
+  assert source['format'] == 'diffusers_dit' and source['weights'] == weights.name
+  assert (out / 'checkpoints' / '0' / 'state').is_dir()  # the trainer's layout, step 0
   module, params = convert.load_checkpoint(str(out))
   assert (module.depth, module.hidden_size, module.num_heads) == (3, 64, 4)
   x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
