@@ -11,6 +11,7 @@ import pytest
 import diffusion_jax as dj
 from diffusion_jax.samplers import grids
 from diffusion_jax.samplers import ode
+from numerics_testlib import assert_f32_close
 
 T = 100
 SCHEDULE = dj.get_schedule("linear", T)
@@ -44,8 +45,11 @@ def test_inpainting_keeps_known_pixels(name):
   np.testing.assert_array_equal(out[mask > 0], np.asarray(known)[mask > 0])
   # The generated pixels see the known ones (they differ from the free sample's) ...
   assert np.abs(out[mask == 0] - np.asarray(free)[mask == 0]).max() > 1e-3
-  # ... and an empty mask is no inpainting at all (same noise streams).
-  np.testing.assert_allclose(inpainting(jnp.zeros(SHAPE)), free, rtol=1e-6, atol=1e-6)
+  # ... and an empty mask is no inpainting at all (same noise streams): the same arithmetic in
+  # another compiled program, so equal up to rounding of ~10 float32 operations per step x 10
+  # steps (x2 network calls for Heun) of the largest state. A fixed 1e-6 failed on another
+  # machine (issue 9: 4.3e-6 on values up to 140); see tests/README.md.
+  assert_f32_close(inpainting(jnp.zeros(SHAPE)), free, ops=10 * 10 * 2)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -56,7 +60,7 @@ def test_trajectory_ends_at_the_output(name):
   plain = jax.jit(lambda k: call(toy_model, k))(key)
   assert trajectory.shape == (2,) + SHAPE
   np.testing.assert_array_equal(trajectory[-1], x)
-  np.testing.assert_allclose(x, plain, rtol=1e-6, atol=1e-6)
+  assert_f32_close(x, plain, ops=10 * 10 * 2)    # another program (the nested scan): rounding
   assert not np.allclose(trajectory[0], x)
   with pytest.raises(ValueError, match="trajectory_stride"):
     call(toy_model, key, trajectory_stride=3)
