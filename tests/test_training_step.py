@@ -13,7 +13,7 @@ import pytest
 import diffusion_jax as dj
 from diffusion_jax.training import optim, parallel, state as state_lib, step as step_lib
 from experiments.configs import default as default_config
-from numerics_testlib import assert_f32_close, f32_tol
+from numerics_testlib import f32_tol
 
 T = 50
 
@@ -187,7 +187,7 @@ def test_two_steps_against_numpy_adam_ema_and_metrics(name, weight_decay):
     state, m = step(state, b, jax.random.PRNGKey(i))
     # The gradient of the model itself is JAX's (float32, at the same float32 params).
     at = jax.tree.unflatten(treedef, [jnp.asarray(a, jnp.float32) for a in p])
-    mean_loss = jax.value_and_grad(lambda q: jnp.mean(keyless_loss(
+    mean_loss = jax.value_and_grad(lambda q, b=b: jnp.mean(keyless_loss(
         lambda x, t: model.apply({"params": q}, x, t, None, train=True), jnp.asarray(b["image"]),
         None)))
     loss, g = jax.jit(mean_loss)(at)
