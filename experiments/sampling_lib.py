@@ -49,6 +49,8 @@ def define_flags() -> None:
                     "x0 policy (default: the config's sample.clip_denoised, 'clip' for pixel "
                     "models; 'none' for latent models).")
   flags.DEFINE_float("eta", 0.0, "DDIM eta (0 deterministic, 1 ancestral).")
+  flags.DEFINE_float("s_churn", 0.0, "Euler/Heun: EDM's S_churn (0: the deterministic ODE "
+                     "sampler; > 0: EDM's stochastic sampler, algorithm 2).")
   flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance scale (class-conditional "
                      "models; 1 = plain conditional sampling).")
   flags.DEFINE_string("labels", None, "Class labels: one class ('3'), a list cycled over the "
@@ -87,7 +89,7 @@ def parse_steps(steps: str | int | None) -> int | None:
 def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence[int], *,
              num_samples: int, seed: int = 0, batch_size: int = 256, sampler: str = "ddpm",
              steps: str | int | None = None, timesteps: str | None = None, eta: float = 0.0,
-             guidance_scale: float = 1.0, labels: np.ndarray | None = None,
+             s_churn: float = 0.0, guidance_scale: float = 1.0, labels: np.ndarray | None = None,
              num_classes: int = 0, prediction: str = "eps", variance: str = "fixed_small",
              thresholding: str | None = None, clip_denoised: bool = True,
              devices: Sequence[jax.Device] | None = None, first_index: int = 0,
@@ -101,7 +103,7 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
     image_shape: (H, W, C).
     num_samples, seed, batch_size: example i uses fold_in(PRNGKey(seed), first_index + i);
       batch_size (rounded up to a multiple of the device count) is per call over all devices.
-    sampler, steps, timesteps, eta: see `define_flags`.
+    sampler, steps, timesteps, eta, s_churn: see `define_flags`.
     guidance_scale: classifier-free guidance (class-conditional models, null label num_classes);
       at 1 the model runs once per step without the unconditional half.
     labels: int32 [num_samples] for a class-conditional model (see `parse_labels`).
@@ -131,7 +133,7 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
     labels = parse_labels(None, num_samples, num_classes)
   shape = (per_device,) + tuple(image_shape)
 
-  def draw(params, run_schedule, per_call, eta, scale, keys, y):
+  def draw(params, run_schedule, per_call, eta, churn, scale, keys, y):
     if guided:
       model_fn = samplers.classifier_free_guidance(
           lambda x, t, yy: apply_fn(params, x, t, yy), y, scale, null_label=num_classes)
@@ -139,9 +141,11 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
       model_fn = lambda x, t: apply_fn(params, x, t, y if conditional else None)
     if sampler == "ddim":
       per_call = dict(per_call, eta=eta)
+    if sampler in samplers.grids.ODE_SAMPLERS:
+      per_call = dict(per_call, s_churn=churn)
     return sample_fn(model_fn, run_schedule, shape, keys, **per_call)
 
-  pmapped = jax.pmap(draw, in_axes=(None, None, None, None, None, 0, 0), devices=devices)
+  pmapped = jax.pmap(draw, in_axes=(None, None, None, None, None, None, 0, 0), devices=devices)
   root = jax.random.PRNGKey(seed)
   batches = range(0, num_samples, per_call)
   if progress:
@@ -159,7 +163,7 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
       y = np.resize(np.asarray(labels[start:start + per_call], np.int32), per_call)
     else:
       y = np.zeros((per_call,), np.int32)
-    images = pmapped(params, plan.schedule, plan.per_call, jnp.float32(eta),
+    images = pmapped(params, plan.schedule, plan.per_call, jnp.float32(eta), jnp.float32(s_churn),
                      jnp.float32(guidance_scale), keys, y.reshape(num_devices, per_device))
     out.append(np.asarray(images).reshape((per_call,) + tuple(image_shape)))
   return np.concatenate(out)[:num_samples]
