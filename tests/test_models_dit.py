@@ -161,7 +161,7 @@ def _official_init_rule(path: str, shape: tuple[int, ...]) -> tuple[str, float]:
   """
   if 'adaLN_modulation' in path or 'final_linear' in path or path.endswith('bias'):
     return 'zero', 0.0
-  if path.startswith('t_embedder') or path.startswith('y_embedder'):
+  if path.startswith(('t_embedder', 'y_embedder')):
     return 'normal', 0.02
   fan_in, fan_out = int(np.prod(shape[:-1])), shape[-1]
   return 'uniform', float(np.sqrt(6.0 / (fan_in + fan_out)))
