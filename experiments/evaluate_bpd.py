@@ -95,7 +95,8 @@ def main(argv):
   from diffusion_jax.training import restore   # the training package's run loader
 
   flags_ = flags.FLAGS
-  loaded = restore.load_for_sampling(flags_.workdir, use_ema=flags_.use_ema)
+  from experiments import paths
+  loaded = restore.load_for_sampling(paths.absolute(flags_.workdir), use_ema=flags_.use_ema)
   if loaded.num_classes:
     raise ValueError("evaluate_bpd scores unconditional models; this run is class-conditional.")
   batches = data.make_eval_iterator(loaded.config.data, global_batch_size=flags_.batch_size,

@@ -15,6 +15,7 @@ import numpy as np
 
 from diffusion_jax.training import restore
 from diffusion_jax.training import sampling
+from experiments import paths
 from experiments import sampling_lib
 
 FLAGS = flags.FLAGS
@@ -25,6 +26,7 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("use_ema", True, "Sample with EMA params (else the raw params).")
 flags.DEFINE_integer("batch_size", 256, "Samples per compiled call (over all local devices).")
 sampling_lib.define_flags()
+flags.mark_flags_as_required(["workdir", "out"])
 
 
 def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_size: int,
@@ -48,12 +50,12 @@ def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_siz
 
 def main(argv):
   del argv
-  loaded = restore.load_for_sampling(FLAGS.workdir, use_ema=FLAGS.use_ema)
+  loaded = restore.load_for_sampling(paths.absolute(FLAGS.workdir), use_ema=FLAGS.use_ema)
   labels = sampling_lib.parse_labels(FLAGS.labels, FLAGS.num_samples, loaded.num_classes)
   images = sample_images(loaded, FLAGS.num_samples, FLAGS.seed, FLAGS.batch_size, labels,
                          sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
                          guidance_scale=FLAGS.guidance_scale)
-  out = FLAGS.out if FLAGS.out.endswith(".npz") else FLAGS.out + ".npz"
+  out = paths.absolute(FLAGS.out if FLAGS.out.endswith(".npz") else FLAGS.out + ".npz")
   np.savez(out, images=images,
            labels=np.full((len(images),), -1, np.int32) if labels is None else np.asarray(labels))
   png = out[:-4] + ".png"

@@ -18,6 +18,7 @@ import jax
 from ml_collections import config_flags
 
 from diffusion_jax.training import trainer
+from experiments import paths
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -41,7 +42,8 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    trainer.train_and_evaluate(paths.resolve_config_paths(FLAGS.config),
+                               paths.absolute(FLAGS.workdir))
   except trainer.NonFiniteError as e:
     logging.error("%s", e)
     print(f"ERROR: {e}", file=sys.stderr, flush=True)

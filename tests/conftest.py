@@ -1,10 +1,43 @@
-"""Test setup: 8 fake CPU devices, so the pmap / shard_map paths run on any machine.
+"""Test setup: 8 fake CPU devices, so the pmap / shard_map paths run on any machine, and the
+session-wide `quickstart_run` fixture (the README Quickstart, trained once, shared by every slow
+test that needs a trained digits model).
 
-The flag must be set before JAX initialises its backends, hence at import of conftest.
+The device flag must be set before JAX initialises its backends, hence at import of conftest
+(nothing imported here imports JAX).
 """
+import dataclasses
 import os
+import pathlib
+import subprocess
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@dataclasses.dataclass
+class QuickstartRun:
+  """The README Quickstart, run once as written in a fresh copy (see tests/readme_commands.py).
+
+  shell: a `readme_commands.UserShell` (the copy and its venv), to run further README blocks in
+    the same place.
+  workdir: the trained digits run, `<copy>/runs/digits`.
+  result: the Quickstart command's completed process (stdout, stderr).
+  """
+  shell: object
+  workdir: pathlib.Path
+  result: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> QuickstartRun:
+  """Runs the README's Quickstart command once per test session (once per xdist worker: mark the
+  tests that use it `@pytest.mark.xdist_group("quickstart")` so one worker runs them all).
+  """
+  import readme_commands  # pylint: disable=import-outside-toplevel
+  shell = readme_commands.user_shell(tmp_path_factory.mktemp("quickstart"))
+  result = shell.run_block("quickstart", timeout=3600)
+  return QuickstartRun(shell=shell, workdir=shell.repo / "runs" / "digits", result=result)

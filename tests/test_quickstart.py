@@ -1,0 +1,47 @@
+"""The README's Quickstart, run exactly as written (read out of README.md, relative paths, a
+fresh copy of the repository as the current directory, a new virtual environment), produces
+what the README promises.
+"""
+import numpy as np
+import pytest
+from PIL import Image
+
+import readme_commands
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("quickstart")]
+
+# What the README's Quickstart paragraph promises (checked to still be written there below).
+PROMISED = {
+    "grid": "runs/digits/samples.png",
+    "npz": "runs/digits/samples.npz",
+    "final_preview": "runs/digits/samples/step_0002000.png",
+}
+NPZ_SHAPE = (100, 8, 8, 1)
+
+
+def test_readme_still_promises_these_outputs():
+  text = readme_commands.README.read_text(encoding="utf-8")
+  for path in PROMISED.values():
+    assert f"`{path}`" in text, f"README no longer names {path}: update this test with it"
+  assert "uint8 [100, 8, 8, 1]" in text
+
+
+def test_readme_command_blocks_are_tested():
+  # Every marked block is run by a test here or (the test command) by .ci/run.
+  assert {"quickstart", "tests"} <= set(readme_commands.readme_block_names())
+
+
+def test_quickstart_as_written(quickstart_run):
+  repo = quickstart_run.shell.repo
+  for path in PROMISED.values():
+    assert (repo / path).is_file(), f"the Quickstart did not write {path}"
+  with np.load(repo / PROMISED["npz"]) as f:
+    images = f["images"]
+  assert images.shape == NPZ_SHAPE and images.dtype == np.uint8
+  # Not a constant image: samples use the whole intensity range of the digits.
+  assert images.min() == 0 and images.max() >= 200
+  grid = Image.open(repo / PROMISED["grid"])
+  assert grid.size[0] >= 8 * 10 and grid.size[1] >= 8 * 10
+  # The run was saved where the user asked (relative to the copy), and nowhere else.
+  assert (repo / "runs" / "digits" / "checkpoints").is_dir()
+  assert (repo / "runs" / "digits" / "config.json").is_file()
