@@ -1,0 +1,94 @@
+"""The DiT learns digits: `experiments/configs/dit_digits.py` trained once, sampled, scored.
+
+One session fixture trains the class-conditional, learned-sigma variant
+(`dit_digits.py:cond,learned_sigma`: the DiT paper's recipe with label dropout 0.1 and the hybrid
+loss) with `experiments.train` on one CPU device, as a user would. The checks score its samples
+with the library's digits metric (`diffusion_jax.evaluation.digits`):
+
+- 500 samples (labels 0..9 cycled, guidance 1) against the held-out digits: Frechet distance and
+  classifier confidence held to the issue's rule "within 1.3x of the U-Net". The U-Net is not
+  trained here (a second 2,000-step run would double the slow job); its figure is stood in for by
+  500 real training digits scored the same way, which the digits U-Net matches (README table),
+  so the bound is 1.3 x the real 500-image figure.
+- 500 samples at guidance 3: the classifier must read the asked label (the U-Net reaches 1.00
+  at guidance 3; bound 0.9, decided before the DiT was measured).
+- the run samples with its learned variance (`learned_range` in the saved config, two output
+  channels).
+
+Thresholds were written before any DiT figure was measured (issue 17's 1.3x rule).
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import training_testlib as tl
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dit")]
+
+NUM_SAMPLES = 500
+CONFIG = "experiments/configs/dit_digits.py:cond,learned_sigma"
+
+
+@pytest.fixture(scope="session")
+def dit_run(tmp_path_factory):
+  """Workdir of the DiT digits run (trained once per session)."""
+  root = tmp_path_factory.mktemp("dit_digits")
+  workdir, data_dir = str(root / "run"), str(root / "tfds")
+  cmd = [sys.executable, "-m", "experiments.train", f"--config={CONFIG}", f"--workdir={workdir}",
+         f"--config.data.data_dir={data_dir}"]
+  if os.environ.get("DIGITS_TEST_STEPS"):
+    steps = int(os.environ["DIGITS_TEST_STEPS"])
+    cmd += [f"--config.train.num_steps={steps}", f"--config.train.checkpoint_every={steps}"]
+  proc = subprocess.run(cmd, env=tl.subprocess_env(1), cwd=tl.REPO, capture_output=True,
+                        text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def _sample(workdir: str, out: str, *flags: str) -> tuple[np.ndarray, np.ndarray]:
+  proc = subprocess.run([sys.executable, "-m", "experiments.sample", f"--workdir={workdir}",
+                         f"--num_samples={NUM_SAMPLES}", f"--out={out}", "--seed=0", *flags],
+                        env=tl.subprocess_env(1), cwd=tl.REPO, capture_output=True, text=True,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  data = np.load(out)
+  return data["images"], data["labels"]
+
+
+def _probs(images: np.ndarray) -> np.ndarray:
+  from diffusion_jax.evaluation import digits  # pylint: disable=import-outside-toplevel
+  logits, _ = digits._forward(images, digits.DEFAULT_SETTINGS, 500)  # pylint: disable=protected-access
+  logits = logits.astype(np.float64)
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  return p / p.sum(1, keepdims=True)
+
+
+def test_dit_samples_are_as_good_as_the_unets(dit_run, tmp_path):
+  from diffusion_jax.evaluation import digits  # pylint: disable=import-outside-toplevel
+  images, labels = _sample(dit_run, str(tmp_path / "s.npz"))
+  assert images.shape == (NUM_SAMPLES, 8, 8, 1)
+  np.testing.assert_array_equal(labels, np.arange(NUM_SAMPLES) % 10)
+  real = digits._split("train")[0][:NUM_SAMPLES]  # pylint: disable=protected-access
+  fd, fd_real = digits.digits_frechet_distance(images), digits.digits_frechet_distance(real)
+  conf, conf_real = _probs(images).max(1).mean(), _probs(real).max(1).mean()
+  print(f"\nDiT: Frechet {fd:.1f}, confidence {conf:.3f}; "
+        f"real {NUM_SAMPLES}: Frechet {fd_real:.1f}, confidence {conf_real:.3f}")
+  assert fd < 1.3 * fd_real, (fd, fd_real)
+  # The U-Net digits test's rule: mean confidence within 0.1 of real digits'.
+  assert conf > conf_real - 0.1, (conf, conf_real)
+
+
+def test_guided_dit_draws_the_asked_digit(dit_run, tmp_path):
+  images, labels = _sample(dit_run, str(tmp_path / "g.npz"), "--guidance_scale=3")
+  acc = float(np.mean(_probs(images).argmax(1) == labels))
+  print(f"\nlabel accuracy at guidance 3: {acc:.3f}")
+  assert acc >= 0.9, acc
+
+
+def test_dit_run_samples_with_its_learned_variance(dit_run):
+  from diffusion_jax.training import restore  # pylint: disable=import-outside-toplevel
+  loaded = restore.load_for_sampling(dit_run)
+  assert loaded.config.diffusion.variance == "learned_range"
+  assert loaded.model.learn_sigma and loaded.model.out_channels == 2
