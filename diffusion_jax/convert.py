@@ -1,6 +1,6 @@
 """Published PyTorch weights -> `diffusion_jax.models` parameters, and a CLI writing an orbax checkpoint.
 
-Three source formats:
+Five source formats:
   * `diffusers_unet`: a diffusers `UNet2DModel` state dict (`diffusion_pytorch_model.safetensors`
     or `.bin`) plus its `config.json` (as `google/ddpm-cifar10-32`, `google/ddpm-celebahq-256`).
   * `dit_official`: the official DiT checkpoint (`DiT-XL-2-256x256.pt`: keys `x_embedder.*`,
@@ -9,22 +9,38 @@ Three source formats:
     diffusers port keeps one timestep/label embedder per block (identical copies in the published
     weights) and uses a time-embedding denominator of half - 1 where the official code uses half;
     the converted model sets `freq_shift=1` to reproduce the port exactly.
+  * `diffusers_vae`: a diffusers `AutoencoderKL` state dict plus its `config.json` (the Stable
+    Diffusion VAE, `stabilityai/sd-vae-ft-mse`, `vae/` of an SD repository); scaling and shift
+    factors are read from the config.
+  * `ldm_vae`: the original latent-diffusion / Stable Diffusion layout (`first_stage_model.encoder.
+    down.0.block.0...` in a full SD `.ckpt` / `.safetensors`, or `encoder.*` in a standalone VAE
+    file); the architecture is read from the tensor shapes, the scaling factor from `--preset`
+    (an autoencoder preset, default sd_vae).
 
 Files are read with safetensors or `torch.load(..., weights_only=True)`: nothing is unpickled
 beyond tensors.
 
-CLI (writes `OUT/model.json` and an orbax `CheckpointManager` directory at `OUT` whose step 0
-holds the item `{'params': params}` saved with `StandardSave`):
+CLI: writes OUT as a run workdir, like the trainer's (`config.json` from
+`experiments/configs/default.py` with the converted model and the release's diffusion settings,
+`dataset_info.json`, `checkpoints/0/{state, data}`, plus `source.json`), so that
+`python -m experiments.sample --workdir=OUT` samples from it:
 
   python -m diffusion_jax.convert --format diffusers_unet \
       --weights ddpm-cifar10-32/diffusion_pytorch_model.safetensors \
       --config ddpm-cifar10-32/config.json --out /tmp/ddpm_cifar10_ckpt
   python -m diffusion_jax.convert --format dit_official --weights DiT-XL-2-256x256.pt \
       --preset DiT-XL/2 --out /tmp/dit_xl2_ckpt
+  python -m diffusion_jax.convert --format diffusers_vae \
+      --weights sd-vae-ft-mse/diffusion_pytorch_model.safetensors \
+      --config sd-vae-ft-mse/config.json --out /tmp/sd_vae_ckpt
 
-Load it back with `load_checkpoint(OUT) -> (module, params)`.
+Load it back with `load_checkpoint(OUT) -> (module, params)` or
+`training.restore.load_for_sampling(OUT)` (the same reader). An autoencoder is a component, not
+a diffusion run: its directory holds `model.json` (preset and overrides) and an orbax step 0 of
+`{'params': params}`, read by the same `load_checkpoint`.
 
-References: diffusers `UNet2DModel` / `DiTTransformer2DModel` (v0.42); DiT official `models.py`.
+References: diffusers `UNet2DModel` / `DiTTransformer2DModel` / `AutoencoderKL` (v0.42); DiT
+official `models.py`; LDM `ldm/modules/diffusionmodules/model.py` (Encoder / Decoder).
 """
 from __future__ import annotations
 
@@ -37,13 +53,19 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from diffusion_jax.models import layers
-from diffusion_jax.models.registry import PRESETS, get_model, init_params
+from diffusion_jax.models import autoencoder
+from diffusion_jax.models.registry import (AUTOENCODER_PRESETS, PRESETS, get_autoencoder, get_model,
+                                           init_params)
+from diffusion_jax.training import restore
+from diffusion_jax.training import state as state_lib
+from experiments.configs import default as default_config
 
 StateDict = Mapping[str, np.ndarray]
-FORMATS = ('diffusers_unet', 'dit_official', 'diffusers_dit')
+FORMATS = ('diffusers_unet', 'dit_official', 'diffusers_dit', 'diffusers_vae', 'ldm_vae')
 
 
 # --------------------------------------------------------------------------- file loading
@@ -51,7 +73,8 @@ FORMATS = ('diffusers_unet', 'dit_official', 'diffusers_dit')
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """Tensors of a `.safetensors` file or a `.pt` / `.bin` file (torch, weights_only=True).
 
-  A DiT `.pt` holding {'model': ..., 'ema': ...} gives its 'ema' weights (as the official sampler).
+  A DiT `.pt` holding {'model': ..., 'ema': ...} gives its 'ema' weights (as the official sampler);
+  an LDM `.ckpt` holding {'state_dict': ..., 'global_step': ...} gives its 'state_dict'.
   Returns name -> float32 NumPy array.
   """
   if path.endswith('.safetensors'):
@@ -62,6 +85,8 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     sd = torch.load(path, map_location='cpu', weights_only=True)
     if isinstance(sd, dict) and 'ema' in sd and isinstance(sd['ema'], dict):
       sd = sd['ema']
+    if isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict):  # an LDM / SD .ckpt
+      sd = sd['state_dict']
     sd = {k: v.float().numpy() for k, v in sd.items()}
   return {k: np.asarray(v, np.float32) for k, v in sd.items()}
 
@@ -96,12 +121,13 @@ def _leaf(module_path: str, torch_leaf: str, value: np.ndarray) -> tuple[str, np
 
 
 def _build(sd: StateDict, rename: Callable[[str], str | None], module: nn.Module,
-           input_shape: tuple[int, ...]) -> dict[str, Any]:
+           input_shape: tuple[int, ...], abstract: Any = None) -> dict[str, Any]:
   """Rename every torch key, convert layouts and check the result against the module's shapes.
 
   `rename` maps a torch module path ('down_blocks.0.resnets.1.conv1') to a flax module path
   ('down_0_res_1/conv1'), or None to skip the key. Raises ValueError on any unmapped, missing or
-  mis-shaped parameter.
+  mis-shaped parameter. `abstract` (the module's parameter shapes) defaults to those of a
+  denoiser initialised on `input_shape`.
   """
   flat = {}
   for key, value in sd.items():
@@ -111,8 +137,9 @@ def _build(sd: StateDict, rename: Callable[[str], str | None], module: nn.Module
       continue
     name, arr = _leaf(target, leaf, value)
     flat[tuple(target.split('/')) + (name,)] = arr
-  abstract = jax.eval_shape(lambda: init_params(module, jax.random.key(0), input_shape,
-                                                getattr(module, 'num_classes', 0) > 0))
+  if abstract is None:
+    abstract = jax.eval_shape(lambda: init_params(module, jax.random.key(0), input_shape,
+                                                  getattr(module, 'num_classes', 0) > 0))
   want = traverse_util.flatten_dict(abstract)
   missing = sorted('/'.join(k) for k in set(want) - set(flat))
   extra = sorted('/'.join(k) for k in set(flat) - set(want))
@@ -352,16 +379,155 @@ def dit_from_diffusers(state_dict: Mapping[str, Any], config: Mapping[str, Any],
                            num_heads=c.get('num_attention_heads', 16), **kw)
 
 
+# --------------------------------------------------------------------------- autoencoder (VAE)
+
+def autoencoder_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
+  """diffusers `AutoencoderKL` config -> `AutoencoderKL` constructor arguments.
+
+  Supports DownEncoderBlock2D / UpDecoderBlock2D blocks with SiLU (every published SD / SDXL /
+  SD3 / FLUX.1 VAE). Raises ValueError on anything else (per-channel latents_mean / latents_std
+  included: the helpers here apply one scalar scale and shift).
+  """
+  c = dict(config)
+  chans = tuple(c.get('block_out_channels', (64,)))
+  down = tuple(c.get('down_block_types', ('DownEncoderBlock2D',)))
+  up = tuple(c.get('up_block_types', ('UpDecoderBlock2D',)))
+  if set(down) != {'DownEncoderBlock2D'} or len(down) != len(chans):
+    raise ValueError(f'down_block_types must be {len(chans)} x DownEncoderBlock2D, got {down}')
+  if set(up) != {'UpDecoderBlock2D'} or len(up) != len(chans):
+    raise ValueError(f'up_block_types must be {len(chans)} x UpDecoderBlock2D, got {up}')
+  if c.get('act_fn', 'silu') not in ('silu', 'swish'):
+    raise ValueError(f'unsupported diffusers config act_fn={c.get("act_fn")!r}; supported: silu')
+  if c.get('latents_mean') is not None or c.get('latents_std') is not None:
+    raise ValueError('per-channel latents_mean / latents_std are not supported')
+  shift = c.get('shift_factor')
+  return dict(in_channels=c.get('in_channels', 3), out_channels=c.get('out_channels', 3),
+              block_out_channels=chans, layers_per_block=c.get('layers_per_block', 1),
+              latent_channels=c.get('latent_channels', 4),
+              norm_num_groups=c.get('norm_num_groups', 32),
+              mid_attention=bool(c.get('mid_block_add_attention', True)),
+              use_quant_conv=bool(c.get('use_quant_conv', True)),
+              use_post_quant_conv=bool(c.get('use_post_quant_conv', True)),
+              scaling_factor=float(c.get('scaling_factor', 0.18215)),
+              shift_factor=None if shift is None else float(shift))
+
+
+_VAE_PARTS = {'norm1': 'norm1/norm', 'norm2': 'norm2/norm', 'conv1': 'conv1', 'conv2': 'conv2',
+              'conv_shortcut': 'skip', 'nin_shortcut': 'skip', 'conv': 'conv',
+              'group_norm': 'norm/norm', 'norm': 'norm/norm', 'to_q': 'q', 'to_k': 'k', 'to_v': 'v',
+              'to_out.0': 'proj_out', 'query': 'q', 'key': 'k', 'value': 'v', 'proj_attn': 'proj_out',
+              'q': 'q', 'k': 'k', 'v': 'v', 'proj_out': 'proj_out'}
+_RESAMPLERS = {'downsamplers.0': 'downsample', 'upsamplers.0': 'upsample',
+               'downsample': 'downsample', 'upsample': 'upsample'}
+_VAE_TOP = {'conv_in': 'conv_in', 'conv_out': 'conv_out', 'conv_norm_out': 'norm_out/norm',
+            'norm_out': 'norm_out/norm'}
+
+
+def _vae_rename(num_levels: int, ldm: bool) -> Callable[[str], str | None]:
+  """Torch module path of a diffusers (or, `ldm`, original LDM) AutoencoderKL -> flax path.
+
+  diffusers: `encoder.down_blocks.i.resnets.j`, `decoder.up_blocks.i` (i = 0 the deepest level),
+  `*.mid_block.{resnets.0, attentions.0, resnets.1}`; LDM: `encoder.down.i.block.j`,
+  `decoder.up.level.block.j` (level 0 the full resolution), `*.mid.{block_1, attn_1, block_2}`.
+  Old diffusers attention names (query / key / value / proj_attn) are accepted.
+  """
+  if ldm:
+    block = re.compile(r'(encoder|decoder)\.(down|up)\.(\d+)\.(block\.(\d+)|downsample|upsample)'
+                       r'\.(.+)')
+    mid = re.compile(r'(encoder|decoder)\.mid\.(block_1|attn_1|block_2)\.(.+)')
+  else:
+    block = re.compile(r'(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.'
+                       r'(resnets\.(\d+)|downsamplers\.0|upsamplers\.0)\.(.+)')
+    mid = re.compile(r'(encoder|decoder)\.mid_block\.(resnets\.0|attentions\.0|resnets\.1)\.(.+)')
+  mid_names = {'block_1': 'mid_res_0', 'attn_1': 'mid_attn', 'block_2': 'mid_res_1',
+               'resnets.0': 'mid_res_0', 'attentions.0': 'mid_attn', 'resnets.1': 'mid_res_1'}
+
+  def rename(path: str) -> str | None:
+    if path in ('quant_conv', 'post_quant_conv'):
+      return path
+    half, _, rest = path.partition('.')
+    if half in ('encoder', 'decoder') and rest in _VAE_TOP:
+      return f'{half}/{_VAE_TOP[rest]}'
+    if m := block.fullmatch(path):
+      half, _, idx, part, res_idx, leaf = m.groups()
+      lvl = int(idx)
+      if half == 'decoder' and not ldm:
+        lvl = num_levels - 1 - lvl
+      prefix = 'down' if half == 'encoder' else 'up'
+      name = f'res_{res_idx}' if res_idx is not None else _RESAMPLERS[part]
+      if leaf in _VAE_PARTS:
+        return f'{half}/{prefix}_{lvl}_{name}/{_VAE_PARTS[leaf]}'
+    if m := mid.fullmatch(path):
+      half, part, leaf = m.groups()
+      if leaf in _VAE_PARTS:
+        return f'{half}/{mid_names[part]}/{_VAE_PARTS[leaf]}'
+    raise ValueError(f'unexpected {"LDM" if ldm else "diffusers"} AutoencoderKL key {path!r}')
+  return rename
+
+
+def _convert_vae(sd: dict[str, np.ndarray], kwargs: Mapping[str, Any], ldm: bool,
+                 overrides: Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+  module = get_autoencoder('sd_vae', **{**kwargs, **overrides})
+  # 1x1 convolutions used as linear maps (LDM attention q, k, v, proj_out) -> [O, I].
+  sd = {k: (v[:, :, 0, 0] if '.attn_1.' in k and v.ndim == 4 else v) for k, v in sd.items()}
+  abstract = jax.eval_shape(lambda: autoencoder.init_autoencoder(module, jax.random.key(0)))
+  params = _build(sd, _vae_rename(len(module.block_out_channels), ldm), module, (), abstract)
+  return module, params
+
+
+def autoencoder_from_diffusers(state_dict: Mapping[str, Any], config: Mapping[str, Any],
+                               **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+  """diffusers `AutoencoderKL` (state dict + config) -> (`AutoencoderKL` module, params).
+
+  overrides (e.g. dtype) are applied on top of the converted configuration.
+  """
+  return _convert_vae(_to_numpy(state_dict), autoencoder_kwargs_from_diffusers(config), False,
+                      overrides)
+
+
+def autoencoder_from_ldm(state_dict: Mapping[str, Any], preset: str = 'sd_vae',
+                         **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+  """Original LDM / Stable Diffusion first-stage weights -> (`AutoencoderKL` module, params).
+
+  Takes the `first_stage_model.*` tensors of a full SD checkpoint, or a standalone VAE state dict
+  (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`; a `loss.*` discriminator is
+  ignored). Widths, blocks per level and channel counts are read from the shapes; norm groups,
+  scaling and shift factors come from the autoencoder `preset` (not stored in the weights).
+  """
+  sd = _to_numpy(state_dict)
+  prefix = 'first_stage_model.'
+  if any(k.startswith(prefix) for k in sd):
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+  sd = {k: v for k, v in sd.items() if k.split('.')[0] in
+        ('encoder', 'decoder', 'quant_conv', 'post_quant_conv')}
+  if 'encoder.conv_in.weight' not in sd or 'decoder.conv_in.weight' not in sd:
+    raise ValueError('no LDM autoencoder in the state dict (need encoder.* and decoder.* keys, '
+                     'optionally under first_stage_model.)')
+  if preset not in AUTOENCODER_PRESETS:
+    raise ValueError(f'unknown autoencoder preset {preset!r}; known: {", ".join(AUTOENCODER_PRESETS)}')
+  levels = 1 + max(int(k.split('.')[2]) for k in sd if k.startswith('encoder.down.'))
+  chans = tuple(sd[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] for i in range(levels))
+  per_level = 1 + max(int(k.split('.')[4]) for k in sd if k.startswith('encoder.down.0.block.'))
+  kwargs = dict(AUTOENCODER_PRESETS[preset][1], block_out_channels=chans, layers_per_block=per_level,
+                in_channels=sd['encoder.conv_in.weight'].shape[1],
+                out_channels=sd['decoder.conv_out.weight'].shape[0],
+                latent_channels=sd['decoder.conv_in.weight'].shape[1],
+                mid_attention='encoder.mid.attn_1.q.weight' in sd,
+                use_quant_conv='quant_conv.weight' in sd,
+                use_post_quant_conv='post_quant_conv.weight' in sd)
+  return _convert_vae(sd, kwargs, True, overrides)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 def _model_spec(module: nn.Module) -> dict[str, Any]:
   """{'name', 'overrides'}: the closest preset and the fields that differ from it (JSON-able)."""
-  name = {'UNet': 'ddpm_cifar10', 'DiT': 'DiT-XL/2'}[type(module).__name__]
-  for cand, (cls, kw) in PRESETS.items():
+  name = {'UNet': 'ddpm_cifar10', 'DiT': 'DiT-XL/2', 'AutoencoderKL': 'sd_vae'}[type(module).__name__]
+  for cand, (cls, kw) in {**PRESETS, **AUTOENCODER_PRESETS}.items():
     if cls is type(module) and all(getattr(module, k) == v for k, v in kw.items()):
       name = cand
       break
-  base = get_model(name)
+  base = _preset(name)
   overrides = {}
   for f in base.__dataclass_fields__:
     if f in ('parent', 'name'):
@@ -374,32 +540,100 @@ def _model_spec(module: nn.Module) -> dict[str, Any]:
   return {'name': name, 'overrides': overrides}
 
 
+def _preset(name: str, **overrides: Any) -> nn.Module:
+  """A denoiser (`get_model`) or autoencoder (`get_autoencoder`) preset by name."""
+  make = get_autoencoder if name in AUTOENCODER_PRESETS else get_model
+  return make(name, **overrides)
+
+
 def save_checkpoint(out_dir: str, module: nn.Module, params: Any,
                     source: Mapping[str, Any] | None = None) -> None:
-  """Write `out_dir/model.json` and an orbax CheckpointManager step 0 holding {'params': params}."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  """Write an autoencoder (a component, not a diffusion run): `out_dir/model.json` and an orbax
+  CheckpointManager step 0 holding {'params': params}. Denoisers are written by `write_run`."""
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  spec = {**_model_spec(module), 'source': dict(source or {})}
   with open(os.path.join(out_dir, 'model.json'), 'w') as f:
-    json.dump(spec, f, indent=2)
-  params = jax.tree.map(np.asarray, params)
-  mngr = ocp.CheckpointManager(out_dir, options=ocp.CheckpointManagerOptions(create=True))
+    json.dump({**_model_spec(module), 'source': dict(source or {})}, f, indent=2)
+  mngr = ocp.CheckpointManager(out_dir)
   mngr.save(0, args=ocp.args.StandardSave({'params': params}), force=True)
   mngr.wait_until_finished()
   mngr.close()
 
 
-def load_checkpoint(out_dir: str, **overrides: Any) -> tuple[nn.Module, Any]:
-  """Read what `save_checkpoint` wrote: (module with `overrides` applied, params)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+def _image_shape(module: nn.Module, image_size: int | None) -> tuple[int, int, int]:
+  if not image_size:
+    raise ValueError('the image size is not in the weights: give --image_size (the side of the '
+                     'square images the model was trained on; for a latent DiT, the latent side)')
+  return (int(image_size), int(image_size), int(module.in_channels))
+
+
+def default_diffusion(module: nn.Module) -> dict[str, Any]:
+  """The diffusion settings of the published DDPM / DiT releases: T = 1000 linear betas, eps
+  prediction; a learned-sigma model samples with 'learned_range' (trained with the hybrid loss),
+  the others with 'fixed_large' (the DDPM CIFAR-10 choice)."""
+  learned = bool(module.learn_sigma)
+  return {'schedule': 'linear', 'num_timesteps': 1000, 'prediction': 'eps',
+          'loss_type': 'hybrid' if learned else 'mse',
+          'variance': 'learned_range' if learned else 'fixed_large'}
+
+
+def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[int, int, int], *,
+              diffusion: Mapping[str, Any] | None = None,
+              source: Mapping[str, Any] | None = None) -> None:
+  """Write `out_dir` as a run workdir that `experiments.sample` and `load_for_sampling` read.
+
+  `config.json`: `experiments/configs/default.py` with the model (closest preset and the fields
+  that differ from it) and `diffusion` (default: `default_diffusion(module)`);
+  `dataset_info.json`: image_shape [H, W, C] and the model's num_classes;
+  `checkpoints/0/{state, data}` in the trainer's layout, the state holding `step`, `params` and
+  `ema_params` (the published weights under the config's EMA decay too, since releases publish
+  EMA weights; no optimizer state, so the directory is for sampling and evaluation);
+  `source.json`: where the weights came from.
+  """
   out_dir = os.path.abspath(out_dir)
-  with open(os.path.join(out_dir, 'model.json')) as f:
+  os.makedirs(out_dir, exist_ok=True)
+  spec = _model_spec(module)
+  config = default_config.get_config()
+  config.model.name = spec['name']
+  for key, value in spec['overrides'].items():
+    config.model[key] = tuple(value) if isinstance(value, list) else value
+  for key, value in {**default_diffusion(module), **dict(diffusion or {})}.items():
+    config.diffusion[key] = value
+  config.data.name = str((source or {}).get('dataset') or 'unknown')
+  config.data.image_size = int(image_shape[0])
+  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(out_dir, 'dataset_info.json'), 'w') as f:
+    json.dump({'image_shape': [int(s) for s in image_shape],
+               'num_classes': int(getattr(module, 'num_classes', 0) or 0)}, f)
+  with open(os.path.join(out_dir, 'source.json'), 'w') as f:
+    json.dump(dict(source or {}), f, indent=2)
+  params = jax.tree.map(np.asarray, params)
+  ema = {state_lib.ema_key(d): params for d in config.train.ema_decays}
+  state = {'step': np.zeros((), np.int32), 'params': params, 'ema_params': ema}
+  mngr = ocp.CheckpointManager(os.path.join(out_dir, 'checkpoints'),
+                               options=ocp.CheckpointManagerOptions(create=True),
+                               item_names=('state', 'data'))
+  mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                       data=ocp.args.JsonSave({})), force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def load_checkpoint(out_dir: str, **overrides: Any) -> tuple[nn.Module, Any]:
+  """(module with `overrides` applied, params) of a directory written here or by the trainer:
+  an autoencoder (`save_checkpoint`: model.json + params) or a run workdir (`write_run`'s or a
+  trainer's, read by `training.restore.load_for_sampling`: EMA params)."""
+  out_dir = os.path.abspath(out_dir)
+  spec_path = os.path.join(out_dir, 'model.json')
+  if not os.path.exists(spec_path):
+    loaded = restore.load_for_sampling(out_dir)
+    return loaded.model.clone(**overrides), loaded.params
+  with open(spec_path) as f:
     spec = json.load(f)
-  module = get_model(spec['name'], **{**spec['overrides'], **overrides})
+  module = _preset(spec['name'], **{**spec['overrides'], **overrides})
   mngr = ocp.CheckpointManager(out_dir)
-  step = mngr.latest_step()
-  restored = mngr.restore(step, args=ocp.args.StandardRestore())
+  restored = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
   mngr.close()
   return module, restored['params']
 
@@ -410,10 +644,20 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--format', required=True, choices=FORMATS)
   parser.add_argument('--weights', required=True, help='.safetensors, .bin or .pt file')
   parser.add_argument('--config', help='diffusers config.json (diffusers_* formats)')
-  parser.add_argument('--preset', help='DiT preset giving num_heads for dit_official (DiT-XL/2)')
+  parser.add_argument('--preset', help='DiT preset giving num_heads for dit_official (DiT-XL/2); '
+                      'autoencoder preset giving the scaling factor for ldm_vae (default sd_vae)')
   parser.add_argument('--num_heads', type=int, help='heads for dit_official without --preset')
-  parser.add_argument('--out', required=True, help='output directory')
+  parser.add_argument('--out', required=True, help='output run directory')
+  parser.add_argument('--image_size', type=int,
+                      help='side of the square images (default: from the config or pos_embed)')
+  parser.add_argument('--dataset', help='data.name written to config.json (e.g. cifar10)')
+  parser.add_argument('--schedule', help='diffusion.schedule (default linear)')
+  parser.add_argument('--num_timesteps', type=int, help='diffusion.num_timesteps (default 1000)')
+  parser.add_argument('--prediction', help='diffusion.prediction (default eps)')
+  parser.add_argument('--variance', help='diffusion.variance (default learned_range for a '
+                      'learned-sigma model, else fixed_large)')
   args = parser.parse_args(argv)
+  image_size = args.image_size
   sd = load_state_dict(args.weights)
   if args.format == 'dit_official':
     if args.preset is not None:
@@ -426,17 +670,37 @@ def main(argv: list[str] | None = None) -> None:
     else:
       parser.error('dit_official needs --preset or --num_heads')
     module, params = dit_from_official(sd, num_heads=heads)
+    if not image_size and 'pos_embed' in sd:
+      image_size = int(round(np.sqrt(sd['pos_embed'].size // module.hidden_size))) * \
+          module.patch_size
+  elif args.format == 'ldm_vae':
+    preset = args.preset or 'sd_vae'
+    if preset not in AUTOENCODER_PRESETS:
+      parser.error(f'unknown autoencoder --preset {preset!r}; known: {", ".join(AUTOENCODER_PRESETS)}')
+    module, params = autoencoder_from_ldm(sd, preset)
   else:
     if not args.config:
       parser.error(f'--config is required for --format {args.format}')
     with open(args.config) as f:
       config = json.load(f)
-    convert = unet_from_diffusers if args.format == 'diffusers_unet' else dit_from_diffusers
+    convert = {'diffusers_unet': unet_from_diffusers, 'diffusers_dit': dit_from_diffusers,
+               'diffusers_vae': autoencoder_from_diffusers}[args.format]
     module, params = convert(sd, config)
-  save_checkpoint(args.out, module, params,
-                  {'format': args.format, 'weights': os.path.basename(args.weights)})
+    size = config.get('sample_size')
+    if not image_size and size:
+      image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  print(f'wrote {args.out}: {type(module).__name__} {_model_spec(module)["name"]}, {n:,} params')
+  source = {'format': args.format, 'weights': os.path.basename(args.weights)}
+  if isinstance(module, autoencoder.AutoencoderKL):
+    save_checkpoint(args.out, module, params, source)
+    print(f'wrote {args.out}: AutoencoderKL {_model_spec(module)["name"]}, {n:,} params')
+    return
+  diffusion = {k: getattr(args, k) for k in ('schedule', 'num_timesteps', 'prediction', 'variance')
+               if getattr(args, k) is not None}
+  write_run(args.out, module, params, _image_shape(module, image_size), diffusion=diffusion,
+            source={**source, 'dataset': args.dataset})
+  print(f'wrote {args.out}: {type(module).__name__} {_model_spec(module)["name"]}, {n:,} params; '
+        f'sample with: python -m experiments.sample --workdir={args.out} --out=samples.npz')
 
 
 if __name__ == '__main__':

@@ -185,9 +185,7 @@ def training_loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, rng: jax
     raise ValueError(f"Unknown loss_type={loss_type!r}; allowed: {list(LOSS_TYPES)}.")
   if weighting not in WEIGHTINGS:
     raise ValueError(f"Unknown weighting={weighting!r}; allowed: {list(WEIGHTINGS)}.")
-  if variance is None:
-    variance = "learned_range" if loss_type == "hybrid" else "fixed_small"
-  reverse.check_variance(variance)
+  variance = reverse.resolve_variance(variance, loss_type)
   if loss_type == "hybrid" and variance not in reverse.LEARNED_VARIANCES:
     raise ValueError(f"loss_type='hybrid' trains the variance: it needs variance in "
                      f"{list(reverse.LEARNED_VARIANCES)}, got {variance!r}.")

@@ -37,6 +37,19 @@ def check_variance(variance: str) -> None:
     raise ValueError(f"Unknown variance={variance!r}; allowed: {list(VARIANCES)}.")
 
 
+def resolve_variance(variance: str | None, loss_type: str | None = None) -> str:
+  """The variance type in use: `variance` if given, else 'learned_range' when the loss is
+  'hybrid' (which trains the variance) and 'fixed_small' otherwise.
+
+  The one place that fills in an unset variance: the training loss, the trainer's sample grids,
+  `experiments.sample` and `experiments.evaluate_bpd` all call it.
+  """
+  if variance is None:
+    variance = "learned_range" if loss_type == "hybrid" else "fixed_small"
+  check_variance(variance)
+  return variance
+
+
 def split_output(model_output: jax.Array, xt: jax.Array, variance: str):
   """Splits a model output into (prediction [B, ..., C], variance part or None).
 

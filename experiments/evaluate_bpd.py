@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import losses
+from diffusion_jax import reverse
 from diffusion_jax.samplers import likelihood
 from diffusion_jax.schedules import Schedule
 
@@ -93,6 +94,7 @@ def main(argv):
   from absl import flags
   from diffusion_jax import data
   from diffusion_jax.training import restore   # the training package's run loader
+  from diffusion_jax.training import sampling
 
   flags_ = flags.FLAGS
   from experiments import paths
@@ -105,8 +107,9 @@ def main(argv):
   apply_fn = lambda p, x, t, y: loaded.model.apply({"params": p}, x, t, y, train=False)
   bpd, count = evaluate_bits_per_dim(
       apply_fn, loaded.params, loaded.schedule, batches, method=flags_.method,
-      prediction=diffusion.get("prediction", "eps"),
-      variance=diffusion.get("variance", None) or "fixed_small", ode_steps=flags_.ode_steps,
+      prediction=diffusion.prediction,
+      variance=sampling.sampling_variance(loaded.config, flags_.variance),
+      ode_steps=flags_.ode_steps,
       seed=flags_.seed, num_batches=flags_.num_batches)
   print(f"step {loaded.step}: {flags_.method} bits/dim = {bpd:.4f} over {count} examples "
         f"({'EMA' if flags_.use_ema else 'raw'} params)")
@@ -124,5 +127,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("ode_steps", 100, "Heun steps of the ODE likelihood.")
   flags.DEFINE_integer("num_batches", None, "Evaluate only this many batches.")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
+  flags.DEFINE_enum("variance", None, list(reverse.VARIANCES),
+                    "Reverse-process variance; unset: the run's own (sample.variance, else "
+                    "diffusion.variance).")
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

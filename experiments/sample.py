@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from diffusion_jax import reverse
 from diffusion_jax.training import restore
 from diffusion_jax.training import sampling
 from experiments import paths
@@ -25,22 +26,26 @@ flags.DEFINE_string("out", None, "Output .npz path (a .png grid is written besid
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("use_ema", True, "Sample with EMA params (else the raw params).")
 flags.DEFINE_integer("batch_size", 256, "Samples per compiled call (over all local devices).")
+flags.DEFINE_enum("variance", None, list(reverse.VARIANCES), "Reverse-process variance; unset: "
+                  "the run's own (sample.variance, else diffusion.variance).")
 sampling_lib.define_flags()
 flags.mark_flags_as_required(["workdir", "out"])
 
 
 def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_size: int,
-                  labels: np.ndarray | None = None, **sampler_kw) -> np.ndarray:
-  """uint8 [N, H, W, C] from a restored run (see `sampling_lib.generate` for sampler_kw)."""
-  diffusion = loaded.config.diffusion
-  sample_cfg = loaded.config.get("sample", {})
+                  labels: np.ndarray | None = None, variance: str | None = None,
+                  **sampler_kw) -> np.ndarray:
+  """uint8 [N, H, W, C] from a restored run (see `sampling_lib.generate` for sampler_kw).
+
+  variance: the reverse variance; None follows the run (`sampling.sampling_variance`).
+  """
+  config = loaded.config
   if labels is None and loaded.num_classes:
     labels = np.asarray(sampling.default_labels(num_samples, loaded.num_classes))
   apply_fn = lambda p, x, t, y: loaded.model.apply({"params": p}, x, t, y, train=False)
-  kw = dict(prediction=diffusion.get("prediction", "eps"),
-            variance=sample_cfg.get("variance", None) or diffusion.get("variance", None)
-            or "fixed_small",
-            clip_denoised=sample_cfg.get("clip_denoised", True), progress=False)
+  kw = dict(prediction=config.diffusion.prediction,
+            variance=sampling.sampling_variance(config, variance),
+            clip_denoised=config.sample.clip_denoised, progress=False)
   kw.update(sampler_kw)
   images = sampling_lib.generate(apply_fn, loaded.params, loaded.schedule, loaded.image_shape,
                                  num_samples=num_samples, seed=seed, batch_size=batch_size,
@@ -54,7 +59,7 @@ def main(argv):
   labels = sampling_lib.parse_labels(FLAGS.labels, FLAGS.num_samples, loaded.num_classes)
   images = sample_images(loaded, FLAGS.num_samples, FLAGS.seed, FLAGS.batch_size, labels,
                          sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
-                         guidance_scale=FLAGS.guidance_scale)
+                         guidance_scale=FLAGS.guidance_scale, variance=FLAGS.variance)
   out = paths.absolute(FLAGS.out if FLAGS.out.endswith(".npz") else FLAGS.out + ".npz")
   np.savez(out, images=images,
            labels=np.full((len(images),), -1, np.int32) if labels is None else np.asarray(labels))

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from diffusion_jax.training import trainer
 from experiments import paths
+from experiments.configs import overrides
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -55,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=overrides.parse_flags)

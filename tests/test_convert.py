@@ -31,10 +31,12 @@ def test_cli_diffusers_unet_safetensors_roundtrip(tmp_path):
   convert.main(['--format', 'diffusers_unet', '--weights', str(weights), '--config', str(config),
                 '--out', str(out)])
 
-  spec = json.loads((out / 'model.json').read_text())
-  assert spec['name'] == 'ddpm_cifar10' and spec['overrides']['in_channels'] == 1
-  assert spec['source']['format'] == 'diffusers_unet'
-  assert (out / '0').is_dir()  # CheckpointManager step 0
+  config = json.loads((out / 'config.json').read_text())
+  assert config['model']['name'] == 'ddpm_cifar10' and config['model']['in_channels'] == 1
+  assert config['diffusion']['variance'] == 'fixed_large'
+  assert json.loads((out / 'source.json').read_text())['format'] == 'diffusers_unet'
+  assert json.loads((out / 'dataset_info.json').read_text())['image_shape'] == [16, 16, 1]
+  assert (out / 'checkpoints' / '0' / 'state').is_dir()  # the trainer's layout, step 0
   module, params = convert.load_checkpoint(str(out))
   x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
   t = torch.tensor([10, 900])
@@ -72,9 +74,9 @@ def test_checkpoint_spec_of_a_preset_has_no_overrides(tmp_path):
   from models_testlib import random_params
   module = get_model('dit_tiny')
   params = random_params(module, (8, 8, 3), True)
-  convert.save_checkpoint(str(tmp_path), module, params)
-  spec = json.loads((tmp_path / 'model.json').read_text())
-  assert spec == {'name': 'dit_tiny', 'overrides': {}, 'source': {}}
+  convert.write_run(str(tmp_path), module, params, (8, 8, 3))
+  model = json.loads((tmp_path / 'config.json').read_text())['model']
+  assert model['name'] == 'dit_tiny' and all(v is None for k, v in model.items() if k != 'name')
   loaded, restored = convert.load_checkpoint(str(tmp_path), dtype=jnp.bfloat16)
   assert loaded.dtype == jnp.bfloat16
   jax.tree.map(np.testing.assert_array_equal, restored, params)
@@ -114,3 +116,35 @@ def test_load_state_dict_refuses_pickled_objects(tmp_path):
   torch.save({'w': torch.zeros(2), 'args': argparse.Namespace(lr=1e-4)}, path)
   with pytest.raises(pickle.UnpicklingError, match='Weights only'):
     convert.load_state_dict(str(path))
+
+
+@pytest.mark.slow  # ~40 s: conversion, then a subprocess that compiles the sampler
+def test_converted_weights_sample_through_experiments_sample(tmp_path):
+  """A converted U-Net is a run workdir: `experiments.sample` reads it, and the params it loads
+  are the converted ones, bit for bit (no optimizer is built or read)."""
+  import os
+  import subprocess
+  import sys
+  from diffusion_jax.training import restore
+  model = randomize(UNet2DModel(**SMALL_UNET_CONV_CONFIG))
+  weights = tmp_path / 'diffusion_pytorch_model.safetensors'
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+  config = tmp_path / 'config.json'
+  config.write_text(json.dumps(dict(model.config)))
+  out = tmp_path / 'run'
+  convert.main(['--format', 'diffusers_unet', '--weights', str(weights), '--config', str(config),
+                '--out', str(out), '--num_timesteps', '50'])
+  _, direct = convert.unet_from_diffusers(model.state_dict(), dict(model.config))
+  loaded = restore.load_for_sampling(str(out))
+  assert loaded.step == 0 and loaded.image_shape == (16, 16, 1) and loaded.num_classes == 0
+  assert loaded.schedule.num_timesteps == 50
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, direct)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get('PYTHONPATH', ''),
+             JAX_PLATFORMS='cpu')
+  npz = tmp_path / 'samples.npz'
+  subprocess.run([sys.executable, '-m', 'experiments.sample', f'--workdir={out}', f'--out={npz}',
+                  '--num_samples=3', '--steps=5', '--batch_size=3'], check=True, env=env, cwd=repo,
+                 timeout=300)
+  images = np.load(npz)['images']
+  assert images.shape == (3, 16, 16, 1) and images.dtype == np.uint8

@@ -12,6 +12,7 @@ import pytest
 
 import diffusion_jax as dj
 from diffusion_jax.training import optim, parallel, state as state_lib, step as step_lib
+from experiments.configs import default as default_config
 
 T = 50
 
@@ -46,8 +47,8 @@ def setup(num_classes=0, accumulate=1, label_dropout=0.0, dropout=0.0):
   params = model.init(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32),
                       jnp.zeros((1,), jnp.int32) if num_classes else None)["params"]
   tx, lr_fn = optim.make_optimizer(
-      {"name": "adam", "lr": 1e-2, "warmup_steps": 2, "grad_clip": 1.0, "accumulate": accumulate},
-      num_steps=100)
+      {**default_config.get_config().optim, "name": "adam", "lr": 1e-2, "warmup_steps": 2,
+       "decay": "constant", "grad_clip": 1.0, "accumulate": accumulate}, num_steps=100)
   state = state_lib.create_train_state(params, tx, (0.9, 0.99))
   cfg = step_lib.StepConfig(num_classes=num_classes, label_dropout=label_dropout,
                             accumulate=accumulate)

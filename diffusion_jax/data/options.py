@@ -1,8 +1,8 @@
 """The data options, read once from a data config and validated eagerly.
 
-`data_config` may be an `ml_collections.ConfigDict`, a dict, or any object with attributes; the
-keys of the contract are `name`, `data_dir`, `split`, `image_size`, `random_flip`, `folder` and
-`on_corrupt`; the others below are optional and have defaults.
+`data_config` is a mapping (an `ml_collections.ConfigDict` or a dict) of the `DataOptions` fields;
+`name` is required, the others have the defaults below (the same as `experiments/configs/default.py`
+declares, which a test checks).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import dataclasses
 import os
 from typing import Any, Optional
 
+from diffusion_jax import _checks
 from diffusion_jax.data import images
 
 ON_CORRUPT = ("raise", "skip")
@@ -22,18 +23,6 @@ AUTO_IN_MEMORY_BYTES = 1 << 30
 def default_data_dir() -> str:
   """`$DIFFUSION_JAX_DATA_DIR`, else `~/tensorflow_datasets` (TFDS's own default)."""
   return os.environ.get(DEFAULT_DATA_DIR_ENV) or os.path.expanduser("~/tensorflow_datasets")
-
-
-def _get(config: Any, key: str, default: Any) -> Any:
-  """config[key] / config.key, or default when absent or None."""
-  if isinstance(config, dict) or hasattr(config, "keys") and hasattr(config, "__getitem__"):
-    try:
-      value = config[key]
-    except (KeyError, AttributeError):
-      value = None
-  else:
-    value = getattr(config, key, None)
-  return default if value is None else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +70,18 @@ class DataOptions:
 
   @classmethod
   def from_config(cls, config: Any) -> "DataOptions":
-    """Reads and validates the options of a data config (see the class docstring)."""
-    fields = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in ("name", "data_dir")}
-    name = _get(config, "name", None)
+    """Reads and validates a data config: a mapping (dict or `ConfigDict`) of the fields above.
+
+    Keys left out, or set to None, take the defaults above; `data_dir` then defaults to
+    `default_data_dir()`. An unknown key is a ValueError naming the nearest fields.
+    """
+    given = {k: v for k, v in dict(config).items() if v is not None}
+    _checks.check_keys("the data config", given, [f.name for f in dataclasses.fields(cls)])
+    name = given.get("name")
     if not isinstance(name, str) or not name:
       raise ValueError(f"data_config.name must be 'digits', 'folder' or a TFDS name, got {name!r}.")
-    values = {key: _get(config, key, default) for key, default in fields.items()}
-    data_dir = os.path.expanduser(str(_get(config, "data_dir", "") or default_data_dir()))
-    options = cls(name=name, data_dir=data_dir, **values)
+    given["data_dir"] = os.path.expanduser(str(given.get("data_dir") or default_data_dir()))
+    options = cls(**given)
     options.validate()
     return options
 

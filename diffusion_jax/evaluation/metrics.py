@@ -316,3 +316,47 @@ def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5,
       _pairwise_distances(real[s:s + chunk], fake).min(axis=1) < real_radii[s:s + chunk]
       for s in range(0, len(real), chunk)])
   return float(counts.mean() / k), float(covered.mean())
+
+
+ALL_METRICS = ("fd", "is", "kid", "pr", "dc")
+
+
+def all_metrics(fake: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, *,
+                fake_logits: Optional[np.ndarray] = None, ref: Optional[np.ndarray] = None,
+                which: tuple[str, ...] = ALL_METRICS, kid_subsets: int = 100,
+                kid_subset_size: int = 1000, pr_k: int = 3, dc_k: int = 5) -> dict[str, float]:
+  """The metrics the field reports, from features, as one flat dict of floats.
+
+  Args:
+    fake: generated features [N, D]; fake_logits: their logits [N, K] (for IS).
+    ref_mu, ref_sigma: reference statistics; ref: reference features [M, D] (KID, P/R, D/C
+      need them and are skipped without them).
+    which: a subset of ALL_METRICS: 'fd' (Frechet distance: FID on Inception features), 'is',
+      'kid', 'pr' (precision/recall), 'dc' (density/coverage).
+    kid_subsets, kid_subset_size: KID's subsets (the size is capped at min(N, M)).
+    pr_k, dc_k: neighbourhood sizes.
+
+  Returns:
+    {'frechet_distance', 'inception_score_mean', 'inception_score_std', 'kid_mean', 'kid_std',
+     'precision', 'recall', 'density', 'coverage'}, those computable from what was given.
+  """
+  unknown = set(which) - set(ALL_METRICS)
+  if unknown:
+    raise ValueError(f"unknown metrics {sorted(unknown)}; allowed: {', '.join(ALL_METRICS)}.")
+  out: dict[str, float] = {}
+  if "fd" in which:
+    mu, sigma = feature_statistics(fake)
+    out["frechet_distance"] = frechet_distance(mu, sigma, ref_mu, ref_sigma)
+  if "is" in which and fake_logits is not None:
+    out["inception_score_mean"], out["inception_score_std"] = inception_score(
+        fake_logits, splits=min(10, len(fake_logits)))
+  if ref is not None:
+    if "kid" in which:
+      size = min(kid_subset_size, len(fake), len(ref))
+      out["kid_mean"], out["kid_std"] = kernel_distance(fake, ref, num_subsets=kid_subsets,
+                                                        subset_size=size)
+    if "pr" in which:
+      out["precision"], out["recall"] = precision_recall(ref, fake, k=pr_k)
+    if "dc" in which:
+      out["density"], out["coverage"] = density_coverage(ref, fake, k=dc_k)
+  return out

@@ -116,11 +116,15 @@ class ResBlock(nn.Module):
   h = conv1(resample(act(norm1(x)))); h = norm2(h + W e) or norm2(h) * (1 + s) + b (scale-shift);
   h = conv2(dropout(act(h))); out = resample(x) [1x1 conv if channels change] + h.
 
+  Without an embedding (emb=None: the autoencoder's blocks) there is no `temb_proj` and
+  h = norm2(h).
+
   Args:
-    x: [B, H, W, C_in]; emb: [B, E] (not yet passed through the activation).
+    x: [B, H, W, C_in]; emb: [B, E] (not yet passed through the activation) or None.
   Returns:
     [B, H', W', out_channels] with H' = 2H / H / H/2 for resample 'up' / 'none' / 'down'.
-  References: DDPM `resnet_block`; ADM `ResBlock` (use_scale_shift_norm, up/down).
+  References: DDPM `resnet_block`; ADM `ResBlock` (use_scale_shift_norm, up/down); LDM
+    (arXiv:2112.10752) autoencoder `ResnetBlock` with temb_channels=0.
   """
   out_channels: int
   num_groups: int = 32
@@ -132,9 +136,11 @@ class ResBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, emb: jax.Array | None, train: bool = False) -> jax.Array:
     if self.resample not in RESAMPLE_MODES:
       raise ValueError(f'resample must be one of {RESAMPLE_MODES}, got {self.resample!r}')
+    if emb is None and self.scale_shift:
+      raise ValueError('scale_shift=True needs an embedding emb (got emb=None)')
     conv = lambda c, k, name, init=default_kernel_init: nn.Conv(
         c, (k, k), padding='SAME' if k > 1 else 'VALID', dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=init, name=name)
@@ -144,15 +150,18 @@ class ResBlock(nn.Module):
     h = _resample(h, self.resample)
     skip = _resample(x.astype(self.dtype), self.resample)
     h = conv(self.out_channels, 3, 'conv1')(h)
-    width = 2 * self.out_channels if self.scale_shift else self.out_channels
-    e = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=default_kernel_init, name='temb_proj')(nn.silu(emb.astype(self.dtype)))
-    e = e[:, None, None, :]
-    if self.scale_shift:
-      scale, shift = jnp.split(e, 2, axis=-1)
-      h = norm('norm2')(h) * (1 + scale) + shift
+    if emb is None:
+      h = norm('norm2')(h)
     else:
-      h = norm('norm2')(h + e)
+      width = 2 * self.out_channels if self.scale_shift else self.out_channels
+      e = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=default_kernel_init, name='temb_proj')(nn.silu(emb.astype(self.dtype)))
+      e = e[:, None, None, :]
+      if self.scale_shift:
+        scale, shift = jnp.split(e, 2, axis=-1)
+        h = norm('norm2')(h) * (1 + scale) + shift
+      else:
+        h = norm('norm2')(h + e)
     h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.out_channels, 3, 'conv2', nn.initializers.zeros)(h)

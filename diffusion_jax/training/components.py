@@ -1,22 +1,33 @@
 """Build the pieces a run needs from its config: model, schedule, loss closure, optimizer and
-the initial train state. Shared by the trainer and by `restore.load_for_sampling`.
+the initial train state. Shared by the trainer and by `restore.load_for_sampling` (which builds
+the model and the schedule only).
 
-This is where the diffusion math and the network meet, through `model_fn(x_t, t)`.
+This is where the diffusion math and the network meet, through `model_fn(x_t, t)`. Every key
+read here is declared, with its default, in `experiments/configs/default.py`.
 
 References: Ho et al. 2020 (the DDPM training objective); ARCHITECTURE.md (config keys).
 """
-from typing import Any, Callable, NamedTuple
+import dataclasses
+import inspect
+from typing import Any, Callable, NamedTuple, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import _checks
 from diffusion_jax import losses
+from diffusion_jax import models
 from diffusion_jax import schedules
 from diffusion_jax.training import optim
 from diffusion_jax.training import state as state_lib
 
 PyTree = Any
+
+# The config keys of `diffusion.*` passed to `losses.training_loss`.
+LOSS_KEYS = ("prediction", "loss_type", "weighting", "variance", "min_snr_gamma", "p2_gamma",
+             "p2_k", "vlb_weight")
 
 
 class Components(NamedTuple):
@@ -28,53 +39,80 @@ class Components(NamedTuple):
   lr_fn: Callable[[Any], Any]
 
 
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-  return cfg.get(key, default) if cfg is not None and hasattr(cfg, "get") else default
+def _fields(cls: type) -> set[str]:
+  return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
 
 
-def build_model(model_config: Any):
-  """`get_model(model.name, **other model keys)`."""
-  from diffusion_jax import models  # pylint: disable=import-outside-toplevel
-  overrides = {k: v for k, v in dict(model_config).items() if k != "name"}
-  return models.get_model(model_config.name, **overrides)
+def build_model(model_config: Any, image_shape: Sequence[int]):
+  """`get_model(model.name, **the model keys that are set)` for images of `image_shape`.
+
+  Keys left at None take the preset's value, except `in_channels`, which defaults to the data's
+  channel count (image_shape[-1]). Keys of the other backbone (a U-Net's `ch` for a DiT, a DiT's
+  `patch_size` for a U-Net) are ignored with a warning; a key no model takes is a ValueError
+  naming the chosen model's fields. 'dtype' / 'param_dtype' may be given as names.
+  """
+  name = _checks.check_choice("model.name", model_config["name"], models.PRESETS)
+  cls = models.PRESETS[name][0]
+  fields = _fields(cls)
+  every_field = set().union(*(_fields(c) for c, _ in models.PRESETS.values()))
+  given = {k: v for k, v in dict(model_config).items() if k != "name" and v is not None}
+  _checks.check_keys(f"model {name!r} ({cls.__name__})", set(given) - (every_field - fields),
+                     fields)
+  foreign = sorted(set(given) - fields)
+  if foreign:
+    logging.warning("Model %r (%s) ignores the config keys of another backbone: %s.", name,
+                    cls.__name__, ", ".join(f"model.{k}={given[k]!r}" for k in foreign))
+  kwargs = {k: v for k, v in given.items() if k in fields}
+  kwargs.setdefault("in_channels", int(image_shape[-1]))
+  for key in ("dtype", "param_dtype"):
+    if isinstance(kwargs.get(key), str):
+      kwargs[key] = jnp.dtype(kwargs[key])
+  return models.get_model(name, **kwargs)
 
 
 def build_schedule(diffusion_config: Any) -> schedules.Schedule:
-  kw = dict(_cfg_get(diffusion_config, "schedule_kwargs", {}) or {})
-  return schedules.get_schedule(diffusion_config.schedule, int(diffusion_config.num_timesteps),
-                                **kw)
+  """`get_schedule(diffusion.schedule, diffusion.num_timesteps, ...)` with the set
+  `diffusion.schedule_kwargs` (a ValueError names those the chosen schedule does not take)."""
+  name = _checks.check_choice("diffusion.schedule", diffusion_config.schedule,
+                              schedules.BETA_SCHEDULES)
+  kwargs = {k: v for k, v in dict(diffusion_config.schedule_kwargs).items() if v is not None}
+  takes = set(inspect.signature(schedules.BETA_SCHEDULES[name]).parameters) - {"num_timesteps"}
+  _checks.check_keys(f"diffusion.schedule_kwargs of schedule {name!r}", kwargs, takes)
+  return schedules.get_schedule(name, int(diffusion_config.num_timesteps),
+                                zero_terminal_snr=bool(diffusion_config.zero_terminal_snr),
+                                **kwargs)
 
 
 def make_loss_fn(diffusion_config: Any, schedule: schedules.Schedule
                  ) -> Callable[[Callable, jax.Array, jax.Array], jax.Array]:
   """loss_fn(model_fn, x0 [B, ...], rng) -> [B]: `losses.training_loss` with the config's
-  prediction, loss type, weighting and variance."""
-  kw = dict(prediction=_cfg_get(diffusion_config, "prediction", "eps"),
-            loss_type=_cfg_get(diffusion_config, "loss_type", "mse"),
-            weighting=_cfg_get(diffusion_config, "weighting", "none"),
-            variance=_cfg_get(diffusion_config, "variance", None))
+  prediction, loss type, weighting (and its parameters) and variance."""
+  kw = {k: diffusion_config[k] for k in LOSS_KEYS}
   def loss_fn(model_fn, x0, rng):
     return losses.training_loss(model_fn, schedule, x0, rng, **kw)
   return loss_fn
 
 
+def model_num_classes(model: Any) -> int:
+  """The model's number of classes (0: unconditional)."""
+  return int(model.num_classes)
+
+
 def build(config: Any, image_shape: tuple[int, int, int]) -> Components:
-  model = build_model(config.model)
-  in_ch = getattr(model, "in_channels", image_shape[-1])
-  if in_ch != image_shape[-1]:
-    raise ValueError(f"model.in_channels={in_ch} but the data has {image_shape[-1]} channels "
-                     f"(image shape {tuple(image_shape)})")
+  """Model, schedule and optimizer of a run whose data has `image_shape` (H, W, C)."""
+  model = build_model(config.model, image_shape)
+  if model.in_channels != image_shape[-1]:
+    raise ValueError(f"model.in_channels={model.in_channels} but the data has {image_shape[-1]} "
+                     f"channels (image shape {tuple(image_shape)}); leave model.in_channels "
+                     f"unset to follow the data")
   tx, lr_fn = optim.make_optimizer(config.optim, int(config.train.num_steps))
   return Components(model=model, schedule=build_schedule(config.diffusion),
                     image_shape=tuple(int(s) for s in image_shape),
-                    num_classes=int(getattr(model, "num_classes", 0) or 0), tx=tx, lr_fn=lr_fn)
+                    num_classes=model_num_classes(model), tx=tx, lr_fn=lr_fn)
 
 
 def init_params(comp: Components, rng: jax.Array) -> PyTree:
-  x = jnp.zeros((1,) + comp.image_shape, jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  y = jnp.zeros((1,), jnp.int32) if comp.num_classes else None
-  return comp.model.init({"params": rng}, x, t, y, train=False)["params"]
+  return models.init_params(comp.model, rng, comp.image_shape, comp.num_classes > 0)
 
 
 def init_state(config: Any, comp: Components, rng: jax.Array, abstract: bool = False

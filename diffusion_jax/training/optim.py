@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 import optax
 
+from diffusion_jax import _checks
+
 OPTIMIZERS = ("adam", "adamw")
 DECAYS = ("constant", "cosine", "linear")
 
@@ -15,8 +17,7 @@ def make_lr_schedule(lr: float, warmup_steps: int, decay: str, num_steps: int,
                      end_lr_factor: float = 0.0) -> optax.Schedule:
   """Linear warmup from 0 over `warmup_steps`, then constant, cosine or linear decay to
   `end_lr_factor * lr` at `num_steps`."""
-  if decay not in DECAYS:
-    raise ValueError(f"optim.decay must be one of {DECAYS}, got {decay!r}")
+  _checks.check_choice("optim.decay", decay, DECAYS)
   if warmup_steps < 0 or num_steps <= 0:
     raise ValueError(f"need warmup_steps >= 0 and num_steps > 0, got {warmup_steps}, {num_steps}")
   rest = max(num_steps - warmup_steps, 1)
@@ -34,33 +35,28 @@ def make_lr_schedule(lr: float, warmup_steps: int, decay: str, num_steps: int,
 
 def make_optimizer(optim_config: Any, num_steps: int
                    ) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
-  """Returns (tx, lr_schedule) from `optim.{name, lr, warmup_steps, decay, grad_clip,
-  weight_decay, b1, b2, eps, accumulate}`.
+  """Returns (tx, lr_schedule) from `optim.{name, lr, warmup_steps, decay, end_lr_factor,
+  grad_clip, weight_decay, b1, b2, eps, accumulate}` (a mapping holding every one of these keys,
+  as `experiments/configs/default.py` declares them).
 
   With `accumulate = k > 1` the chain is wrapped in `optax.MultiSteps`: the params change once
   every k calls (mean of the k gradients) and `lr_schedule` counts parameter updates.
   """
-  get = lambda k, d: optim_config.get(k, d) if hasattr(optim_config, "get") else getattr(
-      optim_config, k, d)
-  name = get("name", "adam")
-  if name not in OPTIMIZERS:
-    raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {name!r}")
-  accumulate = int(get("accumulate", 1))
+  o = optim_config
+  name = _checks.check_choice("optim.name", o["name"], OPTIMIZERS)
+  accumulate = int(o["accumulate"])
   if accumulate < 1:
     raise ValueError(f"optim.accumulate must be >= 1, got {accumulate}")
-  lr_fn = make_lr_schedule(float(get("lr", 1e-4)), int(get("warmup_steps", 0)),
-                           get("decay", "constant"), max(num_steps // accumulate, 1),
-                           float(get("end_lr_factor", 0.0)))
-  b1, b2, eps = float(get("b1", 0.9)), float(get("b2", 0.999)), float(get("eps", 1e-8))
+  lr_fn = make_lr_schedule(float(o["lr"]), int(o["warmup_steps"]), o["decay"],
+                           max(num_steps // accumulate, 1), float(o["end_lr_factor"]))
+  b1, b2, eps = float(o["b1"]), float(o["b2"]), float(o["eps"])
   parts = []
-  clip = get("grad_clip", None)
-  if clip is not None and float(clip) > 0:
-    parts.append(optax.clip_by_global_norm(float(clip)))
+  if o["grad_clip"] is not None and float(o["grad_clip"]) > 0:
+    parts.append(optax.clip_by_global_norm(float(o["grad_clip"])))
   if name == "adam":
     parts.append(optax.adam(lr_fn, b1=b1, b2=b2, eps=eps))
   else:
-    parts.append(optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps,
-                             weight_decay=float(get("weight_decay", 0.0))))
+    parts.append(optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=float(o["weight_decay"])))
   tx = optax.chain(*parts)
   if accumulate > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accumulate)

@@ -1,18 +1,28 @@
-"""Load a trained run for sampling: config, model, schedule and (EMA) params from a workdir.
+"""Load a run for sampling: config, model, schedule and (EMA) params from a workdir, without
+building an optimizer or reading the optimizer state.
 
-References: ARCHITECTURE.md (workdir layout written by `trainer.train_and_evaluate`).
+A run workdir (written by `trainer.train_and_evaluate`, or by `diffusion_jax.convert` from
+published weights) holds `config.json`, `dataset_info.json` and
+`checkpoints/<step>/{state, data}`; only `state.params` or one `state.ema_params[...]` entry is
+read from disk (an orbax partial restore), and its shapes are checked against the model.
+
+References: ARCHITECTURE.md (workdir layout); orbax-checkpoint `PyTreeRestore(partial_restore)`.
 """
 from typing import Any, NamedTuple
 import json
 
+from absl import logging
 import jax
 import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
 
+from diffusion_jax import models
 from diffusion_jax import schedules
-from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
 from diffusion_jax.training import state as state_lib
+from experiments.configs import default as default_config
 
 PyTree = Any
 
@@ -28,34 +38,114 @@ class Loaded(NamedTuple):
 
 
 def load_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
+  """The run's `config.json` over `experiments/configs/default.py` (keys a run written by an
+  older version lacks take today's defaults; a key that is not declared is a ValueError)."""
+  saved = json.loads((epath.Path(workdir) / "config.json").read_text())
+  config = default_config.get_config()
+  _merge(config, saved, "config")
+  return config
+
+
+def _merge(node: ml_collections.ConfigDict, saved: dict, where: str) -> None:
+  for key, value in saved.items():
+    if key not in node:
+      raise ValueError(f"{where}.{key} in config.json is not a declared config key (see "
+                       f"experiments/configs/default.py)")
+    if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+      if key == "kwargs":   # free-form sampler settings
+        node[key] = ml_collections.ConfigDict(value)
+      else:
+        _merge(node[key], value, f"{where}.{key}")
+    else:
+      node[key] = tuple(value) if isinstance(value, list) else value
+
+
+def _read_params(directory: epath.Path, subtree: tuple[str, ...], target: PyTree,
+                 step: int | None) -> tuple[int, PyTree]:
+  """(step, arrays) of `state[subtree...]` from the newest readable checkpoint at or below `step`.
+
+  target: ShapeDtypeStructs of the params (the model's); a checkpoint whose arrays differ in
+  structure or shape is a ValueError; one that cannot be read is skipped with a warning.
+  """
+  mngr = ocp.CheckpointManager(directory, item_names=("state", "data"),
+                               item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                              "data": ocp.JsonCheckpointHandler()})
+  try:
+    steps = sorted(s for s in mngr.all_steps() if step is None or s <= step)
+    for s in reversed(steps):
+      try:
+        node = mngr.item_metadata(s)["state"]
+        node.keys()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Checkpoint %s/%d is unreadable (%s: %s); trying the previous one.",
+                        directory, s, type(e).__name__, e)
+        continue
+      for depth, key in enumerate(subtree):
+        if key not in node.keys():
+          raise ValueError(f"checkpoint {directory}/{s} has no state/{'/'.join(subtree[:depth + 1])}"
+                           f"; it has: {sorted(node.keys())}")
+        node = node[key]
+      _check_like(node, target, f"{directory}/{s} state/{'/'.join(subtree)}")
+      item = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), target)
+      for key in reversed(subtree):
+        item = {key: item}
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+      try:
+        out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True)))["state"]
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Checkpoint %s/%d failed to restore (%s: %s); trying the previous one.",
+                        directory, s, type(e).__name__, e)
+        continue
+      for key in subtree:
+        out = out[key]
+      return s, jax.tree.map(np.asarray, out)
+  finally:
+    mngr.close()
+  raise FileNotFoundError(f"no readable checkpoint in {directory}"
+                          + (f" at or below step {step}" if step is not None else ""))
+
+
+def _check_like(saved: PyTree, target: PyTree, where: str) -> None:
+  """ValueError unless `saved` (orbax metadata) has the structure and shapes of `target`."""
+  flat_saved = {jax.tree_util.keystr(k): tuple(v.shape)
+                for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  flat_target = {jax.tree_util.keystr(k): tuple(v.shape)
+                 for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+  missing = sorted(set(flat_target) - set(flat_saved))
+  extra = sorted(set(flat_saved) - set(flat_target))
+  shapes = sorted(k for k in set(flat_target) & set(flat_saved) if flat_saved[k] != flat_target[k])
+  if missing or extra or shapes:
+    raise ValueError(
+        f"the params in {where} do not fit the model of config.json: missing {missing[:5]}, "
+        f"unexpected {extra[:5]}, shape mismatches "
+        f"{[(k, flat_saved[k], flat_target[k]) for k in shapes[:5]]}")
 
 
 def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
                       ema_decay: float | None = None, step: int | None = None) -> Loaded:
-  """Restores the newest readable checkpoint (or the newest at or below `step`).
+  """Restores the params of the newest readable checkpoint (or the newest at or below `step`).
 
-  use_ema: EMA params of `ema_decay` (default: the first of `train.ema_decays`), else the raw
-  params.
+  use_ema: EMA params of `ema_decay` (default: `sample.ema_decay`, else the first of
+  `train.ema_decays`), else the raw params. Builds the model and the schedule only.
   """
   workdir = epath.Path(workdir)
   config = load_config(workdir)
   info = json.loads((workdir / "dataset_info.json").read_text())
-  comp = components.build(config, tuple(info["image_shape"]))
-  target = components.init_state(config, comp, jax.random.PRNGKey(0), abstract=True)
-  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
-  try:
-    restored = ckpt.restore(target, step)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")
-  at, state, _ = restored
+  image_shape = tuple(int(s) for s in info["image_shape"])
+  model = components.build_model(config.model, image_shape)
+  num_classes = components.model_num_classes(model)
+  target = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0), image_shape,
+                                                     num_classes > 0))
   if use_ema:
     decays = tuple(config.train.ema_decays)
+    if ema_decay is None:
+      ema_decay = config.sample.ema_decay
     if ema_decay is None and not decays:
       raise ValueError("use_ema=True but the run kept no EMA (train.ema_decays is empty)")
-    params = state.ema_params[state_lib.ema_key(ema_decay if ema_decay is not None else decays[0])]
+    subtree = ("ema_params", state_lib.ema_key(ema_decay if ema_decay is not None else decays[0]))
   else:
-    params = state.params
-  return Loaded(config, comp.model, comp.schedule, params, comp.image_shape, comp.num_classes, at)
+    subtree = ("params",)
+  at, params = _read_params(workdir / "checkpoints", subtree, target, step)
+  return Loaded(config, model, components.build_schedule(config.diffusion), params, image_shape,
+                num_classes, at)

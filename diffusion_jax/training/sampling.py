@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from diffusion_jax import reverse
 from diffusion_jax import samplers
 
 PyTree = Any
@@ -29,24 +30,27 @@ def default_labels(num_samples: int, num_classes: int) -> jax.Array | None:
   return jnp.arange(num_samples, dtype=jnp.int32) % num_classes if num_classes else None
 
 
+def sampling_variance(config: Any, override: str | None = None) -> str:
+  """The reverse variance a run samples with: `override`, else `config.sample.variance`, else
+  the run's own `diffusion.variance` (unset: `reverse.resolve_variance` of its loss type)."""
+  chosen = override or config.sample.variance or config.diffusion.variance
+  return reverse.resolve_variance(chosen, config.diffusion.loss_type)
+
+
 def generate(config: Any, model: Any, schedule: Any, params: PyTree, rng: jax.Array,
              num_samples: int, image_shape: tuple[int, ...],
              labels: jax.Array | None = None) -> jax.Array:
   """Samples [N, H, W, C] in [-1, 1] with the config's sampler over the training schedule.
 
-  `config.sample.sampler` names a sampler of `samplers.get_sampler` (default 'ddpm', the T-step
-  ancestral loop in one lax.scan); `config.sample.kwargs` adds static settings. Pure: the caller
-  jits it.
+  `config.sample.sampler` names a sampler of `samplers.get_sampler` ('ddpm': the T-step
+  ancestral loop in one lax.scan) with the variance of `sampling_variance(config)`;
+  `config.sample.kwargs` adds static settings. Pure: the caller jits it.
   """
-  sample_cfg = config.get("sample", {}) if hasattr(config, "get") else {}
-  diffusion = config.diffusion
-  name = sample_cfg.get("sampler", "ddpm")
-  static = {"prediction": diffusion.get("prediction", "eps"),
-            "variance": sample_cfg.get("variance", None) or diffusion.get("variance", None)
-                        or "fixed_small"}
+  name = config.sample.sampler
+  static = {"prediction": config.diffusion.prediction, "variance": sampling_variance(config)}
   if name in ("ddpm", "ddim"):
-    static["clip_denoised"] = sample_cfg.get("clip_denoised", True)
-  static.update(dict(sample_cfg.get("kwargs", {}) or {}))
+    static["clip_denoised"] = config.sample.clip_denoised
+  static.update(dict(config.sample.kwargs))
   shape = (num_samples,) + tuple(image_shape)
   sampler = samplers.get_sampler(name, **static)
   return sampler(make_model_fn(model, params, labels), schedule, shape, rng)

@@ -38,10 +38,6 @@ class Preempted(Exception):
   """SIGTERM arrived; a checkpoint of the current step was written before this was raised."""
 
 
-def _cfg(cfg: Any, key: str, default: Any) -> Any:
-  return cfg.get(key, default) if hasattr(cfg, "get") else default
-
-
 def check_batch_size(batch_size: int, num_devices: int) -> int:
   """Per-device batch; ValueError unless `batch_size` is a positive multiple of `num_devices`."""
   if batch_size <= 0 or batch_size % num_devices:
@@ -157,9 +153,9 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
   train_cfg = config.train
   num_steps = int(train_cfg.num_steps)
   batch_size = int(train_cfg.batch_size)
-  k = int(_cfg(train_cfg, "steps_per_call", 1))
+  k = int(train_cfg.steps_per_call)
   per_device = check_batch_size(batch_size, jax.device_count())
-  every = {name: int(_cfg(train_cfg, name, 0) or 0)
+  every = {name: int(train_cfg[name])
            for name in ("checkpoint_every", "log_every", "sample_every")}
   for name, v in list(every.items()) + [("num_steps", num_steps)]:
     if v % k:
@@ -173,8 +169,8 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
   state = components.init_state(config, comp, init_rng)
 
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
-                               keep_latest=int(_cfg(train_cfg, "keep_latest", 2)),
-                               snapshot_every=int(_cfg(train_cfg, "snapshot_every", 0) or 0))
+                               keep_latest=int(train_cfg.keep_latest),
+                               snapshot_every=int(train_cfg.snapshot_every))
   it = data_lib.make_train_iterator(
       config.data, global_batch_size=batch_size, seed=int(config.seed),
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -195,15 +191,15 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
 
   step_cfg = step_lib.StepConfig(
       num_classes=comp.num_classes,
-      label_dropout=float(_cfg(train_cfg, "label_dropout", 0.0)) if comp.num_classes else 0.0,
-      compute_dtype=_cfg(train_cfg, "compute_dtype", "float32"),
-      accumulate=int(_cfg(config.optim, "accumulate", 1)), process_count=jax.process_count())
-  mode = parallel.resolve_mode(_cfg(train_cfg, "parallel", "pmap"))
+      label_dropout=float(train_cfg.label_dropout) if comp.num_classes else 0.0,
+      compute_dtype=train_cfg.compute_dtype,
+      accumulate=int(config.optim.accumulate), process_count=jax.process_count())
+  mode = parallel.resolve_mode(train_cfg.parallel)
   step_fn = step_lib.make_train_step(comp.model.apply, components.make_loss_fn(
       config.diffusion, comp.schedule), comp.tx, comp.lr_fn, step_cfg,
       axis_name=None if mode == "jit" else parallel.AXIS)
   pstep = parallel.make_parallel_step(step_fn, mode, steps_per_call=k)
-  num_samples = int(_cfg(_cfg(config, "sample", {}), "num_samples", 64))
+  num_samples = int(config.sample.num_samples)
   sample_fn = _make_sample_fn(config, comp) if host0 and num_samples > 0 else None
 
   step = int(state.step)
@@ -267,7 +263,7 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
 
 
 def _ema_for_samples(config: Any, state: state_lib.TrainState) -> PyTree:
-  key = _cfg(config.get("sample", {}), "ema_decay", None)
+  key = config.sample.ema_decay
   if key is None:
     decays = tuple(config.train.ema_decays)
     return state.ema_params[state_lib.ema_key(decays[0])] if decays else state.params
@@ -275,7 +271,7 @@ def _ema_for_samples(config: Any, state: state_lib.TrainState) -> PyTree:
 
 
 def _make_sample_fn(config: Any, comp: components.Components):
-  num = int(_cfg(config.get("sample", {}), "num_samples", 64))
+  num = int(config.sample.num_samples)
   labels = sampling.default_labels(num, comp.num_classes)
 
   @jax.jit
