@@ -8,7 +8,8 @@ Variants (comma-separated after the file name):
                  probability 0.1 so `experiments.sample --guidance_scale=W` can guide.
   learned_sigma  the DiT paper's objective: learned variance (2 output channels,
                  `learned_range` interpolation) trained with the hybrid loss
-                 L_simple + 0.001 * T * L_t, sampled with the learned variance.
+                 L_simple + 0.001 * T * L_t; samplers use the learned variance
+                 (`sample.variance` None follows `diffusion.variance`).
 
   python -m experiments.train --config=experiments/configs/dit_digits.py:cond,learned_sigma ...
 
@@ -24,6 +25,7 @@ import ml_collections
 from experiments.configs import digits
 
 VARIANTS = ("cond", "learned_sigma")
+UNET_KEYS = ("ch", "ch_mult", "num_res_blocks", "attention_levels", "num_groups", "dropout")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -32,17 +34,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if unknown:
     raise ValueError(f"dit_digits variants must be among {VARIANTS}, got {unknown}")
   c = digits.get_config()
-  c.model = ml_collections.ConfigDict({
-      "name": "dit_tiny",
-      "in_channels": 1,
-      "patch_size": 1,             # 64 one-pixel tokens (patch 2 gives 16 tokens: FD 187, issue 17)
-      "hidden_size": 64,           # about the U-Net's FLOPs per image at 64 tokens
-      "depth": 4,
-      "num_heads": 4,
-      "mlp_ratio": 4.0,
-      "num_classes": 0,
-      "learn_sigma": False,
-  })
+  for key in UNET_KEYS:  # digits.py's U-Net settings; a DiT takes none of them
+    c.model[key] = None
+  c.model.name = "dit_tiny"
+  c.model.in_channels = 1
+  c.model.patch_size = 1          # 64 one-pixel tokens (patch 2 gives 16 tokens: issue 17)
+  c.model.hidden_size = 64        # about the U-Net's FLOPs per image at 64 tokens
+  c.model.depth = 4
+  c.model.num_heads = 4
+  c.model.mlp_ratio = 4.0
+  c.model.num_classes = 0
+  c.model.learn_sigma = False
   if "cond" in variants:
     c.model.num_classes = 10
     c.train.label_dropout = 0.1
@@ -50,5 +52,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.learn_sigma = True
     c.diffusion.loss_type = "hybrid"
     c.diffusion.variance = "learned_range"
-    c.sample.variance = "learned_range"
   return c
