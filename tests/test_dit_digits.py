@@ -8,14 +8,16 @@ with the library's digits metric (`diffusion_jax.evaluation.digits`):
 - 500 samples (labels 0..9 cycled, guidance 1) against the held-out digits: Frechet distance and
   classifier confidence held to the issue's rule "within 1.3x of the U-Net". The U-Net is not
   trained here (a second 2,000-step run would double the slow job); its figure is stood in for by
-  500 real training digits scored the same way, which the digits U-Net matches (README table),
-  so the bound is 1.3 x the real 500-image figure.
+  real training digits, 500 at a time, scored the same way, which the digits U-Net matches
+  (README table), so the bound is 1.3 x the real 500-image figure.
 - 500 samples at guidance 3: the classifier must read the asked label (the U-Net reaches 1.00
   at guidance 3; bound 0.9, decided before the DiT was measured).
 - the run samples with its learned variance (`learned_range` in the saved config, two output
   channels).
 
-Thresholds were written before any DiT figure was measured (issue 17's 1.3x rule).
+The 1.3x rule (issue 17) and the 0.9 accuracy were written before any DiT figure was measured;
+the real stand-in was first one 500-image subset, then the mean over three once the subsets were
+seen to differ by 26 (a change toward the U-Net's own figure, not toward the DiT's).
 """
 import os
 import subprocess
@@ -70,13 +72,19 @@ def test_dit_samples_are_as_good_as_the_unets(dit_run, tmp_path):
   images, labels = _sample(dit_run, str(tmp_path / "s.npz"))
   assert images.shape == (NUM_SAMPLES, 8, 8, 1)
   np.testing.assert_array_equal(labels, np.arange(NUM_SAMPLES) % 10)
-  real = digits._split("train")[0][:NUM_SAMPLES]  # pylint: disable=protected-access
-  fd, fd_real = digits.digits_frechet_distance(images), digits.digits_frechet_distance(real)
-  conf, conf_real = _probs(images).max(1).mean(), _probs(real).max(1).mean()
-  print(f"\nDiT: Frechet {fd:.1f}, confidence {conf:.3f}; "
-        f"real {NUM_SAMPLES}: Frechet {fd_real:.1f}, confidence {conf_real:.3f}")
+  train = digits._split("train")[0]  # pylint: disable=protected-access
+  held_out = digits._split("test")[0]  # pylint: disable=protected-access
+  # The U-Net's stand-in: real digits scored with the same N. One 500-image subset is a noisy
+  # reference (the three disjoint thirds of the training split score 70, 96 and 96), so the mean
+  # over the thirds; the Quickstart U-Net's 500 samples score about that (89 vs 87, README).
+  fd_real = float(np.mean([digits.digits_frechet_distance(train[i:i + NUM_SAMPLES])
+                           for i in range(0, len(train) - NUM_SAMPLES + 1, NUM_SAMPLES)]))
+  fd = digits.digits_frechet_distance(images)
+  conf, conf_real = _probs(images).max(1).mean(), _probs(held_out).max(1).mean()
+  print(f"\nDiT: Frechet {fd:.1f}, confidence {conf:.3f}; real: Frechet {fd_real:.1f} "
+        f"({NUM_SAMPLES} training digits), confidence {conf_real:.3f} (held-out digits)")
   assert fd < 1.3 * fd_real, (fd, fd_real)
-  # The U-Net digits test's rule: mean confidence within 0.1 of real digits'.
+  # The U-Net digits test's rule: mean confidence within 0.1 of real held-out digits'.
   assert conf > conf_real - 0.1, (conf, conf_real)
 
 
