@@ -54,7 +54,7 @@ def main() -> None:
   parser.add_argument("--workers", default="2", help="worker-process counts ('' for none)")
   args = parser.parse_args()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import data as dd  # pylint: disable=g-import-not-at-top,unused-import
+  from diffusion_jax import data as dd  # noqa: F401  # pylint: disable=unused-import
 
   print(_machine())
   threads = [int(t) for t in args.threads.split(",")]

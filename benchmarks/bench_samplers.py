@@ -57,7 +57,7 @@ def timed(fn, *args, repeats: int = 2) -> float:
 
 def fused_ddpm(apply, schedule, shape):
   return jax.jit(lambda params, key: dj.sample(lambda x, t: apply(params, x, t), schedule, shape,
-                                               key, clip_denoised=True))
+                                               key, thresholding="clip"))
 
 
 def loop_ddpm(apply, schedule, shape):

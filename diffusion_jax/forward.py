@@ -3,6 +3,13 @@
 Shapes: data `x0`, `xt`, `noise` are [B, ...] (e.g. [B, H, W, C]); timesteps `t` are int32 [B]
 (or a scalar, shared by the batch) indexing the schedule's [T] arrays.
 
+Timesteps out of range: every function here (and in `reverse`, `losses`) reads the schedule
+through `extract`. A concrete `t` (a Python int, NumPy or a committed JAX array) outside
+[0, T) or of a non-integer dtype raises a ValueError. Under `jit`/`vmap`/`grad` the value of `t`
+is unknown when the function runs, so nothing can be raised: an out-of-range traced `t`
+(negative ones included, which NumPy indexing would wrap to T - 1) gives NaN, so the error shows
+in the output instead of silently using another timestep.
+
 References:
   Ho et al. 2020, eqs. 4, 6, 7, 11.
   Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models", sec. 4 (v).
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax.schedules import Schedule
 
@@ -24,18 +32,37 @@ def check_prediction(prediction: str) -> None:
     raise ValueError(f"Unknown prediction={prediction!r}; allowed: {list(PREDICTIONS)}.")
 
 
+def check_timesteps(t, num_timesteps: int) -> None:
+  """Raises a ValueError when a concrete `t` is not an integer in [0, num_timesteps); does
+  nothing for a traced `t` (see the module docstring for what happens then)."""
+  if isinstance(t, jax.core.Tracer):
+    return
+  arr = np.asarray(t)
+  if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+    raise ValueError(f"t must hold integer timesteps in [0, {num_timesteps - 1}], got dtype "
+                     f"{arr.dtype}.")
+  if arr.size and (arr.min() < 0 or arr.max() >= num_timesteps):
+    raise ValueError(f"t must lie in [0, {num_timesteps - 1}] (the schedule has T = "
+                     f"{num_timesteps} steps), got values in [{arr.min()}, {arr.max()}].")
+
+
 def extract(values: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
   """values[t] reshaped to broadcast against data of rank `ndim`.
 
   Args:
-    values: [T] per-timestep constants.
-    t: int [B] or scalar.
+    values: [T] per-timestep constants (floating).
+    t: int [B] or scalar, in [0, T): checked when concrete (ValueError); a traced `t` out of
+      range gives NaN.
     ndim: rank of the data, e.g. 4 for [B, H, W, C].
 
   Returns:
     [B, 1, ..., 1] (rank `ndim`) or a scalar.
   """
-  picked = jnp.take(values, jnp.asarray(t), axis=0)
+  num = values.shape[0]
+  check_timesteps(t, num)
+  t = jnp.asarray(t)
+  inside = (t >= 0) & (t < num)
+  picked = jnp.where(inside, jnp.take(values, jnp.clip(t, 0, num - 1), axis=0), jnp.nan)
   if picked.ndim == 0:
     return picked
   return picked.reshape(picked.shape + (1,) * (ndim - picked.ndim))
@@ -53,7 +80,8 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) 
   Args:
     schedule: the diffusion schedule.
     x0: [B, ...] clean data.
-    t: int [B] timesteps.
+    t: int [B] timesteps in [0, T): ValueError outside when concrete, NaN under jit (see the
+      module docstring).
     noise: [B, ...] standard normal, same shape as x0.
 
   Returns:

@@ -133,7 +133,7 @@ def snr_weight(schedule: Schedule, t: jax.Array, *, prediction: str, weighting: 
   """
   if weighting not in WEIGHTINGS:
     raise ValueError(f"Unknown weighting={weighting!r}; allowed: {list(WEIGHTINGS)}.")
-  snr = jnp.take(schedule.snr, t)
+  snr = forward.extract(schedule.snr, t, 1)
   if weighting == "none":
     return jnp.ones_like(snr)
   if weighting == "p2":

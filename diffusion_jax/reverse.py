@@ -105,7 +105,8 @@ def p_mean_variance(schedule: Schedule, model_output: jax.Array, xt: jax.Array, 
     schedule: the diffusion schedule.
     model_output: [B, ..., C] (or [B, ..., 2C] for learned variances).
     xt: [B, ..., C].
-    t: int32 [B].
+    t: int32 [B] in [0, T): ValueError outside when concrete; under jit an out-of-range t
+      gives NaN (see `diffusion_jax.forward`).
     prediction: what the model predicts: 'eps', 'x0' or 'v'.
     variance: 'fixed_small', 'fixed_large', 'learned' or 'learned_range'.
     clip_denoised: clip the predicted x0 to [-1, 1] before forming the mean.

@@ -51,14 +51,17 @@ def _default_data() -> ml_collections.ConfigDict:
                                         resize_method=None))
 
 
-config_flags.DEFINE_config_dict('data', _default_data(), 'Data config (as in the training configs).')
-flags.DEFINE_string('vae', None, 'Autoencoder checkpoint directory (written by diffusion_jax.convert).')
-flags.DEFINE_string('out', None, 'Output directory (created; rerun to resume).')
-flags.DEFINE_integer('batch_size', 64, 'Images per device per compiled call.')
-flags.DEFINE_integer('shard_size', 4096, 'Examples per ArrayRecord shard (the unit of resumption).')
-flags.DEFINE_bool('flip', False, 'Also encode the horizontally flipped images (DiT does).')
-flags.DEFINE_integer('num_devices', 0, 'Use the first N local devices (0: all).')
-flags.mark_flags_as_required(['vae', 'out'])
+def define_flags() -> None:
+  """The command line's flags; defined when run as a program, so that importing this module
+  (tests, other entry points) defines no absl flags that could clash."""
+  config_flags.DEFINE_config_dict('data', _default_data(), 'Data config (as in the training configs).')
+  flags.DEFINE_string('vae', None, 'Autoencoder checkpoint directory (written by diffusion_jax.convert).')
+  flags.DEFINE_string('out', None, 'Output directory (created; rerun to resume).')
+  flags.DEFINE_integer('batch_size', 64, 'Images per device per compiled call.')
+  flags.DEFINE_integer('shard_size', 4096, 'Examples per ArrayRecord shard (the unit of resumption).')
+  flags.DEFINE_bool('flip', False, 'Also encode the horizontally flipped images (DiT does).')
+  flags.DEFINE_integer('num_devices', 0, 'Use the first N local devices (0: all).')
+  flags.mark_flags_as_required(['vae', 'out'])
 
 
 def _encoder(vae: AutoencoderKL, params: Any, devices: Sequence[jax.Device], per_device: int):
@@ -192,4 +195,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

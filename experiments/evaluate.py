@@ -334,7 +334,9 @@ def _digits_key() -> str:
 def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import compile_cache  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  compile_cache.enable(f.compile_cache)
   results = evaluate(f.workdir, num_samples=f.num_samples, ref=f.ref, ref_split=f.ref_split,
                      features=f.features, inception_weights=f.inception_weights,
                      which=f.metrics, seed=f.seed, use_ema=f.use_ema,
@@ -350,9 +352,9 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.evaluation import digits as _digits  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import compile_cache  # pylint: disable=g-import-not-at-top
   # generate() builds its pmapped sampler per call (per shard): a persistent compilation cache
-  # turns the recompiles after the first into cache reads.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(_digits.cache_dir(), "jax"))
+  # turns the recompiles after the first into cache reads (--compile_cache, on by default).
+  compile_cache.define_flag()
   define_flags()
   app.run(main)

@@ -92,11 +92,12 @@ def evaluate_bits_per_dim(apply_fn, params: Any, schedule: Schedule,
 def main(argv):
   del argv
   from absl import flags
-  from diffusion_jax import data
+  from diffusion_jax import compile_cache, data
   from diffusion_jax.training import restore   # the training package's run loader
   from diffusion_jax.training import sampling
 
   flags_ = flags.FLAGS
+  compile_cache.enable(flags_.compile_cache)
   from experiments import paths
   loaded = restore.load_for_sampling(paths.absolute(flags_.workdir), use_ema=flags_.use_ema)
   if loaded.num_classes:
@@ -130,5 +131,7 @@ if __name__ == "__main__":
   flags.DEFINE_enum("variance", None, list(reverse.VARIANCES),
                     "Reverse-process variance; unset: the run's own (sample.variance, else "
                     "diffusion.variance).")
+  from diffusion_jax import compile_cache
+  compile_cache.define_flag()
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

@@ -13,7 +13,9 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from diffusion_jax import compile_cache
 from diffusion_jax import reverse
+from diffusion_jax.training import console
 from diffusion_jax.training import restore
 from diffusion_jax.training import sampling
 from experiments import paths
@@ -21,7 +23,7 @@ from experiments import sampling_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a training run.")
-flags.DEFINE_integer("num_samples", 64, "Number of samples.")
+flags.DEFINE_integer("num_samples", 64, "Number of samples (>= 1).", lower_bound=1)
 flags.DEFINE_string("out", None, "Output .npz path (a .png grid is written beside it).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("use_ema", True, "Sample with EMA params (else the raw params).")
@@ -29,23 +31,27 @@ flags.DEFINE_integer("batch_size", 256, "Samples per compiled call (over all loc
 flags.DEFINE_enum("variance", None, list(reverse.VARIANCES), "Reverse-process variance; unset: "
                   "the run's own (sample.variance, else diffusion.variance).")
 sampling_lib.define_flags()
+compile_cache.define_flag()
 flags.mark_flags_as_required(["workdir", "out"])
 
 
 def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_size: int,
                   labels: np.ndarray | None = None, variance: str | None = None,
-                  **sampler_kw) -> np.ndarray:
+                  progress: bool = False, **sampler_kw) -> np.ndarray:
   """uint8 [N, H, W, C] from a restored run (see `sampling_lib.generate` for sampler_kw).
 
   variance: the reverse variance; None follows the run (`sampling.sampling_variance`).
+  progress: show a bar over the batches (tqdm, on stderr).
   """
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
   config = loaded.config
   if labels is None and loaded.num_classes:
     labels = np.asarray(sampling.default_labels(num_samples, loaded.num_classes))
   apply_fn = lambda p, x, t, y: loaded.model.apply({"params": p}, x, t, y, train=False)
   kw = dict(prediction=config.diffusion.prediction,
             variance=sampling.sampling_variance(config, variance),
-            clip_denoised=config.sample.clip_denoised, progress=False)
+            clip_denoised=config.sample.clip_denoised, progress=progress)
   kw.update(sampler_kw)
   images = sampling_lib.generate(apply_fn, loaded.params, loaded.schedule, loaded.image_shape,
                                  num_samples=num_samples, seed=seed, batch_size=batch_size,
@@ -55,10 +61,13 @@ def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_siz
 
 def main(argv):
   del argv
+  console.quiet_libraries(FLAGS.verbosity)
+  compile_cache.enable(FLAGS.compile_cache)
   loaded = restore.load_for_sampling(paths.absolute(FLAGS.workdir), use_ema=FLAGS.use_ema)
   labels = sampling_lib.parse_labels(FLAGS.labels, FLAGS.num_samples, loaded.num_classes)
   images = sample_images(loaded, FLAGS.num_samples, FLAGS.seed, FLAGS.batch_size, labels,
-                         sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
+                         progress=True, sampler=FLAGS.sampler, steps=FLAGS.steps,
+                         timesteps=FLAGS.timesteps, thresholding=FLAGS.thresholding, eta=FLAGS.eta,
                          guidance_scale=FLAGS.guidance_scale, variance=FLAGS.variance)
   out = paths.absolute(FLAGS.out if FLAGS.out.endswith(".npz") else FLAGS.out + ".npz")
   np.savez(out, images=images,

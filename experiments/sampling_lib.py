@@ -6,6 +6,10 @@
   python -m experiments.sample --workdir=runs/digits --out=s.npz \\
       --sampler=dpm_solver++ --steps=20 --guidance_scale=2.0 --labels=3
 
+`--steps=N` is N steps on the sampler's default grid (`samplers.grids`: the authors' grid for
+each sampler), for every sampler; `--timesteps` gives an explicit respacing spec instead
+(ddpm / ddim / dpm_solver++). Network evaluations: N for every sampler but heun (2N - 1).
+
 Example i of a run (over all batches) uses the key fold_in(PRNGKey(seed), i), whatever the batch
 size or the number of devices; the samplers draw every random number from that key, so the
 same seed gives the same images on 1 or 8 devices. The step count, the respaced subset, eta
@@ -30,14 +34,20 @@ PyTree = Any
 
 
 def define_flags() -> None:
-  """Defines --sampler, --steps, --eta, --guidance_scale, --labels (absl), once."""
+  """Defines --sampler, --steps, --timesteps, --thresholding, --eta, --guidance_scale, --labels
+  (absl), once."""
   from absl import flags
   if "sampler" in flags.FLAGS:
     return
   flags.DEFINE_enum("sampler", "ddpm", sorted(samplers.SAMPLERS), "Sampler.")
-  flags.DEFINE_string("steps", None, "Steps: a respacing spec for ddpm/ddim/dpm_solver++ ('250', "
-                      "'50,50', 'ddim50', 'linspace20'; default all T), a number for euler/heun "
-                      "(default 50).")
+  flags.DEFINE_integer("steps", None, "Number of steps on the sampler's default grid (default: "
+                       "all T for ddpm/ddim/dpm_solver++, 50 for euler/heun). Heun spends 2N-1 "
+                       "network evaluations, the others N.")
+  flags.DEFINE_string("timesteps", None, "Instead of --steps, an explicit respacing spec for "
+                      "ddpm/ddim/dpm_solver++ ('50,50', 'ddim50', 'linspace20').")
+  flags.DEFINE_enum("thresholding", None, list(samplers.thresholding.THRESHOLDINGS),
+                    "x0 policy (default: the config's sample.clip_denoised, 'clip' for pixel "
+                    "models; 'none' for latent models).")
   flags.DEFINE_float("eta", 0.0, "DDIM eta (0 deterministic, 1 ancestral).")
   flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance scale (class-conditional "
                      "models; 1 = plain conditional sampling).")
@@ -63,27 +73,23 @@ def parse_labels(spec: str | None, num_samples: int, num_classes: int) -> np.nda
   return np.resize(classes, num_samples).astype(np.int32)
 
 
-def _plan(schedule: Schedule, sampler: str, steps: str | int | None, prediction: str,
-          variance: str, clip_denoised: bool):
-  """(static sampler settings, per-call schedule, per-call timesteps or None)."""
-  if sampler not in samplers.SAMPLERS:
-    raise ValueError(f"Unknown sampler={sampler!r}; allowed: {sorted(samplers.SAMPLERS)}.")
-  static: dict[str, Any] = dict(prediction=prediction, variance=variance)
-  if sampler in samplers.SCHEDULE_SAMPLERS:
-    if sampler != "dpm_solver++":
-      static["clip_denoised"] = clip_denoised
-    spec = str(schedule.num_timesteps) if steps in (None, "") else steps
-    respaced, timesteps = samplers.respace(schedule, spec)
-    return static, respaced, timesteps
-  static["num_steps"] = 50 if steps in (None, "") else int(steps)
-  return static, schedule, None
+def parse_steps(steps: str | int | None) -> int | None:
+  """--steps as an int (or None); a respacing spec belongs in --timesteps."""
+  if steps is None or steps == "":
+    return None
+  try:
+    return int(steps)
+  except ValueError as e:
+    raise ValueError(f"steps must be a number of steps, got {steps!r}; pass a respacing spec "
+                     "such as 'ddim50' as timesteps.") from e
 
 
 def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence[int], *,
              num_samples: int, seed: int = 0, batch_size: int = 256, sampler: str = "ddpm",
-             steps: str | int | None = None, eta: float = 0.0, guidance_scale: float = 1.0,
-             labels: np.ndarray | None = None, num_classes: int = 0, prediction: str = "eps",
-             variance: str = "fixed_small", clip_denoised: bool = True,
+             steps: str | int | None = None, timesteps: str | None = None, eta: float = 0.0,
+             guidance_scale: float = 1.0, labels: np.ndarray | None = None,
+             num_classes: int = 0, prediction: str = "eps", variance: str = "fixed_small",
+             thresholding: str | None = None, clip_denoised: bool = True,
              devices: Sequence[jax.Device] | None = None, first_index: int = 0,
              progress: bool = True) -> np.ndarray:
   """Samples float32 [num_samples, H, W, C] (in [-1, 1] for image models).
@@ -95,12 +101,14 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
     image_shape: (H, W, C).
     num_samples, seed, batch_size: example i uses fold_in(PRNGKey(seed), first_index + i);
       batch_size (rounded up to a multiple of the device count) is per call over all devices.
-    sampler, steps, eta: see `define_flags`.
+    sampler, steps, timesteps, eta: see `define_flags`.
     guidance_scale: classifier-free guidance (class-conditional models, null label num_classes);
       at 1 the model runs once per step without the unconditional half.
     labels: int32 [num_samples] for a class-conditional model (see `parse_labels`).
     num_classes: the model's number of classes (0: unconditional).
-    prediction, variance, clip_denoised: the model's parameterisation.
+    prediction, variance: the model's parameterisation.
+    thresholding: the x0 policy ('clip', 'dynamic', 'none'); None: 'clip' if clip_denoised
+      else 'none'.
     devices: devices to pmap over (default: all local devices).
     first_index: global index of this host's first example (multi-host runs).
     progress: show a progress bar over batches (tqdm).
@@ -112,27 +120,26 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
   num_devices = len(devices)
   per_device = -(-min(batch_size, num_samples) // num_devices)
   per_call = per_device * num_devices
-  static, run_schedule, timesteps = _plan(schedule, sampler, steps, prediction, variance,
-                                          clip_denoised)
-  sample_fn = samplers.get_sampler(sampler, **static)
+  if thresholding is None:
+    thresholding = "clip" if clip_denoised else "none"
+  plan = samplers.plan(sampler, schedule, parse_steps(steps), timesteps)
+  sample_fn = samplers.get_sampler(sampler, prediction=prediction, variance=variance,
+                                   thresholding=thresholding, **plan.static)
   conditional = num_classes > 0
   guided = conditional and guidance_scale != 1.0
   if conditional and labels is None:
     labels = parse_labels(None, num_samples, num_classes)
   shape = (per_device,) + tuple(image_shape)
 
-  def draw(params, run_schedule, timesteps, eta, scale, keys, y):
+  def draw(params, run_schedule, per_call, eta, scale, keys, y):
     if guided:
       model_fn = samplers.classifier_free_guidance(
           lambda x, t, yy: apply_fn(params, x, t, yy), y, scale, null_label=num_classes)
     else:
       model_fn = lambda x, t: apply_fn(params, x, t, y if conditional else None)
-    per_call_args = {}
-    if timesteps is not None:
-      per_call_args["timesteps"] = timesteps
     if sampler == "ddim":
-      per_call_args["eta"] = eta
-    return sample_fn(model_fn, run_schedule, shape, keys, **per_call_args)
+      per_call = dict(per_call, eta=eta)
+    return sample_fn(model_fn, run_schedule, shape, keys, **per_call)
 
   pmapped = jax.pmap(draw, in_axes=(None, None, None, None, None, 0, 0), devices=devices)
   root = jax.random.PRNGKey(seed)
@@ -152,7 +159,7 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
       y = np.resize(np.asarray(labels[start:start + per_call], np.int32), per_call)
     else:
       y = np.zeros((per_call,), np.int32)
-    images = pmapped(params, run_schedule, timesteps, jnp.float32(eta),
+    images = pmapped(params, plan.schedule, plan.per_call, jnp.float32(eta),
                      jnp.float32(guidance_scale), keys, y.reshape(num_devices, per_device))
     out.append(np.asarray(images).reshape((per_call,) + tuple(image_shape)))
   return np.concatenate(out)[:num_samples]

@@ -66,7 +66,7 @@ def zip_(*axes: Sequence[Member]) -> list[Member]:
   lengths = sorted({len(a) for a in axes})
   if len(lengths) > 1:
     raise ValueError(f"zip_(...) needs axes of equal length, got lengths {[len(a) for a in axes]}.")
-  return [_merge(parts, "zip_") for parts in zip(*axes)]
+  return [_merge(parts, "zip_") for parts in zip(*axes, strict=True)]
 
 
 @dataclasses.dataclass

@@ -4,9 +4,12 @@
   python -m experiments.train --config=experiments/configs/ddpm_cifar10.py --workdir=runs/c10 \
       --config.optim.lr=1e-4 --config.train.batch_size=64
 
-Rerunning the same command with the same workdir resumes from its newest checkpoint. Exit codes:
-0 done, 1 non-finite loss (the message names the step), 143 preempted (SIGTERM; a checkpoint was
-written). Multi-host: `--distributed` calls `jax.distributed.initialize()` (arguments are
+Rerunning the same command with the same workdir resumes from its newest checkpoint (see the
+README's "Reliability" section for what a resume checks). Exit codes: 0 done, 1 non-finite loss
+(the message names the step), 2 refused (the config changes keys the run must keep, another
+trainer holds the workdir, the checkpoints do not match or none is readable), 143 preempted
+(SIGTERM; a checkpoint was written). Library INFO lines (orbax, TFDS) are hidden unless
+`--verbosity=1` (or `-v 1`). Multi-host: `--distributed` calls `jax.distributed.initialize()` (arguments are
 auto-detected on TPU pods; give `--coordinator_address/--num_processes/--process_id` elsewhere).
 """
 import sys
@@ -17,7 +20,12 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from diffusion_jax import compile_cache
+from diffusion_jax.training import checkpoint
+from diffusion_jax.training import console
+from diffusion_jax.training import run_config
 from diffusion_jax.training import trainer
+from diffusion_jax.training import workdir_lock
 from experiments import paths
 from experiments.configs import overrides
 
@@ -29,11 +37,19 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 flags.DEFINE_string("cpu_collectives", None, "CPU collectives implementation, e.g. 'gloo'.")
+compile_cache.define_flag()
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+# Errors that refuse a launch with a message saying what to do: printed without a traceback.
+_REFUSALS = (run_config.ConfigChangeError, workdir_lock.WorkdirLockedError,
+             checkpoint.CheckpointMismatchError, checkpoint.NoReadableCheckpointError)
 
 
 def main(argv):
   del argv
+  console.quiet_libraries(FLAGS.verbosity)
+  compile_cache.enable(FLAGS.compile_cache)
   if FLAGS.cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
   if FLAGS.distributed or FLAGS.coordinator_address:
@@ -49,6 +65,10 @@ def main(argv):
     logging.error("%s", e)
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
+  except _REFUSALS as e:
+    logging.error("%s", e)
+    print(f"ERROR: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   except trainer.Preempted as e:
     logging.warning("%s", e)
     print(str(e), file=sys.stderr, flush=True)

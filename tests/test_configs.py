@@ -6,7 +6,6 @@ import dataclasses
 import importlib
 import inspect
 import json
-import os
 import subprocess
 import sys
 

@@ -121,3 +121,89 @@ def test_corrupt_files_skipped_with_a_warning_naming_them(corrupt_folder):
     assert path in message
   assert data["image"].shape == (7, 8, 8, 3)  # The 7 good images, as before.
   np.testing.assert_array_equal(data["label"], [0, 0, 0, 0, 1, 1, 1])
+
+
+# --- every pixel format a folder may hold (issue 9: 16-bit PNGs decoded to all-white) ------------
+
+def _png_by_hand(array: np.ndarray, color_type: int, bit_depth: int) -> bytes:
+  """A PNG written without PIL (so the 16-bit files do not depend on PIL's writer): array
+  [H, W] or [H, W, C] of uint8 / uint16, colour type 0 (grey) or 2 (RGB), filter 0 per row."""
+  import struct
+  import zlib
+  height, width = array.shape[:2]
+  dtype = ">u2" if bit_depth == 16 else "u1"
+  raw = b"".join(b"\x00" + np.ascontiguousarray(array[i]).astype(dtype).tobytes()
+                 for i in range(height))
+
+  def chunk(kind, payload):
+    return (struct.pack(">I", len(payload)) + kind + payload
+            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+  header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+          + chunk(b"IEND", b""))
+
+
+def _pixel_formats(root):
+  """{file name: expected uint8 RGB [4, 4, 3]} for one file of each format, written under root.
+  The expectations are computed here in NumPy from the pixel values written."""
+  rs = np.random.RandomState(0)
+  root.mkdir(parents=True, exist_ok=True)
+  expected = {}
+  grey = rs.randint(0, 256, (4, 4)).astype(np.uint8)
+  Image.fromarray(grey, mode="L").save(root / "grey.png")
+  expected["grey.png"] = np.repeat(grey[..., None], 3, -1)
+  rgb = rs.randint(0, 256, (4, 4, 3)).astype(np.uint8)
+  Image.fromarray(rgb, mode="RGB").save(root / "rgb.png")
+  expected["rgb.png"] = rgb
+  rgba = np.concatenate([rgb[::-1], rs.randint(0, 256, (4, 4, 1)).astype(np.uint8)], -1)
+  Image.fromarray(rgba, mode="RGBA").save(root / "rgba.png")
+  expected["rgba.png"] = rgba[..., :3]                  # alpha dropped
+  palette = rs.randint(0, 256, (5, 3)).astype(np.uint8)
+  index = rs.randint(0, 5, (4, 4)).astype(np.uint8)
+  pal = Image.fromarray(index, mode="P")
+  pal.putpalette(palette.ravel().tolist())
+  pal.save(root / "palette.png")
+  expected["palette.png"] = palette[index]
+  bits = rs.randint(0, 2, (4, 4)).astype(bool)
+  Image.fromarray(bits).convert("1").save(root / "onebit.png")
+  expected["onebit.png"] = np.repeat(np.where(bits, 255, 0).astype(np.uint8)[..., None], 3, -1)
+  grey16 = np.array([0, 1, 128, 129, 257, 383, 384, 32767, 32768, 65279, 65407, 65408, 65534,
+                     65535, 4369, 30000], np.uint16).reshape(4, 4)
+  (root / "grey16.png").write_bytes(_png_by_hand(grey16, 0, 16))
+  grey8 = np.round(grey16 / 257.0).astype(np.uint8)       # 65535 -> 255, exact rounding
+  expected["grey16.png"] = np.repeat(grey8[..., None], 3, -1)
+  rgb16 = rs.randint(0, 65536, (4, 4, 3)).astype(np.uint16)
+  (root / "rgb16.png").write_bytes(_png_by_hand(rgb16, 2, 16))
+  expected["rgb16.png"] = np.round(rgb16 / 257.0).astype(np.uint8)
+  return expected
+
+
+def test_every_pixel_format_decodes_to_its_values(tmp_path):
+  root = tmp_path / "formats"
+  expected = _pixel_formats(root)
+  data = dd.load_split_as_numpy(_config(root, image_size=None))
+  names = sorted(expected)           # the folder is read in sorted path order
+  assert data["image"].shape == (len(names), 4, 4, 3)
+  for got, name in zip(data["image"], names, strict=True):
+    if name == "rgb16.png":
+      # PIL reduces 16-bit RGB to 8 bits by the high byte (v >> 8), within 1 of round(v / 257).
+      assert np.abs(got.astype(int) - expected[name]).max() <= 1, name
+    else:
+      np.testing.assert_array_equal(got, expected[name], err_msg=name)
+  # One channel: grey values stay exact, colour goes through ITU-R 601-2 luma.
+  grey = dd.load_split_as_numpy(_config(root, image_size=None, channels=1))["image"][..., 0]
+  np.testing.assert_array_equal(grey[names.index("grey16.png")],
+                                expected["grey16.png"][..., 0])
+  np.testing.assert_array_equal(grey[names.index("grey.png")], expected["grey.png"][..., 0])
+  luma = expected["rgb.png"].astype(float) @ [0.299, 0.587, 0.114]
+  assert np.abs(grey[names.index("rgb.png")] - luma).max() <= 1
+
+
+def test_sixteen_bit_grey_is_not_clipped_to_white(tmp_path):
+  """The failure seen: a mid-grey 16-bit PNG read as all 255."""
+  root = tmp_path / "mid"
+  root.mkdir()
+  (root / "a.png").write_bytes(_png_by_hand(np.full((4, 4), 32768, np.uint16), 0, 16))
+  image = dd.load_split_as_numpy(_config(root, image_size=None, channels=1))["image"]
+  assert (image == 128).all()

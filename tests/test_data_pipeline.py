@@ -198,3 +198,27 @@ def test_worker_processes_give_the_same_stream_and_resume(tiny_dir):
   finally:
     workers.close()
     threads.close()
+
+
+def test_default_data_dir_is_the_env_var_else_home_tensorflow_datasets(tmp_path, monkeypatch):
+  """The Quickstart's digits config leaves data_dir unset: the digits are prepared in
+  $DIFFUSION_JAX_DATA_DIR, else in ~/tensorflow_datasets (TFDS's default), nowhere else."""
+  from diffusion_jax.data.options import DataOptions
+  from experiments.configs import digits as digits_config
+  config = digits_config.get_config().data
+  assert config.data_dir is None
+  home = tmp_path / "home"
+  home.mkdir()
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.delenv("DIFFUSION_JAX_DATA_DIR", raising=False)
+  assert DataOptions.from_config(config).data_dir == str(home / "tensorflow_datasets")
+  chosen = tmp_path / "chosen"
+  monkeypatch.setenv("DIFFUSION_JAX_DATA_DIR", str(chosen))
+  assert DataOptions.from_config(config).data_dir == str(chosen)
+  # And the data really lands there (the digits builder prepares offline on first use).
+  info = dd.get_dataset_info(config)
+  assert info.num_examples == 1500
+  assert any((chosen / "digits").iterdir()) and not (home / "tensorflow_datasets").exists()
+  monkeypatch.delenv("DIFFUSION_JAX_DATA_DIR")
+  assert dd.get_dataset_info(config).num_examples == 1500
+  assert (home / "tensorflow_datasets" / "digits").is_dir()

@@ -9,8 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics_testlib import assert_f32_close
 
 import diffusion_jax as dj
+
+F32_OPS = 16
 
 SCHEDULES = [("linear", 1000), ("cosine", 1000), ("sigmoid", 300)]
 
@@ -55,13 +58,16 @@ def test_q_posterior_is_bayes_rule_by_gaussian_conditioning_at_every_t(name, T):
   ref_mean = m1 + c12 / v2 * (xt_64 - m2)
   ref_var = np.broadcast_to(v1 - c12 ** 2 / v2, ref_mean.shape)
 
-  np.testing.assert_allclose(np.asarray(mean), ref_mean, rtol=2e-5, atol=2e-6)
-  np.testing.assert_allclose(np.asarray(var)[1:], ref_var[1:], rtol=2e-5)
-  np.testing.assert_allclose(np.asarray(log_var)[1:], np.log(ref_var[1:]), atol=2e-5)
+  # float32 tables (each within eps / 2 of float64) and ~5 operations: 16 ulps of the largest
+  # value (F32_OPS) holds every comparison against the float64 references in this file.
+  assert_f32_close(mean, ref_mean, ops=F32_OPS)
+  assert_f32_close(np.asarray(var)[1:], ref_var[1:], ops=F32_OPS)
+  assert_f32_close(np.asarray(log_var)[1:], np.log(ref_var[1:]), ops=F32_OPS)
   # t = 0: x_{-1} is x0 itself; variance 0, log variance clipped to the t = 1 value.
-  np.testing.assert_allclose(np.asarray(mean)[0], x0_64[0], atol=1e-6)
+  assert_f32_close(np.asarray(mean)[0], x0_64[0], ops=F32_OPS)
   assert float(var[0, 0]) == 0.0
-  np.testing.assert_allclose(np.asarray(log_var)[0], np.log(ref_var[1]), atol=2e-5)
+  assert_f32_close(np.asarray(log_var)[0], np.broadcast_to(np.log(ref_var[1]), log_var[0].shape),
+                   ops=F32_OPS)
 
 
 @pytest.mark.parametrize("name,T", SCHEDULES[:2])
@@ -88,8 +94,8 @@ def test_q_posterior_by_numerical_integration_at_every_t(name, T):
   w /= w.sum(axis=1, keepdims=True)
   ref_mean = (w * y).sum(axis=1)
   ref_var = (w * (y - ref_mean[:, None]) ** 2).sum(axis=1)
-  np.testing.assert_allclose(np.asarray(mean)[:, 0], ref_mean, rtol=2e-5, atol=2e-6)
-  np.testing.assert_allclose(np.asarray(var)[:, 0], ref_var, rtol=2e-5)
+  assert_f32_close(np.asarray(mean)[:, 0], ref_mean, ops=F32_OPS)
+  assert_f32_close(np.asarray(var)[:, 0], ref_var, ops=F32_OPS)
 
 
 def test_q_mean_variance_and_q_sample():
@@ -99,13 +105,12 @@ def test_q_mean_variance_and_q_sample():
   t = jnp.array([0, 10, 50, 98, 99])
   mean, var, log_var = dj.q_mean_variance(schedule, x0, t)
   a = abar[np.asarray(t)][:, None, None, None]
-  np.testing.assert_allclose(np.asarray(mean), np.sqrt(a) * np.asarray(x0), rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(np.asarray(var), np.broadcast_to(1 - a, x0.shape), rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(log_var), np.broadcast_to(np.log(1 - a), x0.shape),
-                             rtol=1e-5, atol=1e-6)
+  assert_f32_close(mean, np.sqrt(a) * np.asarray(x0), ops=F32_OPS)
+  assert_f32_close(var, np.broadcast_to(1 - a, x0.shape), ops=F32_OPS)
+  assert_f32_close(log_var, np.broadcast_to(np.log(1 - a), x0.shape), ops=F32_OPS)
   xt = dj.q_sample(schedule, x0, t, noise)
-  np.testing.assert_allclose(np.asarray(xt), np.sqrt(a) * np.asarray(x0)
-                             + np.sqrt(1 - a) * np.asarray(noise), rtol=1e-5, atol=1e-6)
+  assert_f32_close(xt, np.sqrt(a) * np.asarray(x0) + np.sqrt(1 - a) * np.asarray(noise),
+                   ops=F32_OPS)
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -119,8 +124,7 @@ def test_conversions_round_trip(name):
   v = dj.v_from_eps_x0(schedule, t, eps, x0)
   a = abar[np.asarray(t)][:, None]
   x0_64, eps_64 = np.asarray(x0, np.float64), np.asarray(eps, np.float64)
-  np.testing.assert_allclose(np.asarray(v), np.sqrt(a) * eps_64 - np.sqrt(1 - a) * x0_64,
-                             rtol=1e-5, atol=2e-6)
+  assert_f32_close(v, np.sqrt(a) * eps_64 - np.sqrt(1 - a) * x0_64, ops=F32_OPS)
   # Recovering x0 from eps divides by sqrt(abar): float32 error grows like 1/sqrt(abar).
   tol_x0 = 4e-6 * np.sqrt(1 / a)
   tol_eps = 4e-6 * np.sqrt(1 / (1 - a))
@@ -195,9 +199,9 @@ def test_p_mean_variance_vs_numpy(prediction, variance, clip):
   # pred_x0 from eps divides by sqrt(abar) (~158 at t = 999 for the linear schedule).
   scale = np.sqrt(1 / np.cumprod(1 - betas))[t][:, None]
   assert_within(got.pred_x0, ref[3], 4e-6 * scale + 1e-6)
-  np.testing.assert_allclose(np.asarray(got.mean), ref[0], rtol=1e-5, atol=4e-6)
-  np.testing.assert_allclose(np.asarray(got.log_variance), ref[2], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(got.variance), ref[1], rtol=2e-5)
+  assert_f32_close(got.mean, ref[0], ops=F32_OPS)
+  assert_f32_close(got.log_variance, ref[2], ops=F32_OPS)
+  assert_f32_close(got.variance, ref[1], ops=F32_OPS)
 
 
 def test_p_sample_noise_override_and_t0():
@@ -262,3 +266,39 @@ def test_shape_and_name_errors():
     dj.p_mean_variance(s, x, x, t, variance="small")
   with pytest.raises(ValueError, match="noise and xt"):
     dj.p_sample(s, x, x, t, None, noise=jnp.zeros((2, 4, 4, 1)))
+
+
+# --- timesteps out of range (issue 9) --------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [[-1, 0], [0, 10], [10, 11], [0.0, 1.0]])
+def test_concrete_timesteps_outside_the_schedule_raise(bad):
+  schedule = dj.get_schedule("cosine", 10)
+  x = jnp.ones((2, 3))
+  t = jnp.asarray(bad)
+  calls = {
+      "q_sample": lambda: dj.q_sample(schedule, x, t, x),
+      "q_mean_variance": lambda: dj.q_mean_variance(schedule, x, t),
+      "q_posterior_mean_variance": lambda: dj.q_posterior_mean_variance(schedule, x, x, t),
+      "p_mean_variance": lambda: dj.p_mean_variance(schedule, x, x, t),
+      "training_loss": lambda: dj.training_loss(lambda xt, tt: xt, schedule, x, None, t=t,
+                                                noise=x),
+  }
+  for name, call in calls.items():
+    with pytest.raises(ValueError, match=r"t must .*\[0, 9\]"):
+      call()
+      pytest.fail(name)
+  with pytest.raises(ValueError, match="t must lie"):      # a Python int too
+    dj.q_sample(schedule, x, 10, x)
+
+
+def test_traced_timesteps_outside_the_schedule_give_nan_not_another_step():
+  """Under jit t cannot be checked: -1 must not silently mean T - 1, T must not read garbage."""
+  schedule = dj.get_schedule("cosine", 10)
+  x = jnp.ones((3, 2))
+  t = jnp.array([-1, 4, 10])
+  q = np.asarray(jax.jit(lambda t: dj.q_sample(schedule, x, t, x))(t))
+  p = np.asarray(jax.jit(lambda t: dj.p_mean_variance(schedule, x, x, t).mean)(t))
+  for out in (q, p):
+    assert np.all(np.isnan(out[[0, 2]])) and np.all(np.isfinite(out[1]))
+  np.testing.assert_array_equal(q[1], np.asarray(dj.q_sample(schedule, x[1:2], jnp.array([4]),
+                                                             x[1:2]))[0])

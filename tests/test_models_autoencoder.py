@@ -160,7 +160,7 @@ def _check_side_by_side(config, size, seed=0):
   ref = _reference(model, x)
   ours = _ours(vae, params, x, ref[0])
   tol = _tolerance(config)
-  for name, a, b in zip(('posterior mean', 'posterior logvar', 'decoder output'), ours, ref):
+  for name, a, b in zip(('posterior mean', 'posterior logvar', 'decoder output'), ours, ref, strict=True):
     assert a.shape == b.shape, name
     assert np.abs(b).max() > 0.1, name  # of order 1: the relative error is meaningful
     assert rel_err(a, b) < tol, (name, rel_err(a, b), tol)
@@ -225,7 +225,7 @@ def test_ldm_layout_matches_diffusers():
   jax.tree.map(np.testing.assert_array_equal, params, ref_params)
   x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   ref = _reference(model, x)
-  for a, b in zip(_ours(vae, params, x, ref[0]), ref):
+  for a, b in zip(_ours(vae, params, x, ref[0]), ref, strict=True):
     assert rel_err(a, b) < _tolerance(TINY)
   del ref_vae
 
@@ -244,7 +244,7 @@ def test_cli_diffusers_vae_safetensors_roundtrip(tmp_path):
   assert (vae.scaling_factor, vae.shift_factor, vae.latent_channels) == (1.5, 0.06, 16)
   x = np.random.default_rng(1).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
   ref = _reference(model, x)
-  for a, b in zip(_ours(vae, params, x, ref[0]), ref):
+  for a, b in zip(_ours(vae, params, x, ref[0]), ref, strict=True):
     assert rel_err(a, b) < _tolerance(TINY_SD3_LIKE)
 
 
@@ -270,7 +270,7 @@ def test_bfloat16_compute_float32_params_and_outputs():
   vae16 = get_autoencoder('vae_tiny', dtype=jnp.bfloat16)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(_shapes(vae16)))
   ours16 = _ours(vae16, params, x, ours32[0])
-  for a, b in zip(ours16, ours32):
+  for a, b in zip(ours16, ours32, strict=True):
     assert a.dtype == np.float32
     # bfloat16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3); ~20 rounded layers on a
     # path with errors of random sign give about sqrt(20) * 3.9e-3 = 1.7e-2 relative; 5e-2 allows
@@ -314,5 +314,5 @@ def test_cli_ldm_ckpt_roundtrip(tmp_path):
   vae, params = convert.load_checkpoint(str(out))
   x = np.random.default_rng(2).uniform(-1, 1, (1, 8, 8, 3)).astype(np.float32)
   ref = _reference(model, x)
-  for a, b in zip(_ours(vae, params, x, ref[0]), ref):
+  for a, b in zip(_ours(vae, params, x, ref[0]), ref, strict=True):
     assert rel_err(a, b) < _tolerance(TINY)

@@ -2,6 +2,8 @@
 fresh copy of the repository as the current directory, a new virtual environment), produces
 what the README promises.
 """
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,6 +17,7 @@ PROMISED = {
     "grid": "runs/digits/samples.png",
     "npz": "runs/digits/samples.npz",
     "final_preview": "runs/digits/samples/step_0002000.png",
+    "evaluation": "runs/digits/eval/2000-ddim-50.json",
 }
 NPZ_SHAPE = (100, 8, 8, 1)
 
@@ -42,6 +45,11 @@ def test_quickstart_as_written(quickstart_run):
   assert images.min() == 0 and images.max() >= 200
   grid = Image.open(repo / PROMISED["grid"])
   assert grid.size[0] >= 8 * 10 and grid.size[1] >= 8 * 10
+  with open(repo / PROMISED["evaluation"], encoding="utf-8") as f:
+    evaluation = json.load(f)
+  # A Frechet distance was computed and printed beside the real-digit floor (its value is judged
+  # by tests/test_experiments_digits.py; here only that the Quickstart reports it).
+  assert evaluation["metrics"]["fd"] > 0 and "real floor" in quickstart_run.result.stdout
   # The run was saved where the user asked (relative to the copy), and nowhere else.
   assert (repo / "runs" / "digits" / "checkpoints").is_dir()
   assert (repo / "runs" / "digits" / "config.json").is_file()

@@ -1,5 +1,6 @@
 """Structure of the samplers: one scan of N steps, no recompiles for traced knobs, device-count
-independence, respacing specs, guidance, inpainting, learned variances, the registry."""
+independence, respacing specs, guidance, learned variances, the registry (inpainting,
+trajectories and thresholding per sampler: test_samplers_driver.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 
 import diffusion_jax as dj
 from diffusion_jax import rng as rng_lib
+from numerics_testlib import assert_f32_close
 
 T = 100
 SCHEDULE = dj.get_schedule("linear", T)
@@ -143,17 +145,23 @@ def test_one_device_and_eight_devices_give_the_same_samples(name):
   # Eight devices, two examples each: per-example keys from global example indices.
   keys = rng_lib.example_keys(key, SHAPE[0]).reshape(8, SHAPE[0] // 8)
   sharded = jax.pmap(lambda k: run(name, shape=(SHAPE[0] // 8,) + SHAPE[1:], rng=k))(keys)
-  np.testing.assert_allclose(np.asarray(sharded).reshape(SHAPE), single, rtol=1e-6, atol=1e-6)
+  # Same keys and formulas, another compiled program (pmap): rounding only, up to ~10 float32
+  # operations per step for 10 steps, on the largest state.
+  assert_f32_close(np.asarray(sharded).reshape(SHAPE), single, ops=10 * 10)
 
 
-def test_ddim_with_eta_one_is_ancestral_sampling():
+@pytest.mark.parametrize("thresholding", ["none", "clip", "dynamic"])
+def test_ddim_with_eta_one_is_ancestral_sampling(thresholding):
+  # With a thresholded x0, DDIM re-derives eps from it, which keeps eta = 1 equal to the posterior
+  # mean at that x0: the identity holds under every policy.
   schedule, timesteps = dj.respace(SCHEDULE, "25")
   key = jax.random.key(3)
-  ddpm = jax.jit(lambda s, ts: dj.get_sampler("ddpm", clip_denoised=False)(
+  ddpm = jax.jit(lambda s, ts: dj.get_sampler("ddpm", thresholding=thresholding)(
       toy_model, s, SHAPE, key, timesteps=ts))(schedule, timesteps)
-  ddim = jax.jit(lambda s, ts: dj.get_sampler("ddim")(toy_model, s, SHAPE, key, timesteps=ts,
-                                                      eta=1.0))(schedule, timesteps)
-  np.testing.assert_allclose(ddim, ddpm, rtol=1e-5, atol=1e-5)
+  ddim = jax.jit(lambda s, ts: dj.get_sampler("ddim", thresholding=thresholding)(
+      toy_model, s, SHAPE, key, timesteps=ts, eta=1.0))(schedule, timesteps)
+  # Algebraically equal update rules written differently: rounding of ~10 operations x 25 steps.
+  assert_f32_close(ddim, ddpm, ops=10 * 25)
 
 
 @pytest.mark.parametrize("name", ["ddim", "dpm_solver++", "euler", "heun"])
@@ -172,10 +180,12 @@ def test_ancestral_uses_learned_variance():
     return lambda x, t: jnp.concatenate([toy_model(x, t), jnp.full_like(x, value)], axis=-1)
   small = run("ddpm")
   large = run("ddpm", variance="fixed_large")
-  np.testing.assert_allclose(run("ddpm", model_fn=learned(-1.0), variance="learned_range"), small,
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(run("ddpm", model_fn=learned(1.0), variance="learned_range"), large,
-                             rtol=1e-5, atol=1e-5)
+  # v = -1 / +1 selects log(posterior variance) / log(beta): exp(log(.)) against the fixed
+  # variance itself, a few ulps per step, 10 steps.
+  assert_f32_close(run("ddpm", model_fn=learned(-1.0), variance="learned_range"), small,
+                   ops=10 * 10)
+  assert_f32_close(run("ddpm", model_fn=learned(1.0), variance="learned_range"), large,
+                   ops=10 * 10)
 
 
 # --- respacing ------------------------------------------------------------------------------------
@@ -206,13 +216,6 @@ def test_respaced_schedule_keeps_alpha_bar_and_full_subset_is_identity():
                                atol=1e-12)
 
 
-def test_respaced_model_fn_maps_indices_to_timesteps():
-  seen = []
-  wrapped = dj.samplers.respaced_model_fn(lambda x, t: seen.append(t) or x, jnp.array([4, 9, 20]))
-  wrapped(jnp.zeros((2, 1)), jnp.array([2, 0]))
-  np.testing.assert_array_equal(seen[0], [20, 4])
-
-
 # --- guidance and inpainting ----------------------------------------------------------------------
 
 def test_classifier_free_guidance_is_one_batched_call_and_the_right_mix():
@@ -240,23 +243,6 @@ def test_classifier_free_guidance_is_one_batched_call_and_the_right_mix():
   np.testing.assert_allclose(out[..., 2:], cond[..., 2:], rtol=1e-6)
   one = dj.classifier_free_guidance(cond_model, labels, 1.0, null_label=10)(x, t)
   np.testing.assert_allclose(one, cond, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", ["ddpm", "ddim"])
-def test_inpainting_keeps_known_pixels(name):
-  schedule, timesteps = dj.respace(SCHEDULE, "20")
-  known = jax.random.uniform(jax.random.key(5), SHAPE, minval=-1.0, maxval=1.0)
-  mask = (jnp.arange(SHAPE[2]) < 2).astype(jnp.float32)[None, None, :, None] * jnp.ones(SHAPE)
-  sampler = dj.get_sampler(name)
-  key = jax.random.key(6)
-  free = run(name, steps=20, rng=key)
-  inpainting = jax.jit(lambda s, ts, m: sampler(toy_model, s, SHAPE, key, timesteps=ts,
-                                                inpaint=dj.Inpaint(mask=m, known=known)))
-  out = inpainting(schedule, timesteps, mask)
-  np.testing.assert_array_equal(np.asarray(out)[mask > 0], np.asarray(known)[mask > 0])
-  assert not np.allclose(np.asarray(out)[mask == 0], np.asarray(free)[mask == 0])
-  nothing = inpainting(schedule, timesteps, jnp.zeros(SHAPE))
-  np.testing.assert_allclose(nothing, free, rtol=1e-6, atol=1e-6)
 
 
 # --- registry -------------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """The trainer in-process: resume, SIGTERM, injected NaN, indivisible batch, image folder."""
+import json
 import os
 import signal
 
 import chex
 import numpy as np
 import pytest
+import training_testlib as tl
+from numerics_testlib import f32_tol
 from PIL import Image
 
 from diffusion_jax.training import trainer
-import training_testlib as tl
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +59,32 @@ def test_uninterrupted_vs_sigterm_then_resume(tmp_path, data_dir, monkeypatch):
   with pytest.raises(trainer.Preempted, match="step 3"):
     trainer.train_and_evaluate(tl.tiny_config(data_dir), workdir)
   assert tl.read_state(workdir)[0] == 3
+  assert not os.path.exists(os.path.join(workdir, ".lock"))   # released on SIGTERM
   monkeypatch.undo()
   resumed = trainer.train_and_evaluate(tl.tiny_config(data_dir), workdir)
   chex.assert_trees_all_equal(resumed, full)
+
+
+def test_corrupt_newest_checkpoint_is_set_aside_and_the_rerun_completes(tmp_path, data_dir):
+  """Truncated array files in the newest checkpoint (4): the rerun resumes from 2, keeps the
+  broken step as 4.unreadable-<time>, saves 4 again and ends with the same state as the first
+  run; metrics.jsonl keeps one row per step."""
+  workdir = tmp_path / "run"
+  config = tl.tiny_config(data_dir, **{"train.num_steps": 4})
+  trainer.train_and_evaluate(config, str(workdir))
+  _, first = tl.read_state(str(workdir))
+  for path in (workdir / "checkpoints" / "4" / "state").rglob("d/*"):
+    with open(path, "r+b") as f:
+      f.truncate(3)
+  resumed = trainer.train_and_evaluate(config, str(workdir))
+  assert int(resumed.step) == 4
+  assert len(list((workdir / "checkpoints").glob("4.unreadable-*"))) == 1
+  at, state = tl.read_state(str(workdir))
+  assert at == 4
+  chex.assert_trees_all_equal(state, first)   # exact: same data, keys and program from step 2
+  steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
+  assert steps == [2, 4]
+  assert len(os.listdir(workdir / "configs")) == 2
 
 
 def test_nan_stops_with_message_and_keeps_last_checkpoint(tmp_path, data_dir, monkeypatch):
@@ -102,3 +127,75 @@ def test_image_folder_trains_end_to_end(tmp_path):
   assert int(state.step) == 2
   assert os.path.exists(os.path.join(workdir, "samples", "step_0000002.png"))
   assert tl.read_state(workdir)[0] == 2
+
+
+def _read_tb_scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value)]} from the event files under tb_dir, read with the TFRecord framing
+  (uint64 length, masked CRC32C of it, payload, masked CRC32C of the payload: both checked) and
+  the Event protobuf; no TensorBoard writer code involved."""
+  import struct
+
+  from tensorboardX.crc32c import crc32c
+  from tensorboardX.proto import event_pb2
+
+  def masked(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+  scalars: dict[str, list[tuple[int, float]]] = {}
+  files = sorted(p for p in tb_dir.iterdir() if p.name.startswith("events.out.tfevents"))
+  assert files, f"no event file in {tb_dir}"
+  for path in files:
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      header = data[pos:pos + 8]
+      (length,) = struct.unpack("<Q", header)
+      assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked(header), path
+      payload = data[pos + 12:pos + 12 + length]
+      assert struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] == masked(payload)
+      pos += 16 + length
+      event = event_pb2.Event.FromString(payload)
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+@pytest.mark.slow       # one tiny training run: ~35 s of CPU
+def test_adamw_bfloat16_retention_and_tensorboard(tmp_path, data_dir, monkeypatch):
+  """One tiny run with optim.name=adamw, train.compute_dtype=bfloat16, keep_latest=1 and
+  snapshot_every=4 (checkpoints every 2 steps of 8): the settings reach the optimizer and the
+  step, the retained checkpoints are exactly the snapshots {4, 8} plus the newest (8), and the
+  TensorBoard event files hold the logged losses, equal to metrics.jsonl's."""
+  import json
+
+  from diffusion_jax.training import optim
+  from diffusion_jax.training import step as step_lib
+  seen = {}
+  real_opt, real_step = optim.make_optimizer, step_lib.make_train_step
+
+  def spy_opt(cfg, num_steps):
+    seen["optim"] = (cfg["name"], float(cfg["weight_decay"]))
+    return real_opt(cfg, num_steps)
+
+  def spy_step(*args, **kwargs):
+    config = kwargs.get("config", args[4] if len(args) > 4 else None)
+    seen["compute_dtype"] = config.compute_dtype
+    return real_step(*args, **kwargs)
+
+  monkeypatch.setattr(optim, "make_optimizer", spy_opt)
+  monkeypatch.setattr(step_lib, "make_train_step", spy_step)
+  config = tl.tiny_config(data_dir, **{
+      "optim.name": "adamw", "optim.weight_decay": 0.1, "train.compute_dtype": "bfloat16",
+      "train.keep_latest": 1, "train.snapshot_every": 4})
+  workdir = tmp_path / "run"
+  state = trainer.train_and_evaluate(config, str(workdir))
+  assert int(state.step) == 8
+  assert seen == {"optim": ("adamw", 0.1), "compute_dtype": "bfloat16"}
+  kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert kept == [4, 8], kept
+  scalars = _read_tb_scalars(workdir / "tb")
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  logged = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+  assert logged and [s for s, _ in scalars["train/loss"]] == [s for s, _ in logged]
+  np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [v for _, v in logged],
+                             rtol=f32_tol(1))        # stored as float32 in the event

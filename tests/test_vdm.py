@@ -92,7 +92,7 @@ def test_discrete_bound_converges_to_the_continuous_one():
   # More steps give a tighter bound (VDM, sec. 4.1), with a gap shrinking like 1/T once the
   # per-step gamma increment (G_MAX - G_MIN) / T is small (T = 10 steps 1.4 in gamma at once).
   assert all(g > 0 for g in gaps) and gaps == sorted(gaps, reverse=True), gaps
-  for g_small, g_big in zip(gaps[2:], gaps[1:-1]):
+  for g_small, g_big in zip(gaps[2:], gaps[1:-1], strict=True):
     assert 9.0 < g_big / g_small < 11.0, gaps
   # The library's T-step estimator has the closed form's expectation.
   for T in (10, 100):

@@ -79,5 +79,34 @@ def read_state(workdir: str, step: int | None = None):
 
 
 def max_abs_diff(a, b) -> float:
+  """max |a - b| over the leaves of two trees of the same structure (checked)."""
+  assert jax.tree.structure(a) == jax.tree.structure(b), (jax.tree.structure(a),
+                                                          jax.tree.structure(b))
   return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def group_relative_diffs(a, b) -> dict[str, float]:
+  """{group: max |a - b| / max |a|} over groups of leaves of two train states (structure
+  checked): params, each EMA, and each optimizer-state field (Adam's mu, nu, ...). Each group is
+  measured against its own magnitude, so Adam's second moments (~1e-8) are not hidden under a
+  tolerance made for the parameters (~1); not per leaf, since some leaves' gradients are zero in
+  exact arithmetic (an attention key bias: softmax ignores a constant shift) and hold rounding
+  noise only."""
+  assert jax.tree.structure(a) == jax.tree.structure(b), (jax.tree.structure(a),
+                                                          jax.tree.structure(b))
+  diffs, scales = {}, {}
+  for (path, x), y in zip(jax.tree.leaves_with_path(a), jax.tree.leaves(b), strict=True):
+    keys = [str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path]
+    group = keys[0]
+    if keys[0] == "opt_state":
+      group = "opt_state." + next((k for k in keys[1:] if not k.isdigit()), "")
+    elif keys[0] == "ema_params" and len(keys) > 1:
+      group = "ema_params." + keys[1]
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if not x.size:
+      continue
+    diffs[group] = max(diffs.get(group, 0.0), float(np.max(np.abs(x - y))))
+    scales[group] = max(scales.get(group, 0.0), float(np.max(np.abs(x))))
+  return {g: (diffs[g] / scales[g] if scales[g] > 0 else (0.0 if diffs[g] == 0 else np.inf))
+          for g in diffs}

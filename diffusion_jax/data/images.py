@@ -68,15 +68,39 @@ def resize_array(image: np.ndarray, image_size: Optional[int], crop: str = "cent
   return out[..., None] if channels == 1 else out
 
 
+def _integer_grey_to_8bit(pil):
+  """16-bit (and 32-bit integer) grey images -> 8-bit 'L' by round(v * 255 / 65535).
+
+  PIL opens a 16-bit grey PNG / TIFF as mode 'I;16' (or 'I'), and `convert('L')` clips every value
+  above 255 to 255 (an almost all-white image). Other modes pass through unchanged (PIL itself
+  reduces 16-bit RGB / RGBA / grey+alpha PNGs to 8 bits by their high byte). Floating-point
+  images ('F') have no agreed pixel range: a ValueError.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if pil.mode == "F":
+    raise ValueError("floating-point images (PIL mode 'F') are not supported: save them as 8- or "
+                     "16-bit integers.")
+  if not (pil.mode == "I" or pil.mode.startswith("I;16")):
+    return pil
+  values = np.asarray(pil).astype(np.int64)
+  if values.size and (values.min() < 0 or values.max() > 65535):
+    raise ValueError(f"integer image values must lie in 0..65535 (16-bit), got "
+                     f"{values.min()}..{values.max()}.")
+  return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+
+
 def decode_file_bytes(data: bytes, channels: int, image_size: Optional[int], crop: str,
                       resize_method: str) -> np.ndarray:
   """Decodes PNG/JPEG/... bytes with PIL -> uint8 [H, W, channels] (resized if image_size).
 
+  Any PIL mode: grey ('L'), 1-bit ('1': 0 / 255), palette ('P', looked up), RGB, RGBA and
+  grey+alpha (the alpha channel is dropped, as torchvision's ImageFolder does), 16-bit grey
+  (scaled to 8 bits, see `_integer_grey_to_8bit`); colour to grey by PIL's ITU-R 601-2 luma.
   Raises whatever PIL raises on a corrupt or truncated file (the caller adds the path).
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(io.BytesIO(data)) as pil:
     pil.load()  # Decode fully now: a truncated file fails here, not later.
-    pil = pil.convert("L" if channels == 1 else "RGB")
+    pil = _integer_grey_to_8bit(pil).convert("L" if channels == 1 else "RGB")
   array = np.asarray(resize_pil(pil, image_size, crop, resize_method))
   return array[..., None] if channels == 1 else array

@@ -24,6 +24,10 @@ import jax.numpy as jnp
 from diffusion_jax.models import layers
 
 Dtype = Any
+# What the scanned blocks keep for the backward pass: the matmul outputs; the elementwise parts
+# (LayerNorm, modulation, GELU, softmax) are recomputed, which was ~10 % faster on XLA:CPU than
+# writing all of them into the scan's stacked buffers (benchmarks/README.md). Same values.
+_SCAN_SAVE_POLICY = jax.checkpoint_policies.dots_saveable
 xavier = nn.initializers.xavier_uniform()
 # Xavier-uniform over the conv kernel viewed as a [p*p*C, D] matrix, as the official code does.
 patch_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2),
@@ -100,6 +104,9 @@ class DiT(nn.Module):
       1 = the diffusers DiT port, half - 1).
     norm_eps: LayerNorm epsilon (1e-6 in DiT).
     remat: rematerialise each block in the backward pass.
+    scan_blocks: apply the blocks as one `lax.scan` (default; same parameters and outputs up to
+      float32 rounding, gradient cost linear in depth on XLA:CPU, one block compiled); False
+      unrolls them.
     dtype: computation dtype; param_dtype: parameter dtype.
   """
   in_channels: int = 4
@@ -114,12 +121,45 @@ class DiT(nn.Module):
   freq_shift: float = 0.0
   norm_eps: float = 1e-6
   remat: bool = False
+  scan_blocks: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @property
   def out_channels(self) -> int:
     return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+  def _blocks(self, h: jax.Array, c: jax.Array) -> jax.Array:
+    """The `depth` blocks, [B, N, D] -> [B, N, D]; parameters stay `block_0` ... `block_{depth-1}`.
+
+    At init the blocks run one after the other (creating their parameters); when applied they
+    run as one `lax.scan` over the blocks' stacked parameters. The loop body is a separate XLA
+    computation, so the compiler cannot fuse the elementwise residual stream (or its cotangent)
+    across blocks: unrolled, XLA:CPU re-computed the whole cotangent chain inside each block's
+    backward fusions, and the gradient cost grew with depth squared (see benchmarks/README.md).
+    It also compiles one block instead of `depth`.
+    """
+    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
+    args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.norm_eps)
+    if self.is_initializing() or not self.scan_blocks or self.depth == 0:
+      block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+      for i in range(self.depth):
+        h = block_cls(*args, name=f'block_{i}', **kw)(h, c)
+      return h
+    params = self.variables['params']
+    stacked = jax.tree.map(lambda *p: jnp.stack(p),
+                           *(params[f'block_{i}'] for i in range(self.depth)))
+    block = DiTBlock(*args, parent=None, **kw)
+
+    def body(carry: jax.Array, p: Any) -> tuple[jax.Array, None]:
+      return block.apply({'params': p}, carry, c), None
+
+    if self.remat:
+      body = jax.checkpoint(body)
+    elif _SCAN_SAVE_POLICY is not None:
+      body = jax.checkpoint(body, policy=_SCAN_SAVE_POLICY)
+    h, _ = jax.lax.scan(body, h, stacked)
+    return h
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
@@ -150,9 +190,7 @@ class DiT(nn.Module):
         y = layers.drop_labels(y, self.num_classes, self.label_dropout, self.make_rng('dropout'))
       c = c + nn.Embed(self.num_classes + 1, d, embedding_init=normal, name='y_embedder', **kw)(y)
 
-    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
-    for i in range(self.depth):
-      h = block_cls(d, self.num_heads, self.mlp_ratio, self.norm_eps, name=f'block_{i}', **kw)(h, c)
+    h = self._blocks(h, c)
 
     zeros = nn.initializers.zeros
     mod = nn.Dense(2 * d, kernel_init=zeros, name='final_adaLN_modulation', **kw)(nn.silu(c))

@@ -1,9 +1,10 @@
-"""The T-step ancestral (DDPM) sampler, fused in one `lax.scan`.
+"""The ancestral (DDPM) sampler: one step x_t -> x_{t-1} ~ p(x_{t-1} | x_t), run by the driver.
 
-The step function and the loop are pure; the caller wraps them in `jit` / `pmap`. The loop body
-is traced once whatever T is, so compile time and memory do not grow with T.
+Over the training schedule (T steps) or a respaced one (`respacing.respace`, N steps); the
+network is called at `timesteps[i]` of a respaced schedule.
 
-References: Ho et al. 2020, algorithm 2; Nichol & Dhariwal 2021, sec. 3.1 (learned variances).
+References: Ho et al. 2020, algorithm 2; Nichol & Dhariwal 2021, sec. 3.1 (learned variances)
+and sec. 4 (respacing).
 """
 
 from __future__ import annotations
@@ -12,73 +13,95 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from diffusion_jax import forward
 from diffusion_jax import reverse
 from diffusion_jax.samplers import base
-from diffusion_jax.samplers import guidance
+from diffusion_jax.samplers import driver
+from diffusion_jax.samplers import inpainting
+from diffusion_jax.samplers import thresholding as thresholding_lib
 from diffusion_jax.schedules import Schedule
 
 ModelFn = base.ModelFn
 
 
+def ancestral_step(schedule: Schedule, model_output: jax.Array, x: jax.Array, t: jax.Array,
+                   noise: jax.Array, *, prediction: str = "eps", variance: str = "fixed_small",
+                   thresholding: str = "none",
+                   percentile: float = thresholding_lib.DEFAULT_PERCENTILE
+                   ) -> tuple[jax.Array, jax.Array]:
+  """One ancestral step: mean of q(x_{t-1} | x_t, x0) at the (thresholded) predicted x0, plus
+  the model's standard deviation times `noise` (none at t = 0).
+
+  Args:
+    schedule: the (respaced) schedule.
+    model_output: [B, ..., C] (or [B, ..., 2C] with a learned variance).
+    x: x_t [B, ..., C].
+    t: int32 [B] schedule index.
+    noise: [B, ..., C] standard normal.
+    prediction, variance: the model's parameterisation.
+    thresholding, percentile: the x0 policy (`thresholding.threshold_x0`).
+
+  Returns:
+    (x_{t-1} [B, ..., C], x0 [B, ..., C]).
+
+  References: Ho et al. 2020, algorithm 2 and eq. 7.
+  """
+  moments = reverse.p_mean_variance(schedule, model_output, x, t, prediction=prediction,
+                                    variance=variance, clip_denoised=False)
+  x0 = thresholding_lib.threshold_x0(moments.pred_x0, thresholding, percentile)
+  mean, _, _ = forward.q_posterior_mean_variance(schedule, x0, x, t)
+  nonzero = forward.extract((jnp.arange(schedule.num_timesteps) > 0).astype(x.dtype), t, x.ndim)
+  return mean + nonzero * jnp.exp(0.5 * moments.log_variance) * noise, x0
+
+
 def sample(model_fn: ModelFn, schedule: Schedule, shape: Sequence[int], rng: jax.Array, *,
-           prediction: str = "eps", variance: str = "fixed_small", clip_denoised: bool = True,
-           x_init: jax.Array | None = None, trajectory_stride: int = 0,
-           timesteps: jax.Array | None = None, inpaint: guidance.Inpaint | None = None):
-  """Draws samples by running the reverse process from t = T-1 down to 0 in one `lax.scan`.
+           prediction: str = "eps", variance: str = "fixed_small",
+           thresholding: str = thresholding_lib.DEFAULT,
+           dynamic_percentile: float = thresholding_lib.DEFAULT_PERCENTILE,
+           clip_denoised: bool | None = None, x_init: jax.Array | None = None,
+           trajectory_stride: int = 0, timesteps: jax.Array | None = None,
+           inpaint: inpainting.Inpaint | None = None):
+  """Draws samples by running the reverse process over every schedule entry, N-1 down to 0.
 
   Args:
     model_fn: `(x_t [B, ...], t int32 [B]) -> output` ([B, ...], or [B, ..., 2C] with a learned
       variance).
-    schedule: the diffusion schedule (T = `schedule.num_timesteps` steps), or a respaced one
+    schedule: the diffusion schedule (N = `schedule.num_timesteps` steps), or a respaced one
       (`respacing.respace`) with `timesteps`.
     shape: the sample shape (B, ...), e.g. (B, H, W, C).
-    rng: a key or per-example keys [B]. Example b's initial noise comes from
-      fold_in(key_b, T) and its step-t noise from fold_in(key_b, t), so a sample does not depend
-      on how the batch is split over devices.
+    rng: a key or per-example keys [B] (noise streams as in `samplers.base`), so a sample does
+      not depend on how the batch is split over devices.
     prediction: 'eps', 'x0' or 'v'.
     variance: 'fixed_small', 'fixed_large', 'learned' or 'learned_range'.
-    clip_denoised: clip the predicted x0 to [-1, 1] at every step.
-    x_init: optional x_{T-1} [B, ...] to start from instead of drawing it.
-    trajectory_stride: if > 0, also return x_t every `stride` steps (T must be a multiple).
-    timesteps: int [T] network timestep of each schedule entry (respacing; may be traced), or
-      None for t itself.
-    inpaint: known pixels, re-noised to the level of x_t and put in place before every step
-      (noise from fold_in(key_b, T + 1 + t)); the result carries the clean known pixels.
+    thresholding: the x0 policy, 'clip' (default, pixel data), 'dynamic' or 'none' (latents).
+    dynamic_percentile: the quantile of |x0| of 'dynamic' thresholding.
+    clip_denoised: the older name: True is thresholding='clip', False 'none'.
+    x_init: optional x at the first step [B, ...] to start from instead of drawing it.
+    trajectory_stride: if > 0, also return x every `stride` steps (N must be a multiple).
+    timesteps: int [N] network timestep of each schedule entry (respacing; may be traced), or
+      None for the entry index itself.
+    inpaint: known pixels, kept through the driver (`driver.run_reverse`).
 
   Returns:
-    Samples x_0 [B, ...] (float32), or (samples, trajectory [T // stride, B, ...]) when
-    `trajectory_stride` > 0; trajectory[k] is x after (k + 1) * stride reverse steps.
+    Samples x_0 [B, ...] (float32), or (samples, trajectory [N // stride, B, ...]) when
+    `trajectory_stride` > 0 (see `driver.run_reverse`).
 
   References: Ho et al. 2020, algorithm 2.
   """
+  thresholding = base.resolve_thresholding(thresholding, clip_denoised)
   num_steps = schedule.num_timesteps
-  if trajectory_stride < 0 or (trajectory_stride and num_steps % trajectory_stride):
-    raise ValueError(f"trajectory_stride must be 0 or a positive divisor of T={num_steps}, got "
-                     f"{trajectory_stride}.")
   shape, keys, x = base.start(rng, shape, num_steps, x_init, prediction=prediction,
-                              variance=variance, timesteps=timesteps)
+                              variance=variance, timesteps=timesteps, thresholding=thresholding,
+                              percentile=dynamic_percentile)
 
-  def step(x, i):
+  def step(x, carry, i, noise):
     t = jnp.full((shape[0],), num_steps - 1 - i, jnp.int32)
-    x = guidance.renoise_known(inpaint, schedule, x, t, keys)
-    noise = base.step_noise(keys, t[0], shape)
     output = base.call_model(model_fn, x, t, timesteps)
-    x_prev, _ = reverse.p_sample(schedule, output, x, t, None, prediction=prediction,
-                                 variance=variance, clip_denoised=clip_denoised, noise=noise)
-    return x_prev, None
+    x, _ = ancestral_step(schedule, output, x, t, noise, prediction=prediction,
+                          variance=variance, thresholding=thresholding,
+                          percentile=dynamic_percentile)
+    return x, carry
 
-  def finish(x):
-    return guidance.replace_known(inpaint, x, 1.0, 0.0, jnp.zeros_like(x))
-
-  if not trajectory_stride:
-    x, _ = lax.scan(step, x, jnp.arange(num_steps))
-    return finish(x)
-
-  def chunk(x, k):
-    x, _ = lax.scan(step, x, k * trajectory_stride + jnp.arange(trajectory_stride))
-    return x, x
-
-  x, trajectory = lax.scan(chunk, x, jnp.arange(num_steps // trajectory_stride))
-  return finish(x), trajectory
+  return driver.run_reverse(step, x, keys, driver.vp_levels(schedule), inpaint=inpaint,
+                            trajectory_stride=trajectory_stride)

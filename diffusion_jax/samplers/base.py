@@ -1,10 +1,10 @@
 """What every sampler shares: per-example noise streams, the timestep map, the variance split.
 
 Noise streams (per example key k_b, N = number of steps of the sampler): the initial noise is
-drawn from fold_in(k_b, N), the noise of step index t (counting down N-1 .. 0) from
-fold_in(k_b, t), and the re-noising of known pixels (inpainting) at step t from
-fold_in(k_b, N + 1 + t). A sample is then a function of (key, global example index) alone,
-whatever the batch size or device split.
+drawn from fold_in(k_b, N), the noise of step index t (counting down N-1 .. 0; step number
+i = N-1-t of the driver) from fold_in(k_b, t), and the re-noising of known pixels (inpainting)
+to the level of step index t from fold_in(k_b, N + 1 + t). A sample is then a function of (key,
+global example index) alone, whatever the batch size or device split.
 
 References: Ho et al. 2020, algorithm 2 (the loop these samplers generalise).
 """
@@ -19,12 +19,15 @@ import jax.numpy as jnp
 from diffusion_jax import forward
 from diffusion_jax import reverse
 from diffusion_jax import rng as rng_lib
+from diffusion_jax.samplers import thresholding as thresholding_lib
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def start(rng: jax.Array, shape: Sequence[int], num_steps: int, x_init: jax.Array | None, *,
-          prediction: str, variance: str, timesteps: jax.Array | None = None):
+          prediction: str, variance: str, timesteps: jax.Array | None = None,
+          thresholding: str = thresholding_lib.DEFAULT,
+          percentile: float = thresholding_lib.DEFAULT_PERCENTILE):
   """The common prologue of a sampler: checks its static arguments, makes the example keys and
   the initial state.
 
@@ -33,6 +36,9 @@ def start(rng: jax.Array, shape: Sequence[int], num_steps: int, x_init: jax.Arra
   """
   forward.check_prediction(prediction)
   reverse.check_variance(variance)
+  thresholding_lib.check_thresholding(thresholding, percentile)
+  if num_steps < 1:
+    raise ValueError(f"A sampler needs at least one step, got num_steps={num_steps}.")
   check_timesteps(timesteps, num_steps)
   shape = tuple(int(s) for s in shape)
   keys = rng_lib.example_keys(rng, shape[0])
@@ -80,3 +86,16 @@ def prediction_part(output: jax.Array, x: jax.Array, variance: str) -> jax.Array
   """The prediction channels of a model output (learned-variance channels split off)."""
   prediction, _ = reverse.split_output(output, x, variance)
   return prediction
+
+
+def resolve_thresholding(thresholding: str, clip_denoised: bool | None) -> str:
+  """The x0 policy from `thresholding` and the older boolean `clip_denoised` (True: 'clip',
+  False: 'none'); giving both with different meanings is an error."""
+  if clip_denoised is None:
+    return thresholding
+  legacy = "clip" if clip_denoised else "none"
+  if thresholding not in (thresholding_lib.DEFAULT, legacy):
+    raise ValueError(f"clip_denoised={clip_denoised} contradicts thresholding={thresholding!r}; "
+                     "pass thresholding only (allowed: "
+                     f"{list(thresholding_lib.THRESHOLDINGS)}).")
+  return legacy

@@ -1,26 +1,22 @@
-"""Conditioning: classifier-free guidance as a `model_fn` wrapper, inpainting by replacement.
+"""Classifier-free guidance as a `model_fn` wrapper (inpainting lives in `samplers.inpainting`).
 
 Guidance turns a class-conditional network `(x, t, y) -> output` into the unconditional-looking
-`model_fn(x, t)` every sampler takes; the scale is an ordinary (traceable) value, so a jitted
-sampler that receives it as an argument does not recompile when it changes.
+`model_fn(x, t)` every sampler takes, so every sampler of the driver is guided the same way; the
+scale is an ordinary (traceable) value, so a jitted sampler that receives it as an argument does
+not recompile when it changes.
 
 References:
   Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", eq. 6.
   Peebles & Xie 2023 (DiT), official `forward_with_cfg` (guidance on the first 3 channels).
-  Song et al. 2021, "Score-Based Generative Modeling through SDEs", appendix I.2 (imputation by
-  replacement); Lugmayr et al. 2022 (RePaint) for the same known-region step without resampling.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import forward
-from diffusion_jax.samplers import base
-from diffusion_jax.schedules import Schedule
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 CondModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -63,44 +59,3 @@ def classifier_free_guidance(model_fn: CondModelFn, labels: jax.Array, scale: fl
     return jnp.concatenate([mixed.astype(out.dtype), cond[..., k:]], axis=-1)
 
   return guided
-
-
-class Inpaint(NamedTuple):
-  """Known pixels for inpainting: `mask` [B, ...] (1 = known, 0 = to generate, broadcastable to
-  the data) and `known` [B, ...] clean values, used where mask is 1."""
-  mask: jax.Array
-  known: jax.Array
-
-
-def replace_known(inpaint: Inpaint | None, x: jax.Array, scale: jax.Array, sigma: jax.Array,
-                  noise: jax.Array) -> jax.Array:
-  """Puts `scale * known + sigma * noise` (the known pixels noised to x's level) where mask is 1.
-
-  Args:
-    inpaint: the known pixels, or None (then x is returned as it is).
-    x: [B, ...] the sampler's current state.
-    scale, sigma: how the state relates to clean data, x = scale * x0 + sigma * eps
-      (sqrt(abar), sqrt(1 - abar) for VP states); scalars or broadcastable to x.
-    noise: [B, ...] standard normal.
-
-  Returns:
-    [B, ...].
-
-  References: Song et al. 2021, appendix I.2.
-  """
-  if inpaint is None:
-    return x
-  noised = scale * inpaint.known + sigma * noise
-  return jnp.where(jnp.asarray(inpaint.mask) > 0.5, noised.astype(x.dtype), x)
-
-
-def renoise_known(inpaint: Inpaint | None, schedule: Schedule, x: jax.Array, t: jax.Array,
-                  keys: jax.Array) -> jax.Array:
-  """`replace_known` for a VP state x_t [B, ...] at int32 timesteps t [B] of `schedule`, with the
-  noise stream of `base.inpaint_noise` (so every VP sampler re-noises known pixels alike)."""
-  if inpaint is None:
-    return x
-  return replace_known(
-      inpaint, x, forward.extract(schedule.sqrt_alphas_cumprod, t, x.ndim),
-      forward.extract(schedule.sqrt_one_minus_alphas_cumprod, t, x.ndim),
-      base.inpaint_noise(keys, t[0], schedule.num_timesteps, x.shape))

@@ -13,7 +13,7 @@ References: Nichol & Dhariwal 2021, sec. 4 and appendix (space_timesteps, "ddimN
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,6 @@ import numpy as np
 from diffusion_jax import schedules
 from diffusion_jax.schedules import Schedule
 
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 TimestepSpec = str | int | Sequence[int] | np.ndarray
 
 
@@ -113,19 +112,3 @@ def respace(schedule: Schedule, spec: TimestepSpec) -> tuple[Schedule, jax.Array
   steps = space_timesteps(schedule.num_timesteps, spec)
   alphas_cumprod = np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))
   return schedules.from_alphas_cumprod(alphas_cumprod[steps]), jnp.asarray(steps)
-
-
-def respaced_model_fn(model_fn: ModelFn, timesteps: jax.Array | None) -> ModelFn:
-  """Wraps `model_fn` so that respaced index i calls the network at timesteps[i].
-
-  Args:
-    model_fn: `(x [B, ...], t [B]) -> output`, t in the training timesteps.
-    timesteps: int [N] (a traced array is fine), or None for the identity.
-
-  Returns:
-    `(x [B, ...], i int [B]) -> output`.
-  """
-  if timesteps is None:
-    return model_fn
-  timesteps = jnp.asarray(timesteps)
-  return lambda x, i: model_fn(x, jnp.take(timesteps, i, axis=0))

@@ -3,7 +3,7 @@ building an optimizer or reading the optimizer state.
 
 A run workdir (written by `trainer.train_and_evaluate`, or by `diffusion_jax.convert` from
 published weights) holds `config.json`, `dataset_info.json` and
-`checkpoints/<step>/{state, data}`; only `state.params` or one `state.ema_params[...]` entry is
+`checkpoints/<step>/{state, data}`; only `state.params` or one EMA entry of `state.ema_params` is
 read from disk (an orbax partial restore), and its shapes are checked against the model.
 
 References: ARCHITECTURE.md (workdir layout); orbax-checkpoint `PyTreeRestore(partial_restore)`.
@@ -20,6 +20,7 @@ from etils import epath
 
 from diffusion_jax import models
 from diffusion_jax import schedules
+from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
 from diffusion_jax.training import state as state_lib
 from experiments.configs import default as default_config
@@ -73,12 +74,19 @@ def _read_params(directory: epath.Path, subtree: tuple[str, ...], target: PyTree
   try:
     steps = sorted(s for s in mngr.all_steps() if step is None or s <= step)
     for s in reversed(steps):
+      reason = ckpt_lib.missing_or_undecodable(directory / str(s))
+      if reason is not None:
+        logging.warning("Checkpoint %s/%d is unreadable (%s); trying the previous one.",
+                        directory, s, reason)
+        continue
       try:
         node = mngr.item_metadata(s)["state"]
         node.keys()
       except Exception as e:  # pylint: disable=broad-except
+        if not ckpt_lib.is_unreadable_error(e):
+          raise
         logging.warning("Checkpoint %s/%d is unreadable (%s: %s); trying the previous one.",
-                        directory, s, type(e).__name__, e)
+                        directory, s, type(e).__name__, str(e)[:300])
         continue
       for depth, key in enumerate(subtree):
         if key not in node.keys():
@@ -94,8 +102,10 @@ def _read_params(directory: epath.Path, subtree: tuple[str, ...], target: PyTree
         out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True)))["state"]
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Checkpoint %s/%d failed to restore (%s: %s); trying the previous one.",
-                        directory, s, type(e).__name__, e)
+        if not ckpt_lib.is_unreadable_error(e):
+          raise
+        logging.warning("Checkpoint %s/%d is unreadable (%s: %s); trying the previous one.",
+                        directory, s, type(e).__name__, str(e)[:300])
         continue
       for key in subtree:
         out = out[key]
@@ -126,8 +136,10 @@ def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
                       ema_decay: float | None = None, step: int | None = None) -> Loaded:
   """Restores the params of the newest readable checkpoint (or the newest at or below `step`).
 
-  use_ema: EMA params of `ema_decay` (default: `sample.ema_decay`, else the first of
-  `train.ema_decays`), else the raw params. Builds the model and the schedule only.
+  use_ema, ema_decay: which params, by `state.sampling_params_path` (the rule the trainer's
+  previews use; `ema_decay` defaults to `sample.ema_decay`). Builds the model and the schedule
+  only. Only an unreadable checkpoint (`checkpoint.is_unreadable_error`) falls back to an older
+  one; other errors propagate.
   """
   workdir = epath.Path(workdir)
   config = load_config(workdir)
@@ -137,15 +149,9 @@ def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
   num_classes = components.model_num_classes(model)
   target = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0), image_shape,
                                                      num_classes > 0))
-  if use_ema:
-    decays = tuple(config.train.ema_decays)
-    if ema_decay is None:
-      ema_decay = config.sample.ema_decay
-    if ema_decay is None and not decays:
-      raise ValueError("use_ema=True but the run kept no EMA (train.ema_decays is empty)")
-    subtree = ("ema_params", state_lib.ema_key(ema_decay if ema_decay is not None else decays[0]))
-  else:
-    subtree = ("params",)
+  if ema_decay is None:
+    ema_decay = config.sample.ema_decay
+  subtree = state_lib.sampling_params_path(config.train.ema_decays, use_ema, ema_decay)
   at, params = _read_params(workdir / "checkpoints", subtree, target, step)
   return Loaded(config, model, components.build_schedule(config.diffusion), params, image_shape,
                 num_classes, at)

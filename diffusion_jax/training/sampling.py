@@ -48,8 +48,7 @@ def generate(config: Any, model: Any, schedule: Any, params: PyTree, rng: jax.Ar
   """
   name = config.sample.sampler
   static = {"prediction": config.diffusion.prediction, "variance": sampling_variance(config)}
-  if name in ("ddpm", "ddim"):
-    static["clip_denoised"] = config.sample.clip_denoised
+  static["clip_denoised"] = config.sample.clip_denoised   # every sampler's x0 policy
   static.update(dict(config.sample.kwargs))
   shape = (num_samples,) + tuple(image_shape)
   sampler = samplers.get_sampler(name, **static)

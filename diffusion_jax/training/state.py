@@ -52,3 +52,34 @@ def ema_update(ema_params: Mapping[str, PyTree], params: PyTree,
         lambda e, p, d=decay: jnp.where(apply, d * e + (1.0 - d) * p.astype(e.dtype), e),
         ema, params)
   return out
+
+
+def sampling_params_path(ema_decays: Sequence[float], use_ema: bool = True,
+                         ema_decay: float | None = None) -> tuple[str, ...]:
+  """Where in the state the params to sample with live: ('params',) or ('ema_params', key).
+
+  The one rule used by the trainer's previews and by `restore.load_for_sampling`:
+  use_ema=False: the raw params. use_ema=True: the EMA of `ema_decay`, by default the first of
+  the run's `ema_decays`; a run that kept no EMA falls back to the raw params.
+
+  Raises:
+    ValueError: `ema_decay` names a decay the run did not keep.
+  """
+  kept = [float(d) for d in ema_decays]
+  if not use_ema or (ema_decay is None and not kept):
+    return ("params",)
+  if ema_decay is None:
+    ema_decay = kept[0]
+  if float(ema_decay) not in kept:
+    raise ValueError(f"ema_decay={ema_decay!r} was not kept by this run; allowed: {kept} "
+                     "(train.ema_decays).")
+  return ("ema_params", ema_key(ema_decay))
+
+
+def params_for_sampling(state: TrainState, ema_decays: Sequence[float], use_ema: bool = True,
+                        ema_decay: float | None = None) -> tuple[PyTree, str]:
+  """The params `sampling_params_path` selects, and a label for logs ('EMA 0.999' or 'raw')."""
+  path = sampling_params_path(ema_decays, use_ema, ema_decay)
+  if path == ("params",):
+    return state.params, "raw"
+  return state.ema_params[path[1]], f"EMA {path[1]}"

@@ -1,31 +1,42 @@
 """`train_and_evaluate(config, workdir)`: the training loop.
 
-Resumes automatically from the newest readable checkpoint in `workdir` (state and data
-iterator); SIGTERM saves a checkpoint and raises `Preempted`; a non-finite loss or gradient
-raises `NonFiniteError` naming the step and leaves the last good checkpoint as the newest.
-Host 0 writes `config.json`, `metrics.jsonl`, TensorBoard events (`tb/`), a progress line and
-sample grids `samples/step_<N>.png` drawn with EMA params by the fused sampler; every host
-computes.
+A launch on a workdir, in order:
+1. host 0 takes `<workdir>/.lock` (a second trainer on the workdir is refused, `workdir_lock`);
+2. the config is compared with the run's `config.json`: a change that alters the state's
+   structure or meaning is a `run_config.ConfigChangeError`, before anything is written;
+3. the newest readable checkpoint is restored (state and data iterator); unreadable ones are
+   moved aside (`checkpoint`); `metrics.jsonl` rows past the restored step are dropped;
+4. host 0 records the config (`config.json` + `configs/<time>.json`) and logs a header;
+5. the loop: periodic actions (log, checkpoint, preview samples) fire at `itstime(step,
+   every)` and at the last step; SIGTERM saves a checkpoint and raises `Preempted`; a
+   non-finite loss or gradient raises `NonFiniteError` and the last good checkpoint stays
+   the newest.
+Every host computes; host 0 writes logs, metrics, samples and the lock.
 
 References: the Flax examples and big_vision train loops; Ho et al. 2020 (EMA samples).
 """
 from typing import Any
+import contextlib
 import json
-from absl import logging
 import signal
 import threading
 import time
 
+from absl import logging
 import jax
 import numpy as np
 from etils import epath
 
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
+from diffusion_jax.training import metric_writer
 from diffusion_jax.training import parallel
+from diffusion_jax.training import progress
+from diffusion_jax.training import run_config
 from diffusion_jax.training import sampling
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training import step as step_lib
+from diffusion_jax.training import workdir_lock
 
 PyTree = Any
 
@@ -46,6 +57,25 @@ def check_batch_size(batch_size: int, num_devices: int) -> int:
                      f"{jax.local_device_count()} local devices); e.g. "
                      f"{max(num_devices, batch_size // num_devices * num_devices)}.")
   return batch_size // num_devices
+
+
+class _Schedule:
+  """The run's length and cadences from `config.train`, checked: every count is a multiple of
+  `steps_per_call` (k steps run per compiled call)."""
+
+  def __init__(self, train_cfg: Any):
+    self.num_steps = int(train_cfg.num_steps)
+    if self.num_steps <= 0:
+      raise ValueError(f"config.train.num_steps={self.num_steps} must be >= 1.")
+    self.k = int(train_cfg.steps_per_call)
+    self.checkpoint_every = int(train_cfg.checkpoint_every)
+    self.sample_every = int(train_cfg.sample_every)
+    self.log_every = (int(train_cfg.log_every)
+                      or max(self.k, self.num_steps // 100 // self.k * self.k))
+    for name in ("num_steps", "checkpoint_every", "sample_every", "log_every"):
+      if getattr(self, name) % self.k:
+        raise ValueError(f"config.train.{name}={getattr(self, name)} must be a multiple of "
+                         f"config.train.steps_per_call={self.k}")
 
 
 class _SigtermFlag:
@@ -74,121 +104,89 @@ class _SigtermFlag:
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.raised))))
 
 
-class _Logger:
-  """Host-0 metrics sink: metrics.jsonl, TensorBoard, progress line."""
-
-  def __init__(self, workdir: epath.Path, num_steps: int, batch_size: int, active: bool):
-    self.active = active
-    self.num_steps, self.batch_size = num_steps, batch_size
-    self._sums: dict[str, float] = {}
-    self._count = 0
-    self._t0 = time.perf_counter()
-    self._s0: int | None = None
-    if active:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(str(workdir / "tb"))
-      self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-
-  def add(self, metrics: dict[str, np.ndarray]) -> None:
-    for k, v in metrics.items():
-      self._sums[k] = self._sums.get(k, 0.0) + float(np.sum(v))
-    self._count += int(np.size(next(iter(metrics.values()))))
-
-  def start(self, step: int) -> None:
-    self._s0, self._t0 = step, time.perf_counter()
-
-  def flush(self, step: int) -> None:
-    if not self._count:
-      return
-    means = {k: v / self._count for k, v in self._sums.items()}
-    dt = time.perf_counter() - self._t0
-    done = step - (self._s0 if self._s0 is not None else step)
-    sps = done / dt if dt > 0 and done > 0 else float("nan")
-    means.update(steps_per_sec=sps, images_per_sec=sps * self.batch_size)
-    self._sums, self._count = {}, 0
-    self.start(step)
-    if not self.active:
-      return
-    self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in means.items()}}) + "\n")
-    self._jsonl.flush()
-    for k, v in means.items():
-      self._tb.add_scalar(f"train/{k}", v, step)
-    self._tb.flush()
-    eta = (self.num_steps - step) / sps if sps == sps and sps > 0 else float("nan")
-    logging.info("step %d/%d | %.2f steps/s | %.1f images/s | loss %.5f | grad_norm %.3f | "
-                 "lr %.3g | ETA %s", step, self.num_steps, sps, sps * self.batch_size,
-                 means["loss"], means["grad_norm"], means["lr"], _fmt_eta(eta))
-
-  def close(self) -> None:
-    if self.active:
-      self._tb.close()
-      self._jsonl.close()
-
-
-def _fmt_eta(seconds: float) -> str:
-  if seconds != seconds:
-    return "?"
-  m, s = divmod(int(seconds), 60)
-  h, m = divmod(m, 60)
-  return f"{h:d}:{m:02d}:{s:02d}"
-
-
-def _stack(batches: list[dict]) -> dict:
-  return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in ("image", "label")}
-
-
 def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
   """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the final
   host state (numpy leaves).
 
   Raises:
-    ValueError: a bad static setting (batch size not divisible by the devices, ...).
+    ValueError: a bad static setting (num_steps < 1, batch size not divisible by the devices...).
+    run_config.ConfigChangeError: the config changes keys the run must keep (lists them).
+    workdir_lock.WorkdirLockedError: another live trainer holds the workdir.
+    checkpoint.CheckpointMismatchError / NoReadableCheckpointError: see `checkpoint`.
     NonFiniteError: the loss or a gradient became non-finite (message names the step).
     Preempted: SIGTERM arrived; a checkpoint was written first.
   """
   from diffusion_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   host0 = jax.process_index() == 0
+  sched = _Schedule(config.train)
+  batch_size = int(config.train.batch_size)
+  check_batch_size(batch_size, jax.device_count())
+  workdir.mkdir(parents=True, exist_ok=True)
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(workdir_lock.WorkdirLock(workdir, active=host0))
+    sigterm = stack.enter_context(_SigtermFlag())
+    run_config.check_resume(config, workdir)
+
+    info = data_lib.get_dataset_info(config.data)
+    comp = components.build(config, tuple(info.image_shape))
+    init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)), 3)
+    state = components.init_state(config, comp, init_rng)
+    it = data_lib.make_train_iterator(
+        config.data, global_batch_size=batch_size, seed=int(config.seed),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_local_devices=jax.local_device_count())
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
+                                 keep_latest=int(config.train.keep_latest),
+                                 snapshot_every=int(config.train.snapshot_every))
+    stack.callback(ckpt.close)
+    restored = ckpt.restore(state, set_aside=host0)
+    if restored is not None:
+      _, state, data_state = restored
+      if data_state:
+        it.set_state(data_state)
+    start = int(state.step)
+    if host0:
+      run_config.record(config, workdir)
+      (workdir / "dataset_info.json").write_text(json.dumps(
+          {"image_shape": list(comp.image_shape), "num_classes": int(info.num_classes)}))
+    writer = stack.enter_context(contextlib.closing(
+        metric_writer.MetricWriter(workdir, start, active=host0)))
+    _log_header(config, comp, state, workdir, start, restored is not None, writer.dropped)
+
+    pstep = _make_parallel_step(config, comp, sched.k)
+    hooks = _Hooks(config, comp, sched, pstep, ckpt, writer, workdir, sample_rng, host0)
+    hooks.last_saved = start if restored is not None else None
+
+    step, dstate, pending = start, pstep.put_state(state), None
+    while step < sched.num_steps:
+      batch = pstep.prepare_batch(_stack([next(it) for _ in range(sched.k)]))
+      if pending is not None:   # the previous call ran on the devices while the host read data
+        hooks.accumulate(pstep.get_state(pending), step)
+        pending = None
+      t_call = time.perf_counter()
+      dstate, pending = pstep.step(dstate, batch, train_rng)
+      step += sched.k
+      if step == start + sched.k:
+        hooks.compiled(pending, step, time.perf_counter() - t_call)
+      preempted = sigterm.any_host()
+      due = hooks.due(step, preempted)
+      if due:
+        hooks.accumulate(pstep.get_state(pending), step)
+        pending = None
+        hooks.run(due, step, dstate, it)
+      if preempted:
+        ckpt.wait()
+        raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}.")
+    ckpt.wait()
+    if host0:
+      logging.info("Training finished at step %d; the run is in %s.", step, workdir)
+    return pstep.get_state(dstate)
+
+
+def _make_parallel_step(config: Any, comp: components.Components, k: int
+                        ) -> parallel.ParallelStep:
   train_cfg = config.train
-  num_steps = int(train_cfg.num_steps)
-  batch_size = int(train_cfg.batch_size)
-  k = int(train_cfg.steps_per_call)
-  per_device = check_batch_size(batch_size, jax.device_count())
-  every = {name: int(train_cfg[name])
-           for name in ("checkpoint_every", "log_every", "sample_every")}
-  for name, v in list(every.items()) + [("num_steps", num_steps)]:
-    if v % k:
-      raise ValueError(f"config.train.{name}={v} must be a multiple of "
-                       f"config.train.steps_per_call={k}")
-
-  info = data_lib.get_dataset_info(config.data)
-  comp = components.build(config, tuple(info.image_shape))
-  rng = jax.random.PRNGKey(int(config.seed))
-  init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
-  state = components.init_state(config, comp, init_rng)
-
-  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
-                               keep_latest=int(train_cfg.keep_latest),
-                               snapshot_every=int(train_cfg.snapshot_every))
-  it = data_lib.make_train_iterator(
-      config.data, global_batch_size=batch_size, seed=int(config.seed),
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_local_devices=jax.local_device_count())
-  restored = ckpt.restore(state)
-  last_saved = None
-  if restored is not None:
-    last_saved, state, data_state = restored
-    if data_state:
-      it.set_state(data_state)
-    logging.info("Resumed from %s at step %d.", ckpt.directory, last_saved)
-  if host0:
-    (workdir / "dataset_info.json").write_text(json.dumps(
-        {"image_shape": list(comp.image_shape), "num_classes": int(info.num_classes)}))
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2)
-                                         if hasattr(config, "to_json_best_effort")
-                                         else json.dumps(dict(config), indent=2, default=str))
-
   step_cfg = step_lib.StepConfig(
       num_classes=comp.num_classes,
       label_dropout=float(train_cfg.label_dropout) if comp.num_classes else 0.0,
@@ -198,80 +196,119 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
   step_fn = step_lib.make_train_step(comp.model.apply, components.make_loss_fn(
       config.diffusion, comp.schedule), comp.tx, comp.lr_fn, step_cfg,
       axis_name=None if mode == "jit" else parallel.AXIS)
-  pstep = parallel.make_parallel_step(step_fn, mode, steps_per_call=k)
-  num_samples = int(config.sample.num_samples)
-  sample_fn = _make_sample_fn(config, comp) if host0 and num_samples > 0 else None
+  return parallel.make_parallel_step(step_fn, mode, steps_per_call=k)
 
-  step = int(state.step)
-  dstate = pstep.put_state(state)
-  logger = _Logger(workdir, num_steps, batch_size, host0)
-  logger.start(step)
-  log_every = every["log_every"] or max(k, num_steps // 100 // k * k)
 
-  def check(metrics: dict, end_step: int) -> None:
-    metrics = jax.tree.map(lambda m: np.asarray(m).reshape(-1), pstep.get_state(metrics))  # [k]
+class _Hooks:
+  """The loop's periodic actions: 'log', 'checkpoint' and 'samples', each at its cadence and
+  at the last step; a preemption forces 'log' and 'checkpoint'."""
+
+  def __init__(self, config, comp, sched: _Schedule, pstep: parallel.ParallelStep,
+               ckpt: ckpt_lib.Checkpointer, writer: metric_writer.MetricWriter,
+               workdir: epath.Path, sample_rng, host0: bool):
+    self.config, self.comp, self.sched, self.pstep, self.ckpt = config, comp, sched, pstep, ckpt
+    self.writer, self.workdir, self.sample_rng, self.host0 = writer, workdir, sample_rng, host0
+    self.meter = metric_writer.MeanAccumulator()
+    self.chrono = progress.Chrono(sched.num_steps)
+    self.last_saved: int | None = None
+    num_samples = int(config.sample.num_samples)
+    self.sample_fn = _make_sample_fn(config, comp, num_samples) if host0 and num_samples > 0 \
+        else None
+    self.every = {"log": sched.log_every, "checkpoint": sched.checkpoint_every,
+                  "samples": sched.sample_every if self.sample_fn is not None else -1}
+
+  def due(self, step: int, preempted: bool) -> list[str]:
+    last = self.sched.num_steps
+    return [name for name, every in self.every.items()
+            if every >= 0 and progress.itstime(step, every, last)
+            or preempted and name in ("log", "checkpoint")]
+
+  def compiled(self, metrics: dict, step: int, seconds_since_call: float) -> None:
+    """After the first call: report the compile time; speeds are measured from here."""
+    jax.block_until_ready(metrics)
+    if self.host0:
+      logging.info("Compiled and ran the first %d step(s) in %.1f s.", self.sched.k,
+                   seconds_since_call)
+    self.chrono.mark(step)
+
+  def accumulate(self, metrics: dict, end_step: int) -> None:
+    """Adds one call's per-step metrics [k]; NonFiniteError if a step was not finite."""
+    metrics = jax.tree.map(lambda m: np.asarray(m).reshape(-1), metrics)
     bad = np.flatnonzero(metrics["nonfinite"] > 0)
     if bad.size:
       at = end_step - metrics["nonfinite"].size + int(bad[0]) + 1
-      where = f"step {last_saved}" if last_saved is not None else "none"
+      kept = f"step {self.last_saved}" if self.last_saved is not None else "none"
       raise NonFiniteError(
           f"Non-finite loss or gradient at step {at} (loss={metrics['loss'][bad[0]]}, "
           f"grad_norm={metrics['grad_norm'][bad[0]]}); training stopped. The last good "
-          f"checkpoint is kept: {where} in {ckpt.directory}.")
-    logger.add(metrics)
+          f"checkpoint is kept: {kept} in {self.ckpt.directory}.")
+    self.meter.add(metrics)
 
-  pending = None
-  first_call = True
-  try:
-    with _SigtermFlag() as sigterm:
-      while step < num_steps:
-        host_batch = pstep.prepare_batch(_stack([next(it) for _ in range(k)]))
-        if pending is not None:   # the previous call ran while the host read data
-          check(*pending)
-          pending = None
-        t_call = time.perf_counter()
-        dstate, metrics = pstep.step(dstate, host_batch, train_rng)
-        step += k
-        if first_call:   # exclude compilation from the steps/s figures
-          jax.block_until_ready(metrics)
-          logging.info("First call (compile + %d step(s)) took %.1f s.", k,
-                       time.perf_counter() - t_call)
-          first_call = False
-          logger.start(step)
-        pending = (metrics, step)
-        at = lambda n: n > 0 and step % n == 0
-        preempt = sigterm.any_host()
-        if at(every["checkpoint_every"]) or at(every["sample_every"]) or at(log_every) \
-            or step == num_steps or preempt:
-          check(*pending)
-          pending = None
-          if at(log_every) or step == num_steps or preempt:
-            logger.flush(step)
-          if at(every["checkpoint_every"]) or step == num_steps or preempt:
-            ckpt.save(step, pstep.get_state(dstate), it.get_state())
-            last_saved = step
-          if sample_fn is not None and (at(every["sample_every"]) or step == num_steps):
-            _write_samples(sample_fn, config, comp, pstep.get_state(dstate),
-                           jax.random.fold_in(sample_rng, step), workdir, step)
-          if preempt:
-            ckpt.wait()
-            raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}.")
-  finally:
-    ckpt.close()
-    logger.close()
-  return pstep.get_state(dstate)
+  def run(self, due: list[str], step: int, device_state: PyTree, data_iterator: Any) -> None:
+    """Runs the due actions at `step` (the metrics are already accumulated)."""
+    if "log" in due:
+      self.log(step)
+    host_state = self.pstep.get_state(device_state) if len(due) > due.count("log") else None
+    if "checkpoint" in due:
+      self.ckpt.save(step, host_state, data_iterator.get_state())
+      self.last_saved = step
+      if self.host0:
+        logging.info("Checkpoint at step %d: %s", step, self.ckpt.directory / str(step))
+    if "samples" in due:
+      self.samples(step, host_state)
+
+  def log(self, step: int) -> None:
+    means = self.meter.pop()
+    if not means:
+      return
+    sps = self.chrono.steps_per_sec(step)
+    batch = int(self.config.train.batch_size)
+    means.update(steps_per_sec=sps, images_per_sec=sps * batch)
+    self.writer.write_scalars(step, means)
+    if self.host0:
+      logging.info("step %d/%d | loss %.5f | grad_norm %.3f | lr %.3g | %.2f steps/s | "
+                   "%.1f images/s | ETA %s", step, self.sched.num_steps, means["loss"],
+                   means["grad_norm"], means["lr"], sps, sps * batch,
+                   self.chrono.eta(step, sps))
+
+  def samples(self, step: int, host_state: state_lib.TrainState) -> None:
+    t0 = time.perf_counter()
+    params, which = state_lib.params_for_sampling(
+        host_state, self.config.train.ema_decays,
+        ema_decay=self.config.sample.ema_decay)
+    images = sampling.to_uint8(self.sample_fn(params, jax.random.fold_in(self.sample_rng, step)))
+    (self.workdir / "samples").mkdir(exist_ok=True)
+    path = self.workdir / "samples" / f"step_{step:07d}.png"
+    sampling.save_grid(images, str(path))
+    logging.info("Wrote %d samples (%s params) to %s (%.1f s).", images.shape[0], which, path,
+                 time.perf_counter() - t0)
 
 
-def _ema_for_samples(config: Any, state: state_lib.TrainState) -> PyTree:
-  key = config.sample.ema_decay
-  if key is None:
-    decays = tuple(config.train.ema_decays)
-    return state.ema_params[state_lib.ema_key(decays[0])] if decays else state.params
-  return state.ema_params[state_lib.ema_key(float(key))]
+def _log_header(config, comp: components.Components, state: state_lib.TrainState,
+                workdir: epath.Path, start: int, resumed: bool, dropped_rows: int) -> None:
+  """The few lines a user reads before the progress lines (host 0)."""
+  if jax.process_index() != 0:
+    return
+  num_params = sum(int(np.size(x)) for x in jax.tree.leaves(state.params))
+  shape = "x".join(str(d) for d in comp.image_shape)
+  classes = f", {comp.num_classes} classes" if comp.num_classes else ""
+  logging.info("Model %s: %s parameters | data %s, images %s%s", config.model.name,
+               f"{num_params:,}", config.data.name, shape, classes)
+  logging.info("Devices: %d x %s (%d process(es)) | batch %d | %d steps | workdir %s",
+               jax.device_count(), jax.devices()[0].platform, jax.process_count(),
+               int(config.train.batch_size), int(config.train.num_steps), workdir)
+  if resumed:
+    logging.info("Resumed from %s at step %d%s.", workdir / "checkpoints", start,
+                 f" (dropped {dropped_rows} metrics.jsonl rows past it)" if dropped_rows else "")
+  else:
+    logging.info("Starting from step 0.")
 
 
-def _make_sample_fn(config: Any, comp: components.Components):
-  num = int(config.sample.num_samples)
+def _stack(batches: list[dict]) -> dict:
+  return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in ("image", "label")}
+
+
+def _make_sample_fn(config: Any, comp: components.Components, num: int):
   labels = sampling.default_labels(num, comp.num_classes)
 
   @jax.jit
@@ -279,12 +316,3 @@ def _make_sample_fn(config: Any, comp: components.Components):
     return sampling.generate(config, comp.model, comp.schedule, params, rng, num,
                              comp.image_shape, labels)
   return sample_fn
-
-
-def _write_samples(sample_fn, config, comp, host_state, rng, workdir, step) -> None:
-  t0 = time.perf_counter()
-  images = sampling.to_uint8(sample_fn(_ema_for_samples(config, host_state), rng))
-  (workdir / "samples").mkdir(exist_ok=True)
-  path = workdir / "samples" / f"step_{step:07d}.png"
-  sampling.save_grid(images, str(path))
-  logging.info("Wrote %d samples to %s (%.1f s).", images.shape[0], path, time.perf_counter() - t0)

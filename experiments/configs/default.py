@@ -85,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.num_heads = _ph(int)              # attention heads
   m.mlp_ratio = _ph(float)            # MLP width / hidden_size
   m.freq_shift = _ph(float)           # denominator shift of the time-embedding frequencies
+  m.scan_blocks = _ph(bool)           # run the blocks as one lax.scan (default: the preset's, True)
 
   # Diffusion: the schedule and the training objective.
   c.diffusion = f = ml_collections.ConfigDict()

@@ -1,0 +1,208 @@
+"""One side of a benchmark, run in its own process by bench_models / bench_train / bench_sampling.
+
+  python benchmarks/workloads.py --side jax|torch --task forward|train|ddpm|ddim \
+      --model ddpm_cifar10|DiT-S/2 --batch 8 --iters 3 [--steps N] [--threads K] [--dtype ...]
+
+Prints `RESULT {json}` with compile_s (JAX: lower + compile; PyTorch: the first, warm-up call)
+and times_s (one entry per timed call, after one untimed warm-up call).
+
+Workloads (float32 unless --dtype):
+- forward: one network evaluation on a batch (ddpm_cifar10: 32x32x3; DiT-S/2: 32x32x4 latents,
+  class labels, no learned sigma, as in issue 12).
+- train: the step a notebook user writes: `get_model` + `dj.training_loss` (eps, MSE, linear
+  T=1000 schedule) + `optax.adam(2e-4)` under `jax.jit`; PyTorch: the same loss on the diffusers
+  model (`UNet2DModel`, `DiTTransformer2DModel` with the same configuration) + `torch.optim.Adam`.
+- ddpm / ddim: sampling `--steps` steps of ddpm_cifar10 (ancestral over the full schedule
+  respaced to `--steps`; DDIM eta=0) with the fused-scan samplers, against diffusers'
+  `DDPMPipeline` / `DDIMPipeline` with `num_inference_steps=--steps`. Per-step work does not
+  depend on the number of steps, so per-image time at 1000 steps is extrapolated linearly when
+  fewer steps are run (the parent says so).
+Weights are random: speed does not depend on their values.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import protocol
+
+UNET_DIFFUSERS = {
+    'sample_size': 32, 'in_channels': 3, 'out_channels': 3, 'attention_head_dim': None,
+    'block_out_channels': (128, 256, 256, 256), 'layers_per_block': 2, 'norm_eps': 1e-6,
+    'norm_num_groups': 32, 'down_block_types': ('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D',
+                                          'DownBlock2D'),
+    'up_block_types': ('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
+    'downsample_padding': 0, 'flip_sin_to_cos': False, 'freq_shift': 1, 'dropout': 0.0}
+DIT_SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
+
+
+def _shape(model: str) -> tuple[int, int, int, int]:
+  """(size, channels, num_classes, learn_sigma-free out channels) of the benchmarked input."""
+  if model.startswith('DiT-'):
+    return 32, 4, 1000, 4
+  return 32, 3, 0, 3
+
+
+def _timed(fn, iters: int) -> list[float]:
+  fn()  # warm-up (not timed)
+  out = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+# ----------------------------------------------------------------------------------------- JAX
+def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: str) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import optax
+
+  import diffusion_jax as dj
+  from diffusion_jax.samplers import ancestral, ddim, respacing
+
+  size, cin, ncls, _ = _shape(model)
+  kw = {'learn_sigma': False} if model.startswith('DiT-') else {'dropout': 0.0}
+  module = dj.get_model(model, dtype=jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32, **kw)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(-1, 1, (batch, size, size, cin)), jnp.float32)
+  t = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
+  y = jnp.asarray(rng.integers(0, ncls, batch), jnp.int32) if ncls else None
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, t, y)['params'])
+  params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype),
+                        shapes)
+  schedule = dj.get_schedule('linear', 1000)
+  model_fn = lambda p: (lambda xt, tt: module.apply({'params': p}, xt, tt, y))
+
+  if task == 'forward':
+    fn = jax.jit(lambda p, x, t: module.apply({'params': p}, x, t, y))
+    args = (params, x, t)
+  elif task == 'train':
+    tx = optax.adam(2e-4)
+
+    def step(p, opt, x, key):
+      loss = lambda p: dj.training_loss(model_fn(p), schedule, x, key).mean()
+      value, grads = jax.value_and_grad(loss)(p)
+      updates, opt = tx.update(grads, opt, p)
+      return optax.apply_updates(p, updates), opt, value
+    fn = jax.jit(step, donate_argnums=(0, 1))
+    args = [params, tx.init(params), x, jax.random.key(1)]
+  elif task in ('ddpm', 'ddim'):
+    sched, timesteps = respacing.respace(schedule, steps)
+    if task == 'ddpm':
+      fn = jax.jit(lambda p, key: ancestral.sample(
+          respacing.respaced_model_fn(model_fn(p), timesteps), sched, x.shape, key))
+    else:
+      fn = jax.jit(lambda p, key: ddim.sample(model_fn(p), sched, x.shape, key,
+                                              timesteps=timesteps))
+    args = (params, jax.random.key(2))
+  else:
+    raise ValueError(f'task must be forward, train, ddpm or ddim, got {task!r}')
+
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+
+  if task == 'train':
+    def run():
+      args[0], args[1], value = compiled(*args)
+      value.block_until_ready()
+  else:
+    run = lambda: jax.block_until_ready(compiled(*args))
+  return {'compile_s': compile_s, 'times_s': _timed(run, iters)}
+
+
+# ------------------------------------------------------------------------------------- PyTorch
+def torch_side(task: str, model: str, batch: int, iters: int, steps: int, threads: int) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  size, cin, ncls, cout = _shape(model)
+  if model.startswith('DiT-'):
+    from diffusers import DiTTransformer2DModel  # pylint: disable=g-import-not-at-top
+    depth, width, heads = DIT_SIZES[model[4:].split('/')[0]]
+    net = DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=width // heads, in_channels=cin,
+        out_channels=cout, num_layers=depth, sample_size=size,
+        patch_size=int(model.split('/')[1]), num_embeds_ada_norm=ncls, norm_eps=1e-6)
+  else:
+    from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
+    net = UNet2DModel(**UNET_DIFFUSERS)
+  gen = torch.Generator().manual_seed(0)
+  x0 = torch.rand(batch, cin, size, size, generator=gen) * 2 - 1
+  labels = torch.randint(0, max(ncls, 1), (batch,), generator=gen)
+  call = ((lambda xt, tt: net(xt, timestep=tt, class_labels=labels).sample) if ncls
+          else (lambda xt, tt: net(xt, tt).sample))
+  abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).float()
+
+  if task == 'forward':
+    net.eval()
+    tt = torch.randint(0, 1000, (batch,), generator=gen)
+
+    def run():
+      with torch.inference_mode():
+        call(x0, tt)
+  elif task == 'train':
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4)
+
+    def run():
+      tt = torch.randint(0, 1000, (batch,))
+      noise = torch.randn_like(x0)
+      a = abar[tt].view(-1, 1, 1, 1)
+      loss = ((call(a.sqrt() * x0 + (1 - a).sqrt() * noise, tt) - noise) ** 2).mean()
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+  elif task in ('ddpm', 'ddim'):
+    if ncls:
+      raise ValueError('sampling pipelines are benchmarked for the unconditional U-Net only')
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler  # pylint: disable=g-import-not-at-top
+    net.eval()
+    if task == 'ddpm':
+      pipe = DDPMPipeline(unet=net, scheduler=DDPMScheduler(num_train_timesteps=1000))
+    else:
+      pipe = DDIMPipeline(unet=net, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+      with torch.inference_mode():
+        pipe(batch_size=batch, num_inference_steps=steps, output_type='np')
+  else:
+    raise ValueError(f'task must be forward, train, ddpm or ddim, got {task!r}')
+
+  t0 = time.perf_counter()
+  run()
+  first = time.perf_counter() - t0
+  return {'compile_s': first, 'times_s': _timed(run, iters), 'threads': threads,
+          'torch': torch.__version__}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--side', choices=('jax', 'torch'), required=True)
+  p.add_argument('--task', choices=('forward', 'train', 'ddpm', 'ddim'), required=True)
+  p.add_argument('--model', default='ddpm_cifar10')
+  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--iters', type=int, default=3)
+  p.add_argument('--steps', type=int, default=50, help='sampling steps (ddpm / ddim)')
+  p.add_argument('--threads', type=int, default=protocol.cores(), help='PyTorch threads')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'), help='JAX compute')
+  a = p.parse_args()
+  if a.side == 'jax':
+    res = jax_side(a.task, a.model, a.batch, a.iters, a.steps, a.dtype)
+  else:
+    res = torch_side(a.task, a.model, a.batch, a.iters, a.steps, a.threads)
+  protocol.emit(res)
+
+
+if __name__ == '__main__':
+  main()
