@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 
+import digits_quality
 import numpy as np
 import pytest
 import training_testlib as tl
@@ -89,6 +90,9 @@ def test_dit_samples_are_as_good_as_the_unets(dit_run, tmp_path):
   assert fd < 1.3 * fd_real, (fd, fd_real)
   # The U-Net digits test's rule: mean confidence within 0.1 of real held-out digits'.
   assert conf > conf_real - 0.1, (conf, conf_real)
+  # And the U-Net's quality checker (tests/digits_quality.py), on 200 samples as it is run there.
+  report, failed = digits_quality.check(images[:200, ..., 0].astype(np.float64) * 16.0 / 255.0)
+  assert not failed, (failed, report)
 
 
 def test_guided_dit_draws_the_asked_digit(dit_run, tmp_path):
