@@ -6,6 +6,7 @@ torch packages are imported without torchvision.
 """
 import numpy as np
 import pytest
+import prdc   # a test requirement (requirements-test.txt): never skipped
 import torch
 
 from diffusion_jax.evaluation import metrics
@@ -115,7 +116,6 @@ def test_precision_recall_equals_torch_fidelity_and_prdc(fake_real):
   # torch-fidelity averages in float32 (0.24 -> 0.2399999946): compare the counts.
   assert round(precision * len(fake)) == round(expected[0] * len(fake))
   assert round(recall * len(real)) == round(expected[1] * len(real))
-  prdc = pytest.importorskip("prdc")
   published = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=3)
   assert (precision, recall) == pytest.approx((published["precision"], published["recall"]),
                                               abs=1e-12)
@@ -124,7 +124,6 @@ def test_precision_recall_equals_torch_fidelity_and_prdc(fake_real):
 @pytest.mark.parametrize("k", [3, 5])
 def test_density_coverage_equal_prdc(fake_real, k):
   fake, real = fake_real
-  prdc = pytest.importorskip("prdc")
   published = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
   density, coverage = metrics.density_coverage(real, fake, k=k, chunk=100)
   assert 0 < coverage < 1
