@@ -24,6 +24,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import _checks
+
 RawFn = Callable[[jax.Array, jax.Array], jax.Array]   # (c_in x [B, ...], c_noise [B]) -> F [B, ...]
 PRECONDITIONINGS = ("edm", "ve", "vp")
 SIGMA_DATA = 0.5
@@ -40,8 +42,7 @@ class Coefficients(NamedTuple):
 
 
 def _check(precond: str) -> None:
-  if precond not in PRECONDITIONINGS:
-    raise ValueError(f"Unknown precond={precond!r}; allowed: {list(PRECONDITIONINGS)}.")
+  _checks.check_choice("precond", precond, PRECONDITIONINGS)
 
 
 def vp_time(sigma: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import _checks
 from diffusion_jax import forward
 from diffusion_jax import rng as rng_lib
 from diffusion_jax.schedules import Schedule
@@ -33,8 +34,7 @@ class PMeanVariance(NamedTuple):
 
 def check_variance(variance: str) -> None:
   """Raises a ValueError for a variance name outside `VARIANCES`."""
-  if variance not in VARIANCES:
-    raise ValueError(f"Unknown variance={variance!r}; allowed: {list(VARIANCES)}.")
+  _checks.check_choice("variance", variance, VARIANCES)
 
 
 def resolve_variance(variance: str | None, loss_type: str | None = None) -> str:

@@ -156,28 +156,27 @@ def expand(spec: Sweep) -> list[Run]:
   return runs
 
 
-def load_sweep(path: str) -> Sweep:
-  """`get_sweep(arg)` of a sweep file given as `path[:arg]`."""
+def _call_file(path: str, function: str, flag: str) -> Any:
+  """`function(arg)` of the Python file given as `path[:arg]` (as `--config=` takes it)."""
   path, _, arg = path.partition(":")
   if not os.path.isfile(path):
-    raise ValueError(f"--sweep={path!r}: no such file.")
-  module_spec = importlib.util.spec_from_file_location("_sweep_file", path)
+    raise ValueError(f"--{flag}={path!r}: no such file.")
+  module_spec = importlib.util.spec_from_file_location(f"_{flag}_file", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_sweep"):
-    raise ValueError(f"Sweep file {path} defines no get_sweep().")
-  return module.get_sweep(arg or None)
+  if not hasattr(module, function):
+    raise ValueError(f"--{flag}={path}: the file defines no {function}().")
+  return getattr(module, function)(arg or None)
+
+
+def load_sweep(path: str) -> Sweep:
+  """`get_sweep(arg)` of a sweep file given as `path[:arg]`."""
+  return _call_file(path, "get_sweep", "sweep")
 
 
 def load_config(path: str) -> Any:
-  """`get_config(arg)` of a config file given as `path[:arg]` (as `--config=` takes it)."""
-  path, _, arg = path.partition(":")
-  if not os.path.isfile(path):
-    raise ValueError(f"--config={path!r}: no such file.")
-  module_spec = importlib.util.spec_from_file_location("_config_file", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  """`get_config(arg)` of a config file given as `path[:arg]`."""
+  return _call_file(path, "get_config", "config")
 
 
 def _all_keys(config: Any, prefix: str = "") -> list[str]:
