@@ -1,6 +1,6 @@
 """Test setup: 8 fake CPU devices, so the pmap / shard_map paths run on any machine, and the
-session-wide `quickstart_run` fixture (the README Quickstart, trained once, shared by every slow
-test that needs a trained digits model).
+session-wide `quickstart_run` fixture (the README Quickstart, trained once per test run and
+shared by every slow test, on every xdist worker, that needs a trained digits model).
 
 The device flag must be set before JAX initialises its backends, hence at import of conftest
 (nothing imported here imports JAX).
@@ -11,6 +11,8 @@ import pathlib
 import subprocess
 
 import pytest
+
+import shared_runs
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -37,10 +39,14 @@ class QuickstartRun:
 
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory) -> QuickstartRun:
-  """Runs the README's Quickstart command once per test session (once per xdist worker: mark the
-  tests that use it `@pytest.mark.xdist_group("quickstart")` so one worker runs them all).
-  """
+  """The README's Quickstart command, run once per test run (`shared_runs.run_once`)."""
   import readme_commands  # pylint: disable=import-outside-toplevel
-  shell = readme_commands.user_shell(tmp_path_factory.mktemp("quickstart"))
-  result = shell.run_block("quickstart", timeout=3600)
+
+  def build(directory):
+    proc = readme_commands.user_shell(directory).run_block("quickstart", timeout=3600)
+    return {"args": proc.args, "stdout": proc.stdout, "stderr": proc.stderr}
+
+  shared, saved = shared_runs.run_once(tmp_path_factory, "quickstart_shared", build)
+  shell = readme_commands.UserShell(repo=shared / "repo", venv=shared / "venv")
+  result = subprocess.CompletedProcess(saved["args"], 0, saved["stdout"], saved["stderr"])
   return QuickstartRun(shell=shell, workdir=shell.repo / "runs" / "digits", result=result)

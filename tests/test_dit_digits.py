@@ -26,6 +26,7 @@ import sys
 import digits_quality
 import numpy as np
 import pytest
+import shared_runs
 import training_testlib as tl
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dit")]
@@ -36,18 +37,20 @@ CONFIG = "experiments/configs/dit_digits.py:cond,learned_sigma"
 
 @pytest.fixture(scope="session")
 def dit_run(tmp_path_factory):
-  """Workdir of the DiT digits run (trained once per session)."""
-  root = tmp_path_factory.mktemp("dit_digits")
-  workdir, data_dir = str(root / "run"), str(root / "tfds")
-  cmd = [sys.executable, "-m", "experiments.train", f"--config={CONFIG}", f"--workdir={workdir}",
-         f"--config.data.data_dir={data_dir}"]
-  if os.environ.get("DIGITS_TEST_STEPS"):
-    steps = int(os.environ["DIGITS_TEST_STEPS"])
-    cmd += [f"--config.train.num_steps={steps}", f"--config.train.checkpoint_every={steps}"]
-  proc = subprocess.run(cmd, env=tl.subprocess_env(1), cwd=tl.REPO, capture_output=True,
-                        text=True, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
+  """Workdir of the DiT digits run (trained once per test run, shared by the xdist workers)."""
+  def build(root):
+    workdir, data_dir = str(root / "run"), str(root / "tfds")
+    cmd = [sys.executable, "-m", "experiments.train", f"--config={CONFIG}",
+           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"]
+    if os.environ.get("DIGITS_TEST_STEPS"):
+      steps = int(os.environ["DIGITS_TEST_STEPS"])
+      cmd += [f"--config.train.num_steps={steps}", f"--config.train.checkpoint_every={steps}"]
+    proc = subprocess.run(cmd, env=tl.subprocess_env(1), cwd=tl.REPO, capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"workdir": workdir}
+
+  return shared_runs.run_once(tmp_path_factory, "dit_digits_shared", build)[1]["workdir"]
 
 
 def _sample(workdir: str, out: str, *flags: str) -> tuple[np.ndarray, np.ndarray]:
