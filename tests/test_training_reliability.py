@@ -233,6 +233,28 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, warnings):
   assert not (tmp_path / ".lock").exists()
 
 
+def test_lock_of_a_killed_unreaped_process_is_taken_over(tmp_path, warnings):
+  """A SIGKILLed trainer whose parent died too can linger as a zombie (kill(pid, 0) succeeds):
+  seen in CI after a killed sweep. It holds nothing, so its lock is stale."""
+  import socket   # pylint: disable=import-outside-toplevel
+  import time   # pylint: disable=import-outside-toplevel
+  child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  start = workdir_lock._process_start(child.pid)   # pylint: disable=protected-access
+  try:
+    child.kill()
+    deadline = time.time() + 10       # not waited for: the child stays a zombie
+    while workdir_lock._proc_stat(child.pid)[0] != "Z" and time.time() < deadline:  # pylint: disable=protected-access
+      time.sleep(0.05)
+    assert workdir_lock._proc_stat(child.pid)[0] == "Z"   # pylint: disable=protected-access
+    (tmp_path / ".lock").write_text(json.dumps({"pid": child.pid, "host": socket.gethostname(),
+                                                "start": start, "created": "earlier"}))
+    with workdir_lock.WorkdirLock(tmp_path):
+      assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert any("no longer running" in w and str(child.pid) in w for w in warnings), warnings
+  finally:
+    child.wait()
+
+
 def test_lock_of_another_host_is_not_taken_over(tmp_path):
   (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "created": "t"}))
   with pytest.raises(workdir_lock.WorkdirLockedError, match="host elsewhere"):

@@ -26,13 +26,20 @@ class WorkdirLockedError(RuntimeError):
   """Another live trainer holds the workdir's lock."""
 
 
-def _process_start(pid: int) -> str | None:
-  """The start time of `pid` in clock ticks since boot (Linux /proc), or None if unknown."""
+def _proc_stat(pid: int) -> list[str] | None:
+  """The fields of /proc/<pid>/stat after the command name (state first), or None (not Linux,
+  or no such process)."""
   try:
     with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-      return f.read().rsplit(")", 1)[1].split()[19]
+      return f.read().rsplit(")", 1)[1].split()
   except (OSError, IndexError):
     return None
+
+
+def _process_start(pid: int) -> str | None:
+  """The start time of `pid` in clock ticks since boot (Linux /proc), or None if unknown."""
+  fields = _proc_stat(pid)
+  return fields[19] if fields and len(fields) > 19 else None
 
 
 def _alive(pid: int, start: str | None) -> bool:
@@ -42,7 +49,12 @@ def _alive(pid: int, start: str | None) -> bool:
     return False
   except PermissionError:   # exists, owned by someone else
     return True
-  now_start = _process_start(pid)
+  fields = _proc_stat(pid)
+  # A killed process that nobody has reaped yet (a zombie, 'Z', or dying, 'X') still answers
+  # kill(pid, 0) but holds nothing: seen after SIGKILL of a process group whose parent died too.
+  if fields and fields[0] in ("Z", "X"):
+    return False
+  now_start = fields[19] if fields and len(fields) > 19 else None
   return start is None or now_start is None or now_start == start
 
 
