@@ -52,11 +52,15 @@ def test_sigkill_mid_run_then_rerun_resumes_exactly(tmp_path, data_dir, referenc
   env = tl.subprocess_env(8)
   proc = subprocess.Popen(cmd, env=env, cwd=tl.REPO, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  _wait_for_checkpoint(proc, workdir, 6)
-  time.sleep(1.0)                      # mid-way between checkpoints 6 and 9
+  # Killed as soon as the first checkpoint (step 3) exists: 9 steps and 3 saves remain. (A kill
+  # 1 s after checkpoint 6 came after the run had finished on an idle machine.)
+  _wait_for_checkpoint(proc, workdir, 3)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
+  # The run really was cut mid-way: its lock is left behind and step 12 was never saved.
+  assert os.path.exists(os.path.join(workdir, ".lock"))
+  assert not os.path.exists(os.path.join(workdir, "checkpoints", "12"))
   rerun = _run(cmd, env)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "Resumed from" in rerun.stderr
