@@ -83,10 +83,7 @@ def _read_params(directory: epath.Path, subtree: tuple[str, ...], target: PyTree
         node = mngr.item_metadata(s)["state"]
         node.keys()
       except Exception as e:  # pylint: disable=broad-except
-        if not ckpt_lib.is_unreadable_error(e):
-          raise
-        logging.warning("Checkpoint %s/%d is unreadable (%s: %s); trying the previous one.",
-                        directory, s, type(e).__name__, str(e)[:300])
+        _skip_unreadable(e, directory, s)
         continue
       for depth, key in enumerate(subtree):
         if key not in node.keys():
@@ -102,10 +99,7 @@ def _read_params(directory: epath.Path, subtree: tuple[str, ...], target: PyTree
         out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True)))["state"]
       except Exception as e:  # pylint: disable=broad-except
-        if not ckpt_lib.is_unreadable_error(e):
-          raise
-        logging.warning("Checkpoint %s/%d is unreadable (%s: %s); trying the previous one.",
-                        directory, s, type(e).__name__, str(e)[:300])
+        _skip_unreadable(e, directory, s)
         continue
       for key in subtree:
         out = out[key]
@@ -155,3 +149,12 @@ def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
   at, params = _read_params(workdir / "checkpoints", subtree, target, step)
   return Loaded(config, model, components.build_schedule(config.diffusion), params, image_shape,
                 num_classes, at)
+
+
+def _skip_unreadable(error: Exception, directory, step: int) -> None:
+  """Re-raises `error` unless it says the checkpoint is unreadable; then warns that `step` is
+  skipped (the caller tries the previous one)."""
+  if not ckpt_lib.is_unreadable_error(error):
+    raise error
+  logging.warning("Checkpoint %s/%d is unreadable (%s: %s); trying the previous one.",
+                  directory, step, type(error).__name__, str(error)[:300])
