@@ -71,3 +71,44 @@ def exact_denoiser_logits(joint, vocab, length):
         with np.errstate(divide="ignore"):
           out[i, l, :vocab] = np.log(marg / marg.sum())
   return np.maximum(out, -1e30)  # finite, so float32 lookups stay finite
+
+
+def ancestral_law(logits, schedule_mask_prob, num_steps, init, active=None, temperature=1.0):
+  """Exact law [(V+1)^L] of the N-step ancestral sampler, by composing transition matrices.
+
+  logits: [(V+1)^L, L, V+1] a time-independent denoiser table; schedule_mask_prob: float64
+  function m(t); init: [L] start state (mask = V); active: [L] bool where reveals are allowed.
+  """
+  num_classes = logits.shape[-1]
+  mask_id = num_classes - 1
+  length = logits.shape[1]
+  active = np.ones(length, bool) if active is None else np.asarray(active, bool)
+  states = all_states(num_classes, length)
+  # Every transition k -> j as (revealed count r, revealable count M, token probabilities):
+  # its probability in a step with reveal probability u is u^r (1 - u)^(M - r) prod(p).
+  src, dst, revealed, revealable, token_p = [], [], [], [], []
+  for k, z in enumerate(states):
+    probs = subs_probs_np(np.asarray(logits[k]) / temperature, z, mask_id)
+    options = []
+    for l in range(length):
+      if z[l] != mask_id or not active[l]:
+        options.append([(z[l], 0, 1.0)])
+      else:
+        options.append([(mask_id, 0, 1.0)] + [(v, 1, probs[l, v]) for v in range(mask_id)])
+    m = sum(len(o) > 1 for o in options)
+    for combo in itertools.product(*options):
+      src.append(k)
+      dst.append(state_index(np.array([c[0] for c in combo]), mask_id))
+      revealed.append(sum(c[1] for c in combo))
+      revealable.append(m)
+      token_p.append(np.prod([c[2] for c in combo]))
+  src, dst, revealed, revealable, token_p = map(np.asarray, (src, dst, revealed, revealable,
+                                                            token_p))
+  law = np.zeros(len(states))
+  law[state_index(np.asarray(init), mask_id)] = 1.0
+  for i in range(num_steps, 0, -1):
+    m_t, m_s = schedule_mask_prob(i / num_steps), schedule_mask_prob((i - 1) / num_steps)
+    u = (m_t - m_s) / m_t
+    w = token_p * u ** revealed * (1.0 - u) ** (revealable - revealed)
+    law = np.bincount(dst, weights=law[src] * w, minlength=len(states))
+  return law

@@ -17,3 +17,7 @@ from diffusion_jax.masked.schedule import get_mask_schedule
 from diffusion_jax.masked.schedule import linear
 from diffusion_jax.masked.schedule import MaskSchedule
 from diffusion_jax.masked.schedule import polynomial
+from diffusion_jax.masked.sampler import block_sample
+from diffusion_jax.masked.sampler import sample
+from diffusion_jax.masked.sampler import Sample
+from diffusion_jax.masked.sampler import top_p_filter
