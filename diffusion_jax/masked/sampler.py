@@ -70,7 +70,7 @@ def _token_log_probs(model_fn: ModelFn, z: jax.Array, t: jax.Array, mask_id: int
   return lax.cond(top_p < 1.0, top_p_filter, lambda lp, _: lp, log_probs, top_p)
 
 
-def _inverse_cdf(log_probs: jax.Array, u: jax.Array) -> jax.Array:
+def inverse_cdf(log_probs: jax.Array, u: jax.Array) -> jax.Array:
   """The token k with cdf[k-1] <= u < cdf[k] of exp(log_probs) [..., K], for u [...] in [0, 1);
   zero-probability tokens are never returned (u past a rounded-down cdf gives the last one with
   positive probability)."""
@@ -137,7 +137,7 @@ def sample(model_fn: ModelFn, schedule: MaskSchedule, rng: jax.Array, *, mask_id
     reveal_prob = ((m_t - m_s) / m_t)[:, None]
     u = jax.vmap(lambda k: jax.random.uniform(k, z.shape[1:]))(rng_lib.fold_in_all(keys, i))
     reveal = (z == mask_id) & active & (u < reveal_prob)
-    tokens = _inverse_cdf(log_probs, u / reveal_prob)
+    tokens = inverse_cdf(log_probs, u / reveal_prob)
     z_next = jnp.where(reveal, tokens, z).astype(jnp.int32)
     return (z_next, log_probs, jnp.any(reveal), calls + need.astype(jnp.int32)), None
 
