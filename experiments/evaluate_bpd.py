@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import _checks
 from diffusion_jax import losses
 from diffusion_jax import reverse
 from diffusion_jax import rng as rng_lib
@@ -54,8 +55,7 @@ def evaluate_bits_per_dim(apply_fn, params: Any, schedule: Schedule,
   Returns:
     (mean bits/dim, number of examples).
   """
-  if method not in METHODS:
-    raise ValueError(f"Unknown method={method!r}; allowed: {list(METHODS)}.")
+  _checks.check_choice("method", method, METHODS)
   root = jax.random.PRNGKey(seed)
 
   def per_device(params, x, keys):
