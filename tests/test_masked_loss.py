@@ -308,3 +308,15 @@ def test_nelbo_is_differentiable_under_jit_and_vmap():
   assert np.isfinite(float(g))
   per_key = jax.jit(jax.vmap(loss, in_axes=(None, 0)))(1.0, jax.random.split(jax.random.key(0), 3))
   assert per_key.shape == (3,) and np.all(np.isfinite(np.asarray(per_key)))
+
+
+def test_nelbo_per_example_keys_do_not_depend_on_the_batch():
+  a, b = tl.random_tables(np.random.default_rng(4), V, L)
+  model_fn = tl.table_model_fn(a, b)
+  x = jnp.asarray(np.random.default_rng(5).integers(0, V, (8, L)), jnp.int32)
+  keys = jax.random.split(jax.random.key(6), 8)
+  fn = jax.jit(lambda x, k: masked.nelbo(model_fn, masked.cosine(), x, k, mask_id=MASK,
+                                         antithetic=False, num_steps=7))
+  np.testing.assert_array_equal(fn(x, keys)[3:], fn(x[3:], keys[3:]))
+  with pytest.raises(ValueError, match="antithetic"):
+    masked.nelbo(model_fn, masked.cosine(), x, keys, mask_id=MASK)

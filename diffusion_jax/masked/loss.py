@@ -25,6 +25,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import rng as rng_lib
 from diffusion_jax.masked import forward
 from diffusion_jax.masked.schedule import MaskSchedule
 from diffusion_jax.vdm import loss as vdm_loss
@@ -113,8 +114,10 @@ def nelbo(model_fn: ModelFn, schedule: MaskSchedule, x: jax.Array, rng: jax.Arra
   Args:
     model_fn: (z_t [B, L], t [B]) -> logits [B, L, K].
     x: [B, L] int tokens in [0, mask_id).
-    rng: one key: the times use `fold_in(rng, 0)` (antithetic times couple the batch), example
-      b's mask `fold_in(fold_in(rng, 1), b)`.
+    rng: one key, or per-example keys [B] (then example b's time and mask depend only on its
+      key, so the result does not depend on the batch split; antithetic must be False). Example
+      b's key k_b (`rng.example_keys`) draws its mask from fold_in(k_b, 1) and, without
+      antithetic times, its time from fold_in(k_b, 0); antithetic times use fold_in(rng, 0).
     num_steps: None (continuous time) or T (the T-step bound).
     t: [B] times to use instead of sampling them.
     antithetic: spread the batch's times evenly (else i.i.d. uniform).
@@ -123,12 +126,16 @@ def nelbo(model_fn: ModelFn, schedule: MaskSchedule, x: jax.Array, rng: jax.Arra
   Divide by L ln 2 for bits per token.
   """
   batch = x.shape[0]
+  keys = rng_lib.example_keys(rng, batch)
   if t is None:
-    time_key = jax.random.fold_in(rng, 0)
     if antithetic:
-      t = antithetic_times(time_key, batch, t_min=t_min)
+      if not rng_lib._is_single_key(rng):  # pylint: disable=protected-access
+        raise ValueError("antithetic=True needs one key (antithetic times couple the batch); "
+                         "with per-example keys [B] pass antithetic=False.")
+      t = antithetic_times(jax.random.fold_in(rng, 0), batch, t_min=t_min)
     else:
-      t = 1.0 - (1.0 - t_min) * jax.random.uniform(time_key, (batch,))
+      u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), ()))(keys)
+      t = 1.0 - (1.0 - t_min) * u
   t, _ = times_and_weights(schedule, t, num_steps=num_steps)
-  z_t = forward.q_sample(schedule, x, t, jax.random.fold_in(rng, 1), mask_id=mask_id)
+  z_t = forward.q_sample(schedule, x, t, rng_lib.fold_in_all(keys, 1), mask_id=mask_id)
   return loss_at(model_fn, schedule, x, z_t, t, mask_id=mask_id, num_steps=num_steps)

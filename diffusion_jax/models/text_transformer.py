@@ -34,8 +34,9 @@ Dtype = Any
 
 
 class TextTransformer(nn.Module):
-  """Call: `apply({'params': p}, tokens [B, L] int32, t [B] float in [0, 1] or None)` ->
-  logits [B, L, vocab_size + 1] float32. t is ignored unless `time_conditioning`.
+  """Call: `apply({'params': p}, tokens [B, L] int32, t [B] float in [0, 1] or None, y=None,
+  train=False)` (the models' contract, with tokens for x; no labels) -> logits
+  [B, L, vocab_size + 1] float32. t is ignored unless `time_conditioning`.
 
   `decode(tokens [B, N], positions [N], caches)` (method=`TextTransformer.decode`, causal models)
   runs N tokens at `positions` against the KV caches of every block (`init_caches`) and returns
@@ -107,9 +108,11 @@ class TextTransformer(nn.Module):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f'tokens must be int [B, L]; got {tokens.dtype} {tokens.shape}')
 
-  def __call__(self, tokens: jax.Array, t: jax.Array | None = None,
+  def __call__(self, tokens: jax.Array, t: jax.Array | None = None, y: jax.Array | None = None,
                train: bool = False) -> jax.Array:
     del train  # no dropout
+    if y is not None:
+      raise ValueError('TextTransformer is unconditional: labels y must be None')
     self._check_tokens(tokens)
     c = self._conditioning(tokens.shape[0], t)
     h = self.token_embedder(tokens)
