@@ -187,22 +187,29 @@ def test_command_killed_and_rerun_gives_the_same_numbers(run_copy):
 def test_in_training_hook(tmp_path):
   from diffusion_jax.data import load_split_as_numpy
   from diffusion_jax.evaluation import digits, hook
-  config = hook.default_config()
+  from experiments.configs import default
+  config = default.get_config().eval
   config.every = 100
-  h = hook.EvalHook(config)
-  assert [h.due(s) for s in (0, 50, 100, 200)] == [False, False, True, True]
+  h = hook.EvalHook(config, "ddpm")
+  assert [h.due(s, 250) for s in (0, 50, 100, 200, 250)] == [False, False, True, True, True]
   train = load_split_as_numpy({"name": "digits", "image_size": 8}, "train")["image"][:300]
   scalars = h(train)
   assert scalars == {"eval/digits_fd": digits.digits_frechet_distance(train)}
-  assert h.update_best(str(tmp_path), 100, scalars)
-  assert not h.update_best(str(tmp_path), 200, {"eval/digits_fd": scalars["eval/digits_fd"] + 1})
-  assert h.update_best(str(tmp_path), 300, {"eval/digits_fd": scalars["eval/digits_fd"] - 1})
-  assert json.loads((tmp_path / "eval" / "best.json").read_text())["step"] == 300
+  value = scalars["eval/digits_fd"]
+  assert hook.read_best(tmp_path) is None and hook.is_new_best(None, value, h.settings)
+  hook.write_best(tmp_path, 100, value, h.settings)
+  record = hook.read_best(tmp_path)
+  assert (record["step"], record["value"], record["metric"]) == (100, value, "digits_fd")
+  assert not hook.is_new_best(record, value + 1, h.settings)
+  assert not hook.is_new_best(record, value, h.settings)      # a tie keeps the earlier step
+  assert hook.is_new_best(record, value - 1, h.settings)
+  # A record made with other settings (here 1000 samples) is not comparable: replaced.
+  assert hook.is_new_best(record, value + 1, dict(h.settings, num_samples=1000))
   config.metric = "fid"
   with pytest.raises(ValueError, match="inception_weights"):
     hook.EvalHook(config)
   config.metric = "is"
-  with pytest.raises(ValueError, match="allowed"):
+  with pytest.raises(ValueError, match=r"config\.eval\.metric='is'; allowed"):
     hook.EvalHook(config)
 
 
