@@ -129,3 +129,22 @@ def test_eval_keys_are_declared_once():
   config = default.get_config()
   assert config.eval.every == 0
   hook.EvalHook(config.eval)   # the defaults are valid
+
+
+def test_readme_training_command_sets_declared_eval_keys():
+  # The README's in-training evaluation line: every --config.eval.* key is declared, its value
+  # parses, and the resulting config.eval passes the hook's checks.
+  import pathlib
+  import re
+  from experiments.configs import digits as digits_config
+  from experiments.configs import overrides
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  pairs = re.findall(r"--config\.(eval\.\w+)=(\S+)", readme)
+  assert ("eval.every", "500") in pairs
+  config = digits_config.get_config()
+  for path, value in pairs:
+    assert overrides.unknown_key_message(config, path) is None, path
+    key = path.split(".")[1]
+    config.eval[key] = int(value) if key in ("every", "num_samples", "steps", "batch_size") \
+        else value
+  hook.EvalHook(config.eval)
