@@ -209,7 +209,7 @@ def test_in_training_hook(tmp_path):
   with pytest.raises(ValueError, match="inception_weights"):
     hook.EvalHook(config)
   config.metric = "is"
-  with pytest.raises(ValueError, match=r"config\.eval\.metric='is'; allowed"):
+  with pytest.raises(ValueError, match=r"Unknown config\.eval\.metric='is'; allowed"):
     hook.EvalHook(config)
 
 

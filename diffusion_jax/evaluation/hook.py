@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from diffusion_jax import _checks
 from diffusion_jax.evaluation import metrics
 
 HOOK_METRICS = ("digits_fd", "fid")
@@ -40,9 +41,7 @@ class EvalHook:
   def __init__(self, eval_config: Any, sampler: Optional[str] = None):
     """eval_config: `config.eval`; sampler: the sampler the trainer resolved (for `settings`)."""
     self.every = int(eval_config.every)
-    self.metric = eval_config.metric
-    if self.metric not in HOOK_METRICS:
-      raise ValueError(f"config.eval.metric={self.metric!r}; allowed: {', '.join(HOOK_METRICS)}.")
+    self.metric = _checks.check_choice("config.eval.metric", eval_config.metric, HOOK_METRICS)
     if self.every < 0:
       raise ValueError(f"config.eval.every={self.every} must be >= 0 (0: no evaluation).")
     if int(eval_config.num_samples) < 2 or int(eval_config.batch_size) < 1:
