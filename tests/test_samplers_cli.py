@@ -122,3 +122,10 @@ def test_generator_is_built_once_and_matches_generate():
   whole = sampling_lib.generate(apply_fn, PARAMS, SCHEDULE, IMAGE, num_samples=20, batch_size=8,
                                 labels=labels, progress=False, **kw)
   np.testing.assert_array_equal(np.concatenate(shards), whole)
+
+
+def test_parse_checkpoint():
+  assert [sampling_lib.parse_checkpoint(s) for s in (None, "latest", "best", "1200")] == [
+      None, None, "best", 1200]
+  with pytest.raises(ValueError, match="checkpoint must be 'latest', 'best' or a step number"):
+    sampling_lib.parse_checkpoint("newest")

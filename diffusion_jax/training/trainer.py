@@ -242,8 +242,9 @@ class _Hooks:
 
   def _init_eval(self, config, comp, sample_rng) -> None:
     """The evaluation's sample function (host 0), key, best checkpointer and best record."""
-    batch = min(int(config.eval.batch_size), int(config.eval.num_samples))
-    self.eval_sample_fn = _make_sample_fn(config, comp, batch, sampler=config.eval.sampler,
+    self.eval_batch = min(int(config.eval.batch_size), int(config.eval.num_samples))
+    self.eval_sample_fn = _make_sample_fn(config, comp, self.eval_batch,
+                                          sampler=config.eval.sampler,
                                           steps=config.eval.steps) if self.host0 else None
     self.eval_rng = jax.random.fold_in(sample_rng, _EVAL_KEY)
     self.best_ckpt = ckpt_lib.Checkpointer(self.workdir / hook_lib.BEST_DIR, keep_latest=2,
@@ -335,7 +336,6 @@ class _Hooks:
     logging.info("Wrote %d samples (%s params) to %s (%.1f s).", images.shape[0], which, path,
                  time.perf_counter() - t0)
 
-
   def _sampling_params(self, host_state: state_lib.TrainState) -> tuple[PyTree, str]:
     return state_lib.params_for_sampling(host_state, self.config.train.ema_decays,
                                          ema_decay=self.config.sample.ema_decay)
@@ -348,14 +348,17 @@ class _Hooks:
     if self.host0:
       params, which = self._sampling_params(host_state)
       params = jax.device_put(params)
-      num, batch = int(self.config.eval.num_samples), int(self.config.eval.batch_size)
+      num = int(self.config.eval.num_samples)
       images = np.concatenate([
           sampling.to_uint8(self.eval_sample_fn(params, jax.random.fold_in(self.eval_rng, i)))
-          for i in range(-(-num // batch))])[:num]
+          for i in range(-(-num // self.eval_batch))])[:num]
       value = hook(images)[key]
     value = _from_host0(value)
     self.writer.write_scalars(step, {key: value})
-    new_best = np.isfinite(value) and hook_lib.is_new_best(self.best, value, hook.settings)
+    new_best = bool(np.isfinite(value)) and hook_lib.is_new_best(self.best, value, hook.settings)
+    if not np.isfinite(value) and self.host0:
+      logging.warning("Eval at step %d: %s is not finite (%r); not a best.", step, hook.metric,
+                      value)
     if new_best:
       if step not in self.best_ckpt.all_steps():
         self.best_ckpt.save(step, host_state, data_iterator.get_state())
