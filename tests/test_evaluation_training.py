@@ -122,6 +122,9 @@ def test_eval_keys_are_declared_once():
   config = default.get_config()
   assert config.eval.every == 0
   hook.EvalHook(config.eval)   # the defaults are valid
+  # Evaluation settings may change on resume (a record of other settings is replaced).
+  from diffusion_jax.training import run_config
+  assert all(run_config.may_change(f"eval.{k}") for k in config.eval)
 
 
 def test_readme_training_command_sets_declared_eval_keys():
