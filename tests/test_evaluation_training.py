@@ -103,6 +103,16 @@ def test_best_checkpoint_survives_pruning_and_resume_compares_with_the_record(
   assert [p.name for p in (workdir / "best").iterdir() if p.name.isdigit()] == ["12"]
   assert restore.load_for_sampling(workdir, step="best").step == 12
 
+  # Resume with other eval settings (8 samples): values are not comparable with the record, so
+  # the first evaluation (step 14) replaces it although 9.0 > 2.0.
+  values = iter([9.0])
+  trainer.train_and_evaluate(_config(data_dir, **{"train.keep_latest": 1, "train.num_steps": 14,
+                                                  "eval.num_samples": 8, "eval.batch_size": 4}),
+                             str(workdir))
+  best = json.loads((workdir / "eval" / "best.json").read_text())
+  assert (best["step"], best["value"], best["settings"]["num_samples"]) == (14, 9.0, 8)
+  assert [p.name for p in (workdir / "best").iterdir() if p.name.isdigit()] == ["14"]
+
 
 def test_bad_eval_settings_are_refused_before_anything_is_written(tmp_path, data_dir):
   with pytest.raises(ValueError, match=r"config\.eval\.metric='is'.*digits_fd"):

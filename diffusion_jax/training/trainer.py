@@ -250,6 +250,9 @@ class _Hooks:
     self.best_ckpt = ckpt_lib.Checkpointer(self.workdir / hook_lib.BEST_DIR, keep_latest=2,
                                            async_save=False)
     self.best = hook_lib.read_best(self.workdir)
+    # Keep the recorded step's checkpoint, even when the record is about to be replaced: it
+    # stays `load_for_sampling(step='best')` until a new best is recorded.
+    self._prune_best(self.best["step"] if self.best is not None else None)
     if self.best is not None and self.best.get("settings") != self.eval_hook.settings:
       if self.host0:
         logging.warning("The best record %s was made with other config.eval settings (%s; now "
@@ -257,7 +260,6 @@ class _Hooks:
                         self.workdir / hook_lib.BEST_RECORD, self.best.get("settings"),
                         self.eval_hook.settings)
       self.best = None
-    self._prune_best(self.best["step"] if self.best is not None else None)
 
   def _prune_best(self, keep: int | None) -> None:
     """Deletes best/ checkpoints other than `keep` (a kill between saving a new best and
