@@ -375,6 +375,7 @@ class _Hooks:
                    time.perf_counter() - t0, self.best["value"] if self.best else float("nan"),
                    self.best["step"] if self.best else -1,
                    f" (kept in {self.best_ckpt.directory / str(step)})" if new_best else "")
+    self.chrono.mark(step)   # the next log's steps/s measures training, not this evaluation
 
 
 def _from_host0(value: float) -> float:
