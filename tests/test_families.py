@@ -48,7 +48,7 @@ def _step_loss_keys(rng, step, n):
   return jax.vmap(lambda k: jax.random.split(k, 2))(keys)[:, 0]
 
 
-def _pure_loss(config, comp, params, x0, keys):
+def _pure_loss(config, comp, params, x0, keys, antithetic=True):
   """The family's loss from the pure functions, on the backbone and schedule params directly
   (not through the wrapper modules)."""
   backbone = comp.model.backbone
@@ -62,7 +62,7 @@ def _pure_loss(config, comp, params, x0, keys):
       {"params": params["gamma"]}, t)
   eps_fn = lambda z, t: net(z, 1000.0 * (gamma_fn(t) - v.gamma_min) / (v.gamma_max - v.gamma_min))
   x = vdm.levels_to_data(jnp.round((x0 + 1.0) * 127.5).astype(jnp.int32))   # VDM's bin centres
-  return vdm.vlb_terms(eps_fn, gamma_fn, x, keys).bpd
+  return vdm.vlb_terms(eps_fn, gamma_fn, x, keys, antithetic=antithetic).bpd
 
 
 @pytest.mark.parametrize("name", ["vdm_digits", "edm_digits"])
@@ -100,6 +100,27 @@ def test_family_step_equals_pure_loss_and_lowers_it(name):
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                          gamma_before, state.params["gamma"])
     assert max(jax.tree.leaves(moved)) > 0, "the schedule's params did not train"
+
+
+def test_vdm_bits_per_dim_of_evaluate_bpd():
+  """experiments.evaluate_bpd's bound of a VDM run is the pure `vdm.vlb_terms` bound with
+  independent times (so example b's figure depends on its key alone), and its mean over the
+  batch is what `evaluate_bits_per_dim` reports."""
+  from experiments import evaluate_bpd
+  config = _config("vdm_digits")
+  comp = components.build(config, SHAPE)
+  params = components.init_params(comp, jax.random.PRNGKey(0))
+  x0 = _batch(8)["image"]
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(8))
+  got = families.vlb_bits_fn(config, comp.model)(params, x0, keys)
+  want = _pure_loss(config, comp, params, x0, keys, antithetic=False)
+  np.testing.assert_allclose(got, want, rtol=1e-5)   # the same float32 ops, two programs
+  batches = [{"image": np.asarray(x0)[None], "mask": np.ones((1, 8), bool)}]
+  apply_fn = lambda p, x, t, y: comp.model.apply({"params": p}, x, t, y)
+  mean, count = evaluate_bpd.evaluate_bits_per_dim(
+      apply_fn, params, comp.schedule, batches, vlb_fn=families.vlb_bits_fn(config, comp.model))
+  assert count == 8
+  np.testing.assert_allclose(mean, float(np.mean(want)), rtol=1e-5)
 
 
 def test_family_config_errors():
@@ -171,3 +192,33 @@ def test_experiments_sample_on_family_models(name, sampler, steps):
   assert floats.shape == (4,) + SHAPE and np.all(np.isfinite(floats))
   images = sample_cli.sample_images(loaded, 4, seed=0, batch_size=4, sampler=sampler, steps=steps)
   assert images.shape == (4,) + SHAPE and images.dtype == np.uint8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,overrides", [
+    ("vdm", {"diffusion.prediction": "eps"}),
+    ("edm", {"diffusion.prediction": "x0", "sample.sampler": "heun"})])
+def test_trained_family_run_restores_and_samples(tmp_path, family, overrides):
+  """A tiny run of each family through the trainer (previews included), restored by
+  `load_for_sampling` (a VDM run's schedule from its checkpointed gamma) and sampled by
+  experiments.sample's library: finite images of the run's shape."""
+  import training_testlib as tl
+  from diffusion_jax.training import trainer
+  from experiments import sample as sample_cli
+  extra = {"diffusion.family": family, "train.num_steps": 4, **overrides}
+  config = tl.tiny_config(str(tmp_path / "tfds"), **extra)
+  if family == "edm":
+    config.sample.kwargs.num_steps = 3
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir)
+  loaded = restore.load_for_sampling(workdir)
+  assert loaded.step == 4
+  if family == "vdm":
+    t = jnp.arange(1, 21, dtype=jnp.float32) / 20
+    g = np.asarray(loaded.model.apply({"params": loaded.params}, t, method="gamma"), np.float64)
+    # As in test_sampling_views: gamma's float32 rounding, |d log abar / d gamma| <= 1.
+    np.testing.assert_allclose(loaded.schedule.alphas_cumprod, 1 / (1 + np.exp(g)), rtol=1e-5)
+  for sampler, steps in (("ddpm", None), ("heun", 3)):
+    images = sample_cli.sample_images(loaded, 4, seed=0, batch_size=4, sampler=sampler,
+                                      steps=steps)
+    assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
