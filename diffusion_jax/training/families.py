@@ -80,19 +80,9 @@ def family(config: Any) -> str:
   return name
 
 
-class VDMNetwork(nn.Module):
-  """A backbone predicting eps from (z_t, gamma(t)), and VDM's schedule gamma, in one module.
-
-  Params: {'backbone': ..., 'gamma': ...} (the 'gamma' entry only for a learned schedule).
-  Methods: `gamma(t [B]) -> [B]` (t in [0, 1]); `eps(z [B, H, W, C], g [B], y, train)`;
-  `__call__(z, t, y, train)`: eps at the sampling index t in [0, T-1], i.e. time (t + 1) / T.
-  """
+class _Wrapper(nn.Module):
+  """A family's module around a backbone; exposes the backbone's model-contract attributes."""
   backbone: nn.Module
-  schedule: str = "learned"
-  gamma_min: float = vdm.gamma.GAMMA_MIN
-  gamma_max: float = vdm.gamma.GAMMA_MAX
-  num_features: int = 1024
-  num_timesteps: int = 1000
 
   @property
   def num_classes(self) -> int:
@@ -101,6 +91,28 @@ class VDMNetwork(nn.Module):
   @property
   def in_channels(self) -> int:
     return self.backbone.in_channels
+
+  @property
+  def learn_sigma(self) -> bool:
+    return self.backbone.learn_sigma
+
+  @property
+  def out_channels(self) -> int:
+    return self.backbone.out_channels
+
+
+class VDMNetwork(_Wrapper):
+  """A backbone predicting eps from (z_t, gamma(t)), and VDM's schedule gamma, in one module.
+
+  Params: {'backbone': ..., 'gamma': ...} (the 'gamma' entry only for a learned schedule).
+  Methods: `gamma(t [B]) -> [B]` (t in [0, 1]); `eps(z [B, H, W, C], g [B], y, train)`;
+  `__call__(z, t, y, train)`: eps at the sampling index t in [0, T-1], i.e. time (t + 1) / T.
+  """
+  schedule: str = "learned"
+  gamma_min: float = vdm.gamma.GAMMA_MIN
+  gamma_max: float = vdm.gamma.GAMMA_MAX
+  num_features: int = 1024
+  num_timesteps: int = 1000
 
   def setup(self):
     if self.schedule == "learned":
@@ -127,7 +139,7 @@ class VDMNetwork(nn.Module):
     return self.eps(z, self.gamma(t), y, train)
 
 
-class EDMNetwork(nn.Module):
+class EDMNetwork(_Wrapper):
   """EDM's preconditioned denoiser around a raw backbone F.
 
   Params: {'backbone': ...}. Methods: `raw(u, c_noise [B], y, train) = F(u, c_noise)`;
@@ -135,20 +147,11 @@ class EDMNetwork(nn.Module):
   `__call__(x_vp, t, y, train)`: D at the sampling index t in [0, T-1] (`sigma_at`), with the
   sigma-space state x = sqrt(1 + sigma^2) x_vp.
   """
-  backbone: nn.Module
   precond: str = "edm"
   sigma_data: float = edm.SIGMA_DATA
   sigma_min: float = 0.002
   sigma_max: float = 80.0
   num_timesteps: int = 1000
-
-  @property
-  def num_classes(self) -> int:
-    return self.backbone.num_classes
-
-  @property
-  def in_channels(self) -> int:
-    return self.backbone.in_channels
 
   def raw(self, u: jax.Array, c_noise: jax.Array, y: jax.Array | None = None,
           train: bool = False) -> jax.Array:
