@@ -37,17 +37,15 @@ def sampling_variance(config: Any, override: str | None = None) -> str:
   return reverse.resolve_variance(chosen, config.diffusion.loss_type)
 
 
-def generate(config: Any, model: Any, schedule: Any, params: PyTree, rng: jax.Array,
-             num_samples: int, image_shape: tuple[int, ...],
-             labels: jax.Array | None = None, sampler: str | None = None,
-             steps: int | None = None) -> jax.Array:
-  """Samples [N, H, W, C] in [-1, 1] with the config's sampler over the training schedule.
+def plan_sampling(config: Any, schedule: Any, sampler: str | None = None,
+                  steps: int | None = None) -> tuple[Callable[..., jax.Array], Any, dict]:
+  """(sample_fn, schedule to run on, per-call arrays) of the config's sampler (eager).
 
-  `sampler` (default `config.sample.sampler`) names a sampler of `samplers.get_sampler`
-  ('ddpm': the T-step ancestral loop in one lax.scan) with the variance of
-  `sampling_variance(config)`; `config.sample.kwargs` adds static settings. `steps`: that many
-  steps on the sampler's default grid (`samplers.plan`); None runs the sampler on its own default
-  (all T steps for ddpm / ddim). Pure: the caller jits it.
+  `sampler` (default `config.sample.sampler`) names a sampler of `samplers.get_sampler` with the
+  variance of `sampling_variance(config)` and `config.sample.kwargs` as static settings. `steps`:
+  that many steps on the sampler's default grid (`samplers.plan`, which respaces `schedule`, so
+  it must be concrete); None runs the sampler on its own default (all T steps for ddpm / ddim).
+  `sample_fn(model_fn, schedule, shape, rng, **per_call)` is pure: the caller jits it.
   """
   name = sampler or config.sample.sampler
   static = {"prediction": config.diffusion.prediction, "variance": sampling_variance(config)}
@@ -58,8 +56,17 @@ def generate(config: Any, model: Any, schedule: Any, params: PyTree, rng: jax.Ar
     static.update(plan.static)
     schedule, per_call = plan.schedule, plan.per_call
   static.update(dict(config.sample.kwargs))
+  return samplers.get_sampler(name, **static), schedule, per_call
+
+
+def generate(config: Any, model: Any, schedule: Any, params: PyTree, rng: jax.Array,
+             num_samples: int, image_shape: tuple[int, ...],
+             labels: jax.Array | None = None, sampler: str | None = None,
+             steps: int | None = None) -> jax.Array:
+  """Samples [N, H, W, C] in [-1, 1] with the config's sampler (`plan_sampling`) over
+  `schedule` (concrete when `steps` is given). Pure: the caller jits it."""
+  sample_fn, schedule, per_call = plan_sampling(config, schedule, sampler, steps)
   shape = (num_samples,) + tuple(image_shape)
-  sample_fn = samplers.get_sampler(name, **static)
   return sample_fn(make_model_fn(model, params, labels), schedule, shape, rng, **per_call)
 
 

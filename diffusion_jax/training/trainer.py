@@ -413,17 +413,19 @@ def _stack(batches: list[dict]) -> dict:
 
 def _make_sample_fn(config: Any, comp: components.Components, num: int,
                     sampler: str | None = None, steps: int | None = None):
-  """sample_fn(params, rng) -> [num, H, W, C] in [-1, 1] (`sampling.generate`): the grids'
-  sampler, or `sampler` / `steps` (None: config.sample's), on the params' sampling schedule (a
-  learned VDM schedule is read from the params, eagerly, then passed to the jitted sampler)."""
+  """sample_fn(params, rng) -> [num, H, W, C] in [-1, 1]: the grids' sampler, or `sampler` /
+  `steps` (None: config.sample's), on the params' sampling schedule. The schedule (a learned VDM
+  schedule is read from the params) and its respacing are computed eagerly; the sampler runs
+  jitted, compiled once (the plan's static settings do not depend on the schedule's values)."""
   labels = sampling.default_labels(num, comp.num_classes)
-
-  @jax.jit
-  def draw(params, schedule, rng):
-    return sampling.generate(config, comp.model, schedule, params, rng, num, comp.image_shape,
-                             labels, sampler=sampler, steps=steps)
+  shape = (num,) + tuple(comp.image_shape)
+  compiled = {}
 
   def sample_fn(params, rng):
     schedule = families.sampling_schedule(config, comp.model, params, comp.schedule)
-    return draw(params, schedule, rng)
+    run, schedule, per_call = sampling.plan_sampling(config, schedule, sampler, steps)
+    if "draw" not in compiled:
+      compiled["draw"] = jax.jit(lambda p, s, c, r: run(
+          sampling.make_model_fn(comp.model, p, labels), s, shape, r, **c))
+    return compiled["draw"](params, schedule, per_call, rng)
   return sample_fn
