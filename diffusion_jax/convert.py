@@ -520,11 +520,14 @@ def autoencoder_from_ldm(state_dict: Mapping[str, Any], preset: str = 'sd_vae',
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _model_spec(module: nn.Module) -> dict[str, Any]:
-  """{'name', 'overrides'}: the closest preset and the fields that differ from it (JSON-able)."""
-  name = {'UNet': 'ddpm_cifar10', 'DiT': 'DiT-XL/2', 'AutoencoderKL': 'sd_vae'}[type(module).__name__]
+def _model_spec(module: nn.Module, preset: str | None = None) -> dict[str, Any]:
+  """{'name', 'overrides'}: `preset` (default: the closest preset) and the fields that differ
+  from it (JSON-able)."""
+  name = preset or {'UNet': 'ddpm_cifar10', 'DiT': 'DiT-XL/2',
+                    'AutoencoderKL': 'sd_vae'}[type(module).__name__]
   for cand, (cls, kw) in {**PRESETS, **AUTOENCODER_PRESETS}.items():
-    if cls is type(module) and all(getattr(module, k) == v for k, v in kw.items()):
+    if preset is None and cls is type(module) and all(getattr(module, k) == v
+                                                      for k, v in kw.items()):
       name = cand
       break
   base = _preset(name)
@@ -547,13 +550,15 @@ def _preset(name: str, **overrides: Any) -> nn.Module:
 
 
 def save_checkpoint(out_dir: str, module: nn.Module, params: Any,
-                    source: Mapping[str, Any] | None = None) -> None:
+                    source: Mapping[str, Any] | None = None, preset: str | None = None) -> None:
   """Write an autoencoder (a component, not a diffusion run): `out_dir/model.json` and an orbax
-  CheckpointManager step 0 holding {'params': params}. Denoisers are written by `write_run`."""
+  CheckpointManager step 0 holding {'params': params}. Denoisers are written by `write_run`.
+  preset: the preset model.json names (the fields that differ from it are its overrides);
+  default: the closest preset."""
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'model.json'), 'w') as f:
-    json.dump({**_model_spec(module), 'source': dict(source or {})}, f, indent=2)
+    json.dump({**_model_spec(module, preset), 'source': dict(source or {})}, f, indent=2)
   mngr = ocp.CheckpointManager(out_dir)
   mngr.save(0, args=ocp.args.StandardSave({'params': params}), force=True)
   mngr.wait_until_finished()

@@ -16,6 +16,7 @@ import numpy as np
 from diffusion_jax import compile_cache
 from diffusion_jax import reverse
 from diffusion_jax.training import console
+from diffusion_jax.training import latent_decoder
 from diffusion_jax.training import restore
 from diffusion_jax.training import sampling
 from experiments import paths
@@ -42,6 +43,9 @@ def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_siz
 
   variance: the reverse variance; None follows the run (`sampling.sampling_variance`).
   progress: show a bar over the batches (tqdm, on stderr).
+  steps / guidance_scale left out (or None) follow the run's sample.steps / guidance_scale.
+  A latent run's samples are decoded by its autoencoder (`latent_decoder`), so the images are
+  pixels either way.
   """
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
@@ -53,10 +57,13 @@ def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_siz
             variance=sampling.sampling_variance(config, variance),
             clip_denoised=config.sample.clip_denoised, progress=progress)
   kw.update(sampler_kw)
-  images = sampling_lib.generate(apply_fn, loaded.params, loaded.schedule, loaded.image_shape,
-                                 num_samples=num_samples, seed=seed, batch_size=batch_size,
-                                 labels=labels, num_classes=loaded.num_classes, **kw)
-  return sampling.to_uint8(images)
+  kw["steps"], kw["guidance_scale"] = sampling_lib.run_defaults(
+      config, kw.get("steps"), kw.get("timesteps"), kw.get("guidance_scale"))
+  decoder = latent_decoder.load_decoder(config)
+  samples = sampling_lib.generate(apply_fn, loaded.params, loaded.schedule, loaded.image_shape,
+                                  num_samples=num_samples, seed=seed, batch_size=batch_size,
+                                  labels=labels, num_classes=loaded.num_classes, **kw)
+  return latent_decoder.to_images(samples, decoder)
 
 
 def main(argv):

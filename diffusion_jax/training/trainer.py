@@ -29,6 +29,7 @@ from etils import epath
 
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
+from diffusion_jax.training import latent_decoder
 from diffusion_jax.training import metric_writer
 from diffusion_jax.training import parallel
 from diffusion_jax.training import progress
@@ -214,6 +215,8 @@ class _Hooks:
     num_samples = int(config.sample.num_samples)
     self.sample_fn = _make_sample_fn(config, comp, num_samples) if host0 and num_samples > 0 \
         else None
+    # A latent run's previews are decoded to pixels (None: a pixel-space run).
+    self.decoder = latent_decoder.load_decoder(config) if self.sample_fn is not None else None
     self.every = {"log": sched.log_every, "checkpoint": sched.checkpoint_every,
                   "samples": sched.sample_every if self.sample_fn is not None else -1}
 
@@ -276,7 +279,8 @@ class _Hooks:
     params, which = state_lib.params_for_sampling(
         host_state, self.config.train.ema_decays,
         ema_decay=self.config.sample.ema_decay)
-    images = sampling.to_uint8(self.sample_fn(params, jax.random.fold_in(self.sample_rng, step)))
+    images = latent_decoder.to_images(
+        self.sample_fn(params, jax.random.fold_in(self.sample_rng, step)), self.decoder)
     (self.workdir / "samples").mkdir(exist_ok=True)
     path = self.workdir / "samples" / f"step_{step:07d}.png"
     sampling.save_grid(images, str(path))

@@ -1,0 +1,38 @@
+"""Latent diffusion on a 2-core CPU: a DiT on the 4x4x2 latents of a small autoencoder trained
+on scikit-learn's 8x8 digits. The whole latent path (autoencoder, encode once, train, sample,
+decode) end to end without downloads:
+
+  python -m experiments.train_autoencoder --out=runs/digits_vae
+  python -m experiments.encode_latents --vae=runs/digits_vae --data.name=digits \\
+      --data.image_size=8 --out=runs/digits_latents
+  python -m experiments.train --config=experiments/configs/latent_digits.py \\
+      --workdir=runs/latent_digits
+  python -m experiments.sample --workdir=runs/latent_digits --num_samples=64 \\
+      --out=runs/latent_digits/samples.npz          # decoded: uint8 [64, 8, 8, 1]
+  python -m experiments.evaluate --workdir=runs/latent_digits --num_samples=1000 \\
+      --sampler=ddim --steps=50 --ref=digits
+
+The autoencoder is `vae_digits` (f = 2, latent_channels = 2: 32 numbers per 64-pixel image),
+scaled to unit variance by `train_autoencoder`; the paths below are those of the commands above
+(override them with --config.data.latents_dir / --config.autoencoder.workdir).
+Everything else as `dit_digits.py` (cosine T = 250, eps prediction, batch 64, 2,000 steps, EMA
+0.999, Adam 2e-3 with 100 warmup steps), except that x0 is not clipped (latents are unbounded).
+
+References: Rombach et al. 2022 (arXiv:2112.10752); Peebles & Xie 2023 (DiT).
+"""
+import ml_collections
+
+from experiments.configs import dit_digits
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = dit_digits.get_config()
+  c.data.name = "latents"
+  c.data.image_size = None             # the latents' own size (4x4x2)
+  c.data.latents_dir = "runs/digits_latents"
+  c.data.latent_sample = True
+  c.autoencoder.workdir = "runs/digits_vae"
+  c.model.in_channels = 2              # vae_digits' latent_channels
+  c.sample.clip_denoised = False
+  return c
