@@ -584,7 +584,8 @@ def default_diffusion(module: nn.Module) -> dict[str, Any]:
 
 def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[int, int, int], *,
               diffusion: Mapping[str, Any] | None = None,
-              source: Mapping[str, Any] | None = None) -> None:
+              source: Mapping[str, Any] | None = None,
+              autoencoder_dir: str | None = None) -> None:
   """Write `out_dir` as a run workdir that `experiments.sample` and `load_for_sampling` read.
 
   `config.json`: `experiments/configs/default.py` with the model (closest preset and the fields
@@ -594,8 +595,20 @@ def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[i
   `ema_params` (the published weights under the config's EMA decay too, since releases publish
   EMA weights; no optimizer state, so the directory is for sampling and evaluation);
   `source.json`: where the weights came from.
+  autoencoder_dir: for a latent model (DiT-XL/2 on SD-VAE latents), the autoencoder directory
+  (`save_checkpoint`) whose decoder turns its samples into images: written as
+  `autoencoder.workdir` (absolute), with `sample.clip_denoised=False` (latents are unbounded).
   """
   out_dir = os.path.abspath(out_dir)
+  if autoencoder_dir is not None:
+    autoencoder_dir = os.path.abspath(autoencoder_dir)
+    with open(os.path.join(autoencoder_dir, 'model.json')) as f:
+      spec_ae = json.load(f)
+    vae = _preset(spec_ae['name'], **spec_ae['overrides'])
+    if not isinstance(vae, autoencoder.AutoencoderKL) or vae.latent_channels != image_shape[-1]:
+      raise ValueError(f'autoencoder_dir={autoencoder_dir} must hold an autoencoder with '
+                       f'latent_channels={image_shape[-1]} (the model\'s input channels), got '
+                       f'{type(vae).__name__} {getattr(vae, "latent_channels", None)}')
   os.makedirs(out_dir, exist_ok=True)
   spec = _model_spec(module)
   config = default_config.get_config()
@@ -606,6 +619,9 @@ def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[i
     config.diffusion[key] = value
   config.data.name = str((source or {}).get('dataset') or 'unknown')
   config.data.image_size = int(image_shape[0])
+  if autoencoder_dir is not None:
+    config.autoencoder.workdir = autoencoder_dir
+    config.sample.clip_denoised = False
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   with open(os.path.join(out_dir, 'dataset_info.json'), 'w') as f:
@@ -661,6 +677,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--prediction', help='diffusion.prediction (default eps)')
   parser.add_argument('--variance', help='diffusion.variance (default learned_range for a '
                       'learned-sigma model, else fixed_large)')
+  parser.add_argument('--autoencoder', help='a latent model\'s autoencoder directory (converted '
+                      'with --format diffusers_vae / ldm_vae): samples are decoded by it')
   args = parser.parse_args(argv)
   image_size = args.image_size
   sd = load_state_dict(args.weights)
@@ -703,7 +721,7 @@ def main(argv: list[str] | None = None) -> None:
   diffusion = {k: getattr(args, k) for k in ('schedule', 'num_timesteps', 'prediction', 'variance')
                if getattr(args, k) is not None}
   write_run(args.out, module, params, _image_shape(module, image_size), diffusion=diffusion,
-            source={**source, 'dataset': args.dataset})
+            source={**source, 'dataset': args.dataset}, autoencoder_dir=args.autoencoder)
   print(f'wrote {args.out}: {type(module).__name__} {_model_spec(module)["name"]}, {n:,} params; '
         f'sample with: python -m experiments.sample --workdir={args.out} --out=samples.npz')
 
