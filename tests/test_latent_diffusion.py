@@ -198,6 +198,36 @@ def test_latent_configs_declare_only_default_keys():
     assert keys(config) == declared
 
 
+def test_preview_sampling_follows_sample_steps_and_guidance_scale():
+  """The trainer's previews (`sampling.generate`) honour sample.steps (respaced on the sampler's
+  grid) and sample.guidance_scale (classifier-free guidance with the null label num_classes)."""
+  from diffusion_jax import samplers
+  from diffusion_jax.models import get_model, init_params
+  from diffusion_jax.training import sampling
+  config = default.get_config()
+  config.diffusion.update(dict(num_timesteps=50, loss_type='hybrid', variance='learned_range'))
+  config.sample.update(dict(steps=5, guidance_scale=1.5))
+  model = get_model('dit_tiny', in_channels=2)
+  params = init_params(model, jax.random.key(1), (4, 4, 2), True)
+  params = jax.tree.map(lambda p: p + 0.05 * np.asarray(jax.random.normal(jax.random.key(2),
+                                                                          p.shape)), params)
+  schedule = components.build_schedule(config.diffusion)
+  labels = np.array([1, 4, 9], np.int32)
+  key = jax.random.key(3)
+  got = sampling.generate(config, model, schedule, params, key, 3, (4, 4, 2), labels)
+  plan = samplers.plan('ddpm', schedule, 5)
+  sampler = samplers.get_sampler('ddpm', prediction='eps', variance='learned_range',
+                                 clip_denoised=True, **plan.static)
+  guided = samplers.classifier_free_guidance(
+      lambda x, t, y: model.apply({'params': params}, x, t, y, train=False), labels, 1.5,
+      null_label=10)
+  want = sampler(guided, plan.schedule, (3, 4, 4, 2), key, **plan.per_call)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  config.sample.guidance_scale = 1.0
+  plain = sampling.generate(config, model, schedule, params, key, 3, (4, 4, 2), labels)
+  assert np.abs(np.asarray(plain) - np.asarray(got)).max() > 1e-3
+
+
 def test_converted_latent_dit_samples_images_through_its_autoencoder(tmp_path):
   """The published-weights path at a tiny size: a class-conditional learned-sigma DiT on 4x4x4
   latents written by `convert.write_run(..., autoencoder_dir=...)` (what `convert --autoencoder`
@@ -261,8 +291,9 @@ def _run(*args: str) -> str:
 @pytest.fixture(scope='session')
 def latent_digits_run(tmp_path_factory):
   """The README's CPU latent path, as a user runs it (4 commands, one CPU device): the small
-  autoencoder trained briefly, digits encoded once, a latent DiT (`latent_digits.py`) trained,
-  200 samples drawn (DDIM, 50 steps) and decoded. Shared through `shared_runs.run_once`."""
+  autoencoder trained briefly, digits encoded once, the latent U-Net (`latent_digits.py`)
+  trained for half its steps, 200 samples drawn (DDIM, 50 steps) and decoded. Shared through
+  `shared_runs.run_once`."""
   def build(root):
     ae, lat, run = str(root / 'vae'), str(root / 'latents'), str(root / 'run')
     tfds = f'--data.data_dir={root / "tfds"}'

@@ -1,6 +1,6 @@
-"""Latent diffusion on a 2-core CPU: a DiT on the 4x4x2 latents of a small autoencoder trained
-on scikit-learn's 8x8 digits. The whole latent path (autoencoder, encode once, train, sample,
-decode) end to end without downloads:
+"""Latent diffusion on a 2-core CPU: the digits U-Net on the 4x4x2 latents of a small autoencoder
+trained on scikit-learn's 8x8 digits. The whole latent path (autoencoder, encode once, train,
+sample, decode) end to end without downloads:
 
   python -m experiments.train_autoencoder --out=runs/digits_vae
   python -m experiments.encode_latents --vae=runs/digits_vae --data.name=digits \\
@@ -9,25 +9,29 @@ decode) end to end without downloads:
       --workdir=runs/latent_digits
   python -m experiments.sample --workdir=runs/latent_digits --num_samples=64 \\
       --out=runs/latent_digits/samples.npz          # decoded: uint8 [64, 8, 8, 1]
-  python -m experiments.evaluate --workdir=runs/latent_digits --num_samples=1000 \\
+  python -m experiments.evaluate --workdir=runs/latent_digits --num_samples=500 \\
       --sampler=ddim --steps=50 --ref=digits
 
 The autoencoder is `vae_digits` (f = 2, latent_channels = 2: 32 numbers per 64-pixel image),
 scaled to unit variance by `train_autoencoder`; the paths below are those of the commands above
 (override them with --config.data.latents_dir / --config.autoencoder.workdir).
-Everything else as `dit_digits.py` (cosine T = 250, eps prediction, batch 64, 2,000 steps, EMA
-0.999, Adam 2e-3 with 100 warmup steps), except that x0 is not clipped (latents are unbounded).
+The network is `digits.py`'s U-Net (levels 4x4 and 2x2 here) with 2 input channels: a DiT
+(`dit_digits.py` with in_channels 2) was measured on the same latents at 1,000 steps and scored
+a digits Frechet distance of 199 against the U-Net's 87 (200 DDIM-50 samples; the DiT's lag on
+digits is issue 17). Everything else as `digits.py` (cosine T = 250, eps prediction, batch 64,
+2,000 steps, EMA 0.999, Adam 2e-3 with 100 warmup steps), except that x0 is not clipped
+(latents are unbounded).
 
-References: Rombach et al. 2022 (arXiv:2112.10752); Peebles & Xie 2023 (DiT).
+References: Rombach et al. 2022 (arXiv:2112.10752).
 """
 import ml_collections
 
-from experiments.configs import dit_digits
+from experiments.configs import digits
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
-  c = dit_digits.get_config()
+  c = digits.get_config()
   c.data.name = "latents"
   c.data.image_size = None             # the latents' own size (4x4x2)
   c.data.latents_dir = "runs/digits_latents"
