@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from numerics_testlib import assert_f32_close
 from diffusion_jax import data as data_lib
 from diffusion_jax.data import latents as latent_format
 from diffusion_jax.models import autoencoder, count_params, get_autoencoder
@@ -132,9 +133,11 @@ def test_decoder_batches_give_the_autoencoders_images(encoded):
   got = dec(z)
   want = np.asarray(autoencoder.decode(vae, params, z))
   assert got.shape == (19, 8, 8, 1) and got.dtype == np.float32
-  # The same float32 network on another batch size: a few roundings per output (conv sums of
-  # ~600 terms of magnitude <= max |x|), far below the images' own scale.
-  np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, np.abs(want).max()))
+  # The same float32 network at another batch size (8 per call over the devices vs 19 at once):
+  # the decoder is a chain of ~28 layers (conv_in, mid ResBlock-attention-ResBlock, 2 levels x 2
+  # ResBlocks of GroupNorm + 2 convs, upsample, norm_out, conv_out), each with ~3 operations
+  # whose reductions the compiler may block differently: 84 float32 roundings.
+  assert_f32_close(got, want, ops=84)
   images = latent_decoder.to_images(z, dec)
   assert images.dtype == np.uint8 and images.shape == (19, 8, 8, 1)
   assert latent_decoder.to_images(np.zeros((2, 8, 8, 1)), None).shape == (2, 8, 8, 1)
@@ -270,7 +273,6 @@ def test_converted_latent_dit_samples_images_through_its_autoencoder(tmp_path):
 
 # --------------------------------------------------------------------------- end to end (slow)
 
-sys.path.insert(0, os.path.dirname(__file__))
 import shared_runs  # noqa: E402
 import training_testlib as tl  # noqa: E402
 
