@@ -60,6 +60,7 @@ from diffusion_jax.models import layers
 from diffusion_jax.models import autoencoder
 from diffusion_jax.models.registry import (AUTOENCODER_PRESETS, PRESETS, get_autoencoder, get_model,
                                            init_params)
+from diffusion_jax.training import components
 from diffusion_jax.training import restore
 from diffusion_jax.training import state as state_lib
 from experiments.configs import default as default_config
@@ -609,7 +610,6 @@ def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[i
       raise ValueError(f'autoencoder_dir={autoencoder_dir} must hold an autoencoder with '
                        f'latent_channels={image_shape[-1]} (the model\'s input channels), got '
                        f'{type(vae).__name__} {getattr(vae, "latent_channels", None)}')
-  os.makedirs(out_dir, exist_ok=True)
   spec = _model_spec(module)
   config = default_config.get_config()
   config.model.name = spec['name']
@@ -622,6 +622,10 @@ def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[i
   if autoencoder_dir is not None:
     config.autoencoder.workdir = autoencoder_dir
     config.sample.clip_denoised = False
+  # The schedule the readers will build (a ValueError now, before anything is written, rather
+  # than a workdir that no sampler can load).
+  components.build_schedule(config.diffusion)
+  os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   with open(os.path.join(out_dir, 'dataset_info.json'), 'w') as f:

@@ -39,28 +39,31 @@ def sampling_variance(config: Any, override: str | None = None) -> str:
 
 def generate(config: Any, model: Any, schedule: Any, params: PyTree, rng: jax.Array,
              num_samples: int, image_shape: tuple[int, ...],
-             labels: jax.Array | None = None) -> jax.Array:
+             labels: jax.Array | None = None, sampler: str | None = None,
+             steps: int | None = None) -> jax.Array:
   """Samples [N, H, W, C] in [-1, 1] with the config's sampler over the training schedule.
 
-  `config.sample.sampler` names a sampler of `samplers.get_sampler` ('ddpm': the T-step
-  ancestral loop in one lax.scan) with the variance of `sampling_variance(config)`;
-  `config.sample.steps` (None: the full schedule) takes that many steps on the sampler's
-  default grid (`samplers.plan`); `config.sample.guidance_scale` != 1 guides a
-  class-conditional model (`labels` given; null label `model.num_classes`);
-  `config.sample.kwargs` adds static settings. Pure: the caller jits it.
+  `sampler` (default `config.sample.sampler`) names a sampler of `samplers.get_sampler`
+  ('ddpm': the T-step ancestral loop in one lax.scan) with the variance of
+  `sampling_variance(config)`; `config.sample.kwargs` adds static settings. `steps` (default
+  `config.sample.steps`): that many steps on the sampler's default grid (`samplers.plan`); None
+  runs the sampler on its own default (all T steps for ddpm / ddim).
+  `config.sample.guidance_scale` != 1 guides a class-conditional model (`labels` given; null
+  label `model.num_classes`). Pure: the caller jits it.
   """
-  name = config.sample.sampler
+  name = sampler or config.sample.sampler
   static = {"prediction": config.diffusion.prediction, "variance": sampling_variance(config)}
   static["clip_denoised"] = config.sample.clip_denoised   # every sampler's x0 policy
   per_call: dict[str, Any] = {}
-  steps = config.sample.get("steps", None)
+  if steps is None:
+    steps = config.sample.get("steps", None)
   if steps is not None:
     plan = samplers.plan(name, schedule, int(steps))
     static.update(plan.static)
     schedule, per_call = plan.schedule, dict(plan.per_call)
   static.update(dict(config.sample.kwargs))
   shape = (num_samples,) + tuple(image_shape)
-  sampler = samplers.get_sampler(name, **static)
+  sample_fn = samplers.get_sampler(name, **static)
   scale = float(config.sample.get("guidance_scale", 1.0))
   if labels is not None and scale != 1.0:
     model_fn = samplers.classifier_free_guidance(
@@ -68,7 +71,7 @@ def generate(config: Any, model: Any, schedule: Any, params: PyTree, rng: jax.Ar
         null_label=int(model.num_classes))
   else:
     model_fn = make_model_fn(model, params, labels)
-  return sampler(model_fn, schedule, shape, rng, **per_call)
+  return sample_fn(model_fn, schedule, shape, rng, **per_call)
 
 
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
