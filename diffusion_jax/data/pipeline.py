@@ -92,8 +92,20 @@ def to_float(pixels: np.ndarray) -> np.ndarray:
   return out
 
 
-def _check_batch(global_batch_size: int, process_index: int, process_count: int,
-                 num_local_devices: int) -> tuple[int, int]:
+def read_float(source: ImageSource, indices: np.ndarray, positions: np.ndarray | None = None,
+               flips: np.ndarray | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(float32 [B, H, W, C], int32 [B]) of examples `indices`: pixels in [-1, 1], flipped where
+  `flips` [B] is True, or a latent source's latents (`latents.LatentTrainSource.read_float`)."""
+  if hasattr(source, "read_float"):
+    return source.read_float(indices, positions, flips, seed)
+  pixels, labels = source.read(indices)
+  if flips is not None:
+    pixels[flips] = pixels[flips, :, ::-1]
+  return to_float(pixels), labels
+
+
+def check_batch_layout(global_batch_size: int, process_index: int, process_count: int,
+                       num_local_devices: int) -> tuple[int, int]:
   """Validates the batch layout -> (per_host_batch, per_device_batch)."""
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index must be in [0, process_count={process_count}), "
@@ -113,7 +125,9 @@ def _check_batch(global_batch_size: int, process_index: int, process_count: int,
   return per_host, per_host // num_local_devices
 
 
-def _resolve_hosts(process_index, process_count, num_local_devices):
+def resolve_hosts(process_index: Optional[int], process_count: Optional[int],
+                  num_local_devices: Optional[int]) -> tuple[int, int, int]:
+  """(process_index, process_count, num_local_devices), each None replaced by jax's value."""
   if process_index is None or process_count is None or num_local_devices is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
@@ -150,12 +164,10 @@ class _TrainBatch:
 
   def __call__(self, k: int) -> dict[str, np.ndarray]:
     positions = self.positions(k)
-    pixels, labels = self.source.read(self.stream.indices(positions))
-    if self.random_flip:
-      flips = flip_mask(self.seed, positions)
-      pixels[flips] = pixels[flips, :, ::-1]
-    return _shape({"image": to_float(pixels), "label": labels.astype(np.int32)},
-                  self.num_local_devices)
+    flips = flip_mask(self.seed, positions) if self.random_flip else None
+    x, labels = read_float(self.source, self.stream.indices(positions), positions, flips,
+                           self.seed)
+    return _shape({"image": x, "label": labels.astype(np.int32)}, self.num_local_devices)
 
 
 def _close(iterator) -> None:
@@ -237,9 +249,10 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
   process_count and num_local_devices default to jax's.
   """
   options = DataOptions.from_config(data_config)
-  process_index, process_count, num_local_devices = _resolve_hosts(process_index, process_count,
-                                                                   num_local_devices)
-  per_host, _ = _check_batch(global_batch_size, process_index, process_count, num_local_devices)
+  process_index, process_count, num_local_devices = resolve_hosts(process_index, process_count,
+                                                                  num_local_devices)
+  per_host, _ = check_batch_layout(global_batch_size, process_index, process_count,
+                                   num_local_devices)
   source = sources.open_source(options, options.split)
   stream = ShuffledStream(len(source), int(seed), options.shuffle)
   batch_fn = _TrainBatch(source, stream, per_host_batch=per_host, process_index=process_index,
@@ -277,9 +290,8 @@ class EvalIterable:
     mask[:len(indices)] = True
     padded = np.zeros((self._per_host,), np.int64)
     padded[:len(indices)] = indices
-    pixels, labels = self.source.read(padded)
-    return _shape({"image": to_float(pixels), "label": labels.astype(np.int32), "mask": mask},
-                  self._devices)
+    x, labels = read_float(self.source, padded, padded)
+    return _shape({"image": x, "label": labels.astype(np.int32), "mask": mask}, self._devices)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     dataset = grain.MapDataset.source(range(self.num_batches)).map(self._batch)
@@ -295,9 +307,10 @@ def make_eval_iterator(data_config: Any, *, global_batch_size: int,
   No shuffling, no flips; see `EvalIterable` for the batches and the padding mask.
   """
   options = DataOptions.from_config(data_config)
-  process_index, process_count, num_local_devices = _resolve_hosts(process_index, process_count,
-                                                                   num_local_devices)
-  per_host, _ = _check_batch(global_batch_size, process_index, process_count, num_local_devices)
+  process_index, process_count, num_local_devices = resolve_hosts(process_index, process_count,
+                                                                  num_local_devices)
+  per_host, _ = check_batch_layout(global_batch_size, process_index, process_count,
+                                   num_local_devices)
   source = sources.open_source(options, split or options.eval_split)
   return EvalIterable(source, per_host_batch=per_host, process_index=process_index,
                       process_count=process_count, num_local_devices=num_local_devices,
