@@ -131,6 +131,10 @@ def test_vdm_variance_minimising_update_equals_pure_function():
   varmin.vdm.variance_minimising = True
   comp = components.build(plain, SHAPE)
   params = components.init_params(comp, jax.random.PRNGKey(0))
+  # A curved schedule (larger sigmoid bumps): at the near-linear initialisation d gamma / d slope
+  # is a difference of nearly equal terms, t (h(1) - h(0)) - (h(t) - h(0)), whose cancellation
+  # would make the rounding bound below meaningless for the slope.
+  params["gamma"]["shape"]["c"] = params["gamma"]["shape"]["c"] + 4.0
   x0 = _batch(8)["image"]
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(3), i))(jnp.arange(8))
   net = lambda p: step_lib.ModelFn(comp.model.apply, p, p, None, jax.random.PRNGKey(0),
