@@ -8,7 +8,8 @@
 
 `--steps=N` is N steps on the sampler's default grid (`samplers.grids`: the authors' grid for
 each sampler), for every sampler; `--timesteps` gives an explicit respacing spec instead
-(ddpm / ddim / dpm_solver++). Network evaluations: N for every sampler but heun (2N - 1).
+(ddpm / ddim / dpm_solver++ / pc). Network evaluations: N for every sampler but heun (2N - 1)
+and pc ((1 + corrector_steps) N).
 
 Example i of a run (over all batches) uses the key fold_in(PRNGKey(seed), i), whatever the batch
 size or the number of devices; the samplers draw every random number from that key, so the
@@ -34,15 +35,15 @@ PyTree = Any
 
 
 def define_flags() -> None:
-  """Defines --sampler, --steps, --timesteps, --thresholding, --eta, --guidance_scale, --labels
-  (absl), once."""
+  """Defines --sampler, --steps, --timesteps, --thresholding, --eta, --s_churn, --snr,
+  --corrector_steps, --guidance_scale, --labels (absl), once."""
   from absl import flags
   if "sampler" in flags.FLAGS:
     return
   flags.DEFINE_enum("sampler", "ddpm", sorted(samplers.SAMPLERS), "Sampler.")
   flags.DEFINE_integer("steps", None, "Number of steps on the sampler's default grid (default: "
-                       "all T for ddpm/ddim/dpm_solver++, 50 for euler/heun). Heun spends 2N-1 "
-                       "network evaluations, the others N.")
+                       "all T for ddpm/ddim/dpm_solver++/pc, 50 for euler/heun). Heun spends 2N-1 "
+                       "network evaluations, pc (1 + corrector_steps) N, the others N.")
   flags.DEFINE_string("timesteps", None, "Instead of --steps, an explicit respacing spec for "
                       "ddpm/ddim/dpm_solver++ ('50,50', 'ddim50', 'linspace20').")
   flags.DEFINE_enum("thresholding", None, list(samplers.thresholding.THRESHOLDINGS),
@@ -51,6 +52,10 @@ def define_flags() -> None:
   flags.DEFINE_float("eta", 0.0, "DDIM eta (0 deterministic, 1 ancestral).")
   flags.DEFINE_float("s_churn", 0.0, "Euler/Heun: EDM's S_churn (0: the deterministic ODE "
                      "sampler; > 0: EDM's stochastic sampler, algorithm 2).")
+  flags.DEFINE_float("snr", samplers.pc.DEFAULT_SNR, "pc: the Langevin corrector's "
+                     "signal-to-noise ratio (score_sde's 0.16).")
+  flags.DEFINE_integer("corrector_steps", 1, "pc: Langevin corrector steps per step (each one "
+                       "more network evaluation: (1 + C) N in all).", lower_bound=1)
   flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance scale (class-conditional "
                      "models; 1 = plain conditional sampling).")
   flags.DEFINE_string("labels", None, "Class labels: one class ('3'), a list cycled over the "
@@ -89,11 +94,12 @@ def parse_steps(steps: str | int | None) -> int | None:
 def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence[int], *,
              num_samples: int, seed: int = 0, batch_size: int = 256, sampler: str = "ddpm",
              steps: str | int | None = None, timesteps: str | None = None, eta: float = 0.0,
-             s_churn: float = 0.0, guidance_scale: float = 1.0, labels: np.ndarray | None = None,
+             s_churn: float = 0.0, snr: float = samplers.pc.DEFAULT_SNR, corrector_steps: int = 1,
+             guidance_scale: float = 1.0, labels: np.ndarray | None = None,
              num_classes: int = 0, prediction: str = "eps", variance: str = "fixed_small",
              thresholding: str | None = None, clip_denoised: bool = True,
              devices: Sequence[jax.Device] | None = None, first_index: int = 0,
-             progress: bool = True) -> np.ndarray:
+             progress: bool = True, static: dict[str, Any] | None = None) -> np.ndarray:
   """Samples float32 [num_samples, H, W, C] (in [-1, 1] for image models).
 
   Args:
@@ -103,7 +109,8 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
     image_shape: (H, W, C).
     num_samples, seed, batch_size: example i uses fold_in(PRNGKey(seed), first_index + i);
       batch_size (rounded up to a multiple of the device count) is per call over all devices.
-    sampler, steps, timesteps, eta, s_churn: see `define_flags`.
+    sampler, steps, timesteps, eta, s_churn, snr, corrector_steps: see `define_flags` (snr
+      is traced, corrector_steps static).
     guidance_scale: classifier-free guidance (class-conditional models, null label num_classes);
       at 1 the model runs once per step without the unconditional half.
     labels: int32 [num_samples] for a class-conditional model (see `parse_labels`).
@@ -114,6 +121,8 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
     devices: devices to pmap over (default: all local devices).
     first_index: global index of this host's first example (multi-host runs).
     progress: show a progress bar over batches (tqdm).
+    static: further static settings of the sampler (`get_sampler`, as a config's
+      `sample.kwargs`), e.g. {'predictor': 'ancestral', 'corrector': 'none'} for pc.
 
   Returns:
     np.ndarray float32 [num_samples, H, W, C].
@@ -125,15 +134,18 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
   if thresholding is None:
     thresholding = "clip" if clip_denoised else "none"
   plan = samplers.plan(sampler, schedule, parse_steps(steps), timesteps)
+  static = dict(plan.static, **(static or {}))
+  if sampler == "pc":
+    static["corrector_steps"] = corrector_steps
   sample_fn = samplers.get_sampler(sampler, prediction=prediction, variance=variance,
-                                   thresholding=thresholding, **plan.static)
+                                   thresholding=thresholding, **static)
   conditional = num_classes > 0
   guided = conditional and guidance_scale != 1.0
   if conditional and labels is None:
     labels = parse_labels(None, num_samples, num_classes)
   shape = (per_device,) + tuple(image_shape)
 
-  def draw(params, run_schedule, per_call, eta, churn, scale, keys, y):
+  def draw(params, run_schedule, per_call, eta, churn, corrector_snr, scale, keys, y):
     if guided:
       model_fn = samplers.classifier_free_guidance(
           lambda x, t, yy: apply_fn(params, x, t, yy), y, scale, null_label=num_classes)
@@ -143,9 +155,11 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
       per_call = dict(per_call, eta=eta)
     if sampler in samplers.grids.ODE_SAMPLERS:
       per_call = dict(per_call, s_churn=churn)
+    if sampler == "pc":
+      per_call = dict(per_call, snr=corrector_snr)
     return sample_fn(model_fn, run_schedule, shape, keys, **per_call)
 
-  pmapped = jax.pmap(draw, in_axes=(None, None, None, None, None, None, 0, 0), devices=devices)
+  pmapped = jax.pmap(draw, in_axes=(None, None, None, None, None, None, None, 0, 0), devices=devices)
   root = jax.random.PRNGKey(seed)
   batches = range(0, num_samples, per_call)
   if progress:
@@ -164,7 +178,8 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
     else:
       y = np.zeros((per_call,), np.int32)
     images = pmapped(params, plan.schedule, plan.per_call, jnp.float32(eta), jnp.float32(s_churn),
-                     jnp.float32(guidance_scale), keys, y.reshape(num_devices, per_device))
+                     jnp.float32(snr), jnp.float32(guidance_scale), keys,
+                     y.reshape(num_devices, per_device))
     out.append(np.asarray(images).reshape((per_call,) + tuple(image_shape)))
   return np.concatenate(out)[:num_samples]
 
