@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import _checks
 from diffusion_jax.schedules import Schedule
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -28,8 +29,7 @@ PREDICTIONS = ("eps", "x0", "v")
 
 def check_prediction(prediction: str) -> None:
   """Raises a ValueError for a prediction name outside `PREDICTIONS`."""
-  if prediction not in PREDICTIONS:
-    raise ValueError(f"Unknown prediction={prediction!r}; allowed: {list(PREDICTIONS)}.")
+  _checks.check_choice("prediction", prediction, PREDICTIONS)
 
 
 def check_timesteps(t, num_timesteps: int) -> None:

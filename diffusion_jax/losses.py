@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.special import log_ndtr
 
+from diffusion_jax import _checks
 from diffusion_jax import forward
 from diffusion_jax import reverse
 from diffusion_jax import rng as rng_lib
@@ -131,8 +132,7 @@ def snr_weight(schedule: Schedule, t: jax.Array, *, prediction: str, weighting: 
   1 / (k + SNR)^gamma (Choi et al. 2022, eq. 8; defined for the eps loss and applied as is to the
   chosen target).
   """
-  if weighting not in WEIGHTINGS:
-    raise ValueError(f"Unknown weighting={weighting!r}; allowed: {list(WEIGHTINGS)}.")
+  _checks.check_choice("weighting", weighting, WEIGHTINGS)
   snr = forward.extract(schedule.snr, t, 1)
   if weighting == "none":
     return jnp.ones_like(snr)
@@ -181,10 +181,8 @@ def training_loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, rng: jax
   Choi et al. 2022.
   """
   forward.check_prediction(prediction)
-  if loss_type not in LOSS_TYPES:
-    raise ValueError(f"Unknown loss_type={loss_type!r}; allowed: {list(LOSS_TYPES)}.")
-  if weighting not in WEIGHTINGS:
-    raise ValueError(f"Unknown weighting={weighting!r}; allowed: {list(WEIGHTINGS)}.")
+  _checks.check_choice("loss_type", loss_type, LOSS_TYPES)
+  _checks.check_choice("weighting", weighting, WEIGHTINGS)
   variance = reverse.resolve_variance(variance, loss_type)
   if loss_type == "hybrid" and variance not in reverse.LEARNED_VARIANCES:
     raise ValueError(f"loss_type='hybrid' trains the variance: it needs variance in "

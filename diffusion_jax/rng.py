@@ -33,12 +33,21 @@ def example_keys(rng: jax.Array, batch_size: int, offset: int | jax.Array = 0) -
     Keys [B] (typed keys or raw uint32 [B, 2], matching `rng`).
   """
   if _is_single_key(rng):
-    indices = jnp.arange(batch_size) + offset
-    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices)
+    return keys_for_indices(rng, jnp.arange(batch_size) + offset)
   if rng.shape[0] != batch_size:
     raise ValueError(f"rng holds {rng.shape[0]} per-example keys but the batch has {batch_size} "
                      "examples; pass one key or exactly one key per example.")
   return rng
+
+
+def keys_for_indices(rng: jax.Array, indices: jax.Array) -> jax.Array:
+  """Keys [N]: `fold_in(rng, indices[n])`, the key of example `indices[n]` of a run.
+
+  Args:
+    rng: one key (typed or raw uint32 [2]).
+    indices: int [N], global example indices (any order, e.g. a shard's or a device's rows).
+  """
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(indices))
 
 
 def fold_in_all(keys: jax.Array, data: int | jax.Array) -> jax.Array:

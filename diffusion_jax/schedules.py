@@ -20,6 +20,8 @@ from typing import Callable
 import flax
 import jax
 import jax.numpy as jnp
+
+from diffusion_jax import _checks
 import numpy as np
 
 
@@ -209,8 +211,7 @@ def get_schedule(name: str, num_timesteps: int, *, zero_terminal_snr: bool = Fal
   Returns:
     A `Schedule` of float32 [T] arrays.
   """
-  if name not in BETA_SCHEDULES:
-    raise ValueError(f"Unknown schedule name={name!r}; allowed: {sorted(BETA_SCHEDULES)}.")
+  _checks.check_choice("schedule name", name, sorted(BETA_SCHEDULES))
   if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) \
       or num_timesteps < 1:
     raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}.")

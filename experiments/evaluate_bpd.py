@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import _checks
 from diffusion_jax import losses
 from diffusion_jax import reverse
+from diffusion_jax import rng as rng_lib
 from diffusion_jax.samplers import likelihood
 from diffusion_jax.schedules import Schedule
 
@@ -53,8 +55,7 @@ def evaluate_bits_per_dim(apply_fn, params: Any, schedule: Schedule,
   Returns:
     (mean bits/dim, number of examples).
   """
-  if method not in METHODS:
-    raise ValueError(f"Unknown method={method!r}; allowed: {list(METHODS)}.")
+  _checks.check_choice("method", method, METHODS)
   root = jax.random.PRNGKey(seed)
 
   def per_device(params, x, keys):
@@ -62,7 +63,7 @@ def evaluate_bits_per_dim(apply_fn, params: Any, schedule: Schedule,
     if method == "vlb":
       return losses.bits_per_dim(model_fn, schedule, x, keys, prediction=prediction,
                                  variance=variance, clip_denoised=clip_denoised).total
-    dequant = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), x.shape[1:]))(keys)
+    dequant = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:]))(rng_lib.fold_in_all(keys, 1))
     x_cont = x + dequant / 127.5
     dims = int(np.prod(x.shape[1:]))
     result = likelihood.ode_log_likelihood(model_fn, schedule, x_cont, keys, num_steps=ode_steps,
@@ -77,7 +78,7 @@ def evaluate_bits_per_dim(apply_fn, params: Any, schedule: Schedule,
     devices, per = image.shape[:2]
     indices = seen[0] + np.arange(devices * per)
     seen[0] += devices * per
-    keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(indices))
+    keys = rng_lib.keys_for_indices(root, indices)
     return pmapped(params, image, keys.reshape((devices, per) + keys.shape[1:]))
 
   def limited():

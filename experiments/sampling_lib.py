@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import rng as rng_lib
 from diffusion_jax import samplers
 from diffusion_jax.schedules import Schedule
 
@@ -171,7 +172,7 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
   out = []
   for start in batches:
     indices = first_index + start + np.arange(per_call)
-    keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(indices))
+    keys = rng_lib.keys_for_indices(root, indices)
     keys = keys.reshape((num_devices, per_device) + keys.shape[1:])
     if conditional:
       y = np.resize(np.asarray(labels[start:start + per_call], np.int32), per_call)

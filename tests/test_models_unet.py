@@ -140,19 +140,6 @@ def test_dropout_only_in_training():
   assert diff.max() > 1e-3
 
 
-def test_label_dropout_replaces_labels_by_the_null_class():
-  module = get_model('unet_tiny', num_classes=4, label_dropout=1.0)
-  params = random_params(module, (8, 8, 3), True)
-  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-  t, y = jnp.array([5, 9]), jnp.array([0, 2])
-  run = jax.jit(lambda y, train: module.apply({'params': params}, x, t, y, train=train,
-                                              rngs={'dropout': jax.random.key(3)}),
-                static_argnums=1)
-  dropped = run(y, True)
-  chex.assert_trees_all_close(dropped, run(jnp.array([4, 4]), False))
-  assert np.abs(np.asarray(run(y, False)) - np.asarray(dropped)).max() > 1e-3  # eval keeps labels
-
-
 @pytest.mark.parametrize('kwargs,x_shape,y,match', [
     ({}, (16, 16, 3), None, 'rank 4'),
     ({}, (2, 16, 16, 1), None, 'in_channels=3'),

@@ -92,8 +92,8 @@ def to_float(pixels: np.ndarray) -> np.ndarray:
   return out
 
 
-def _check_batch(global_batch_size: int, process_index: int, process_count: int,
-                 num_local_devices: int) -> tuple[int, int]:
+def check_batch_layout(global_batch_size: int, process_index: int, process_count: int,
+                       num_local_devices: int) -> tuple[int, int]:
   """Validates the batch layout -> (per_host_batch, per_device_batch)."""
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index must be in [0, process_count={process_count}), "
@@ -113,7 +113,9 @@ def _check_batch(global_batch_size: int, process_index: int, process_count: int,
   return per_host, per_host // num_local_devices
 
 
-def _resolve_hosts(process_index, process_count, num_local_devices):
+def resolve_hosts(process_index: Optional[int], process_count: Optional[int],
+                  num_local_devices: Optional[int]) -> tuple[int, int, int]:
+  """(process_index, process_count, num_local_devices), each None replaced by jax's value."""
   if process_index is None or process_count is None or num_local_devices is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
@@ -237,9 +239,10 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
   process_count and num_local_devices default to jax's.
   """
   options = DataOptions.from_config(data_config)
-  process_index, process_count, num_local_devices = _resolve_hosts(process_index, process_count,
-                                                                   num_local_devices)
-  per_host, _ = _check_batch(global_batch_size, process_index, process_count, num_local_devices)
+  process_index, process_count, num_local_devices = resolve_hosts(process_index, process_count,
+                                                                  num_local_devices)
+  per_host, _ = check_batch_layout(global_batch_size, process_index, process_count,
+                                   num_local_devices)
   source = sources.open_source(options, options.split)
   stream = ShuffledStream(len(source), int(seed), options.shuffle)
   batch_fn = _TrainBatch(source, stream, per_host_batch=per_host, process_index=process_index,
@@ -295,9 +298,10 @@ def make_eval_iterator(data_config: Any, *, global_batch_size: int,
   No shuffling, no flips; see `EvalIterable` for the batches and the padding mask.
   """
   options = DataOptions.from_config(data_config)
-  process_index, process_count, num_local_devices = _resolve_hosts(process_index, process_count,
-                                                                   num_local_devices)
-  per_host, _ = _check_batch(global_batch_size, process_index, process_count, num_local_devices)
+  process_index, process_count, num_local_devices = resolve_hosts(process_index, process_count,
+                                                                  num_local_devices)
+  per_host, _ = check_batch_layout(global_batch_size, process_index, process_count,
+                                   num_local_devices)
   source = sources.open_source(options, split or options.eval_split)
   return EvalIterable(source, per_host_batch=per_host, process_index=process_index,
                       process_count=process_count, num_local_devices=num_local_devices,

@@ -15,6 +15,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import _checks
+
 FEATURE_NETS = ("digits", "inception")
 
 
@@ -57,13 +59,12 @@ def inception_net(params: Any, dtype: Any = jnp.float32) -> FeatureNet:
 
 def get_feature_net(name: str, weights: Optional[str] = None) -> FeatureNet:
   """A feature network by name ('digits' or 'inception'; the latter needs `weights`)."""
+  _checks.check_choice("feature net", name, FEATURE_NETS)
   if name == "digits":
     return _digits_net()
-  if name == "inception":
-    if not weights:
-      raise ValueError("features='inception' needs weights: the path of pytorch-fid's "
-                       "pt_inception-2015-12-05-6726825d.pth or torch-fidelity's "
-                       "weights-inception-2015-12-05-6726825d.pth (nothing is downloaded).")
-    from diffusion_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
-    return inception_net(inception.load_torch_weights(weights))
-  raise ValueError(f"unknown feature net {name!r}; allowed: {', '.join(FEATURE_NETS)}.")
+  if not weights:
+    raise ValueError("features='inception' needs weights: the path of pytorch-fid's "
+                     "pt_inception-2015-12-05-6726825d.pth or torch-fidelity's "
+                     "weights-inception-2015-12-05-6726825d.pth (nothing is downloaded).")
+  from diffusion_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+  return inception_net(inception.load_torch_weights(weights))

@@ -28,6 +28,8 @@ import warnings
 from typing import Optional
 
 import numpy as np
+
+from diffusion_jax import _checks
 import scipy.linalg
 
 # pytorch-fid adds eps * I to both covariances when sqrtm(S1 S2) is not finite.
@@ -340,9 +342,7 @@ def all_metrics(fake: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, *,
     {'frechet_distance', 'inception_score_mean', 'inception_score_std', 'kid_mean', 'kid_std',
      'precision', 'recall', 'density', 'coverage'}, those computable from what was given.
   """
-  unknown = set(which) - set(ALL_METRICS)
-  if unknown:
-    raise ValueError(f"unknown metrics {sorted(unknown)}; allowed: {', '.join(ALL_METRICS)}.")
+  _checks.check_keys("metrics", which, ALL_METRICS)
   out: dict[str, float] = {}
   if "fd" in which:
     mu, sigma = feature_statistics(fake)

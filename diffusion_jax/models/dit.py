@@ -97,8 +97,6 @@ class DiT(nn.Module):
     patch_size: p; H and W must be multiples of p.
     hidden_size, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP expansion.
     num_classes: size of the label table without the null row (0: unconditional, no table).
-    label_dropout: probability of replacing a label by the null class when train=True (the DiT
-      paper trains with 0.1; uses the 'dropout' rng). 0 leaves label dropping to the caller.
     learn_sigma: double the output channels for a learned variance.
     freq_shift: sinusoidal time-embedding denominator shift (0 = official DiT, half;
       1 = the diffusers DiT port, half - 1).
@@ -116,7 +114,6 @@ class DiT(nn.Module):
   num_heads: int = 16
   mlp_ratio: float = 4.0
   num_classes: int = 1000
-  label_dropout: float = 0.0
   learn_sigma: bool = True
   freq_shift: float = 0.0
   norm_eps: float = 1e-6
@@ -186,8 +183,6 @@ class DiT(nn.Module):
     if self.num_classes > 0:
       if y is None:
         y = jnp.full((b,), self.num_classes, jnp.int32)
-      if train and self.label_dropout > 0:
-        y = layers.drop_labels(y, self.num_classes, self.label_dropout, self.make_rng('dropout'))
       c = c + nn.Embed(self.num_classes + 1, d, embedding_init=normal, name='y_embedder', **kw)(y)
 
     h = self._blocks(h, c)

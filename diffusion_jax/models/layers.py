@@ -238,15 +238,6 @@ class Upsample(nn.Module):
                    name='conv')(_resample(x, 'up'))
 
 
-def drop_labels(y: jax.Array, null_class: int, prob: float, rng: jax.Array) -> jax.Array:
-  """Replace each label by `null_class` with probability `prob` (classifier-free guidance).
-
-  References: Ho & Salimans 2022 (classifier-free guidance); DiT `LabelEmbedder.token_drop`.
-  """
-  drop = jax.random.uniform(rng, y.shape) < prob
-  return jnp.where(drop, null_class, y)
-
-
 def check_inputs(x: jax.Array, t: jax.Array, y: jax.Array | None, *, in_channels: int,
                  num_classes: int) -> jax.Array:
   """Validate static shapes of a model call; returns t broadcast to [B].

@@ -56,8 +56,6 @@ class UNet(nn.Module):
     time_flip_sin_to_cos, time_freq_shift: sinusoidal embedding variant (DDPM: False, 1;
       ADM: True, 0); see `layers.timestep_embedding`.
     num_classes: 0 for unconditional; else labels 0..num_classes-1 plus the null class.
-    label_dropout: probability of replacing a label by the null class when train=True (uses the
-      'dropout' rng); 0 leaves label dropping to the caller.
     learn_sigma: double the output channels for a learned variance.
     remat: rematerialise each residual / attention block in the backward pass.
     dtype: computation dtype; param_dtype: parameter dtype (float32).
@@ -79,7 +77,6 @@ class UNet(nn.Module):
   time_flip_sin_to_cos: bool = False
   time_freq_shift: float = 1.0
   num_classes: int = 0
-  label_dropout: float = 0.0
   learn_sigma: bool = False
   remat: bool = False
   dtype: Dtype = jnp.float32
@@ -127,8 +124,6 @@ class UNet(nn.Module):
     if self.num_classes > 0:
       if y is None:
         y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
-      if train and self.label_dropout > 0:
-        y = layers.drop_labels(y, self.num_classes, self.label_dropout, self.make_rng('dropout'))
       emb = emb + nn.Embed(self.num_classes + 1, temb_dim, embedding_init=nn.initializers.normal(1.0),
                            name='class_embed', **kw)(y)
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from diffusion_jax import _checks
 from diffusion_jax import forward
 from diffusion_jax import reverse
 from diffusion_jax import rng as rng_lib
@@ -84,10 +85,8 @@ def ode_log_likelihood(model_fn: base.ModelFn, schedule: Schedule, x: jax.Array,
   """
   forward.check_prediction(prediction)
   reverse.check_variance(variance)
-  if trace not in TRACES:
-    raise ValueError(f"Unknown trace={trace!r}; allowed: {list(TRACES)}.")
-  if probe not in PROBES:
-    raise ValueError(f"Unknown probe={probe!r}; allowed: {list(PROBES)}.")
+  _checks.check_choice("trace", trace, TRACES)
+  _checks.check_choice("probe", probe, PROBES)
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
   x = jnp.asarray(x, jnp.float32)

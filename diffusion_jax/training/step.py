@@ -61,7 +61,7 @@ def example_keys(rng: jax.Array, step: jax.Array, batch_size: int, axis_name: st
   device = lax.axis_index(axis_name)
   p, d = device // local_devices, device % local_devices
   positions = (d * batch_size + jnp.arange(batch_size)) * process_count + p
-  return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(positions)
+  return rng_lib.keys_for_indices(step_key, positions)
 
 
 def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,

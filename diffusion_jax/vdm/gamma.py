@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import _checks
+
 GammaFn = Callable[[jax.Array], jax.Array]
 
 # VDM's initial end points for CIFAR-10 (REFERENCE.md): log-SNR from 13.3 down to -5.
@@ -48,8 +50,7 @@ def fixed_gamma(shape: str = "linear", gamma_min: float = GAMMA_MIN,
   shape: 'linear' (gamma linear in t, VDM's fixed baseline) or 'cosine' (the cosine schedule's
     log-SNR curve between the same end points).
   """
-  if shape not in SHAPES:
-    raise ValueError(f"Unknown shape={shape!r}; allowed: {list(SHAPES)}.")
+  _checks.check_choice("shape", shape, SHAPES)
   if not gamma_min < gamma_max:
     raise ValueError(f"gamma_min={gamma_min} must be below gamma_max={gamma_max}.")
   if shape == "linear":

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import _checks
 from diffusion_jax.vdm import gamma as gamma_lib
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -107,8 +108,7 @@ def reconstruction_loss(gamma_0: jax.Array, x: jax.Array, eps: jax.Array, *,
     with logits -0.5 (z_0 / alpha_0 - level)^2 / exp(gamma_0), as VDM) or 'gaussian' (continuous
     x; density N(x; z_0 / alpha_0, exp(gamma_0))).
   """
-  if decoder not in DECODERS:
-    raise ValueError(f"Unknown decoder={decoder!r}; allowed: {list(DECODERS)}.")
+  _checks.check_choice("decoder", decoder, DECODERS)
   # z_0 / alpha_0 = x + (sigma_0 / alpha_0) eps, and sigma_0 / alpha_0 = exp(gamma_0 / 2).
   z_rescaled = x + jnp.exp(0.5 * gamma_0) * eps
   if decoder == "gaussian":

@@ -58,7 +58,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.in_channels = _ph(int)            # None: the data's channel count
   m.num_classes = _ph(int)            # > 0: class-conditional (label num_classes = null class)
   m.learn_sigma = _ph(bool)           # output 2C channels (prediction and variance)
-  m.label_dropout = _ph(float)        # label dropout inside the model (train.label_dropout is the step's)
   m.norm_eps = _ph(float)             # GroupNorm / LayerNorm epsilon
   m.remat = _ph(bool)                 # rematerialise blocks in the backward pass
   m.dtype = _ph(str)                  # computation dtype of the module ('float32', 'bfloat16')
