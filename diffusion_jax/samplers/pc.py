@@ -63,6 +63,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import _checks
 from diffusion_jax import forward
+from diffusion_jax import sde as sde_lib
 from diffusion_jax.samplers import base
 from diffusion_jax.samplers import driver
 from diffusion_jax.samplers import inpainting
@@ -223,7 +224,8 @@ def sample(model_fn: base.ModelFn, schedule: Schedule, shape: Sequence[int], rng
     pred = base.prediction_part(base.call_model(model_fn, x_vp, t, timesteps), x, variance)
     x0 = forward.predict_x0(schedule, pred, x_vp, t, prediction)
     x0 = thresholding_lib.threshold_x0(x0, thresholding, dynamic_percentile)
-    return -(x - disc.scale[k] * x0) / disc.sigma[k] ** 2, x0
+    eps = (x - disc.scale[k] * x0) / disc.sigma[k]
+    return sde_lib.score_from_eps(eps, disc.sigma[k]), x0
 
   def step(x, carry, i, noise):
     k = num_steps - 1 - i
