@@ -265,3 +265,30 @@ def test_pc_network_evaluations():
     jax.make_jaxpr(lambda k, sampler=sampler: sampler(counting, schedule, SHAPE, k))(
         jax.random.key(0))
     assert len(calls) == 1 + steps      # traced once per step body: (1 + C) calls per step
+
+
+def test_a_config_samples_with_pc_and_its_kwargs():
+  # config.sample.sampler = 'pc' with sample.kwargs: the trainer's preview path
+  # (`training.sampling.generate`) gives the sampler its static settings, snr included.
+  from diffusion_jax.training import sampling
+  from experiments.configs import default
+
+  class Toy:
+    def apply(self, variables, x, t, y, train):
+      return toy_model(x, t) * variables["params"]["w"]
+
+  config = default.get_config()
+  config.sample.sampler = "pc"
+  config.sample.kwargs = {"predictor": "ancestral", "corrector": "none"}
+  schedule = dj.get_schedule("linear", 25)
+  params = {"w": jnp.float32(1.0)}
+  key = jax.random.key(3)
+  out = jax.jit(lambda: sampling.generate(config, Toy(), schedule, params, key, SHAPE[0],
+                                          SHAPE[1:]))()
+  ddpm = jax.jit(lambda: dj.get_sampler("ddpm", clip_denoised=config.sample.clip_denoised)(
+      toy_model, schedule, SHAPE, key))()
+  assert_f32_close(out, ddpm, ops=10 * 25)    # the same chain (see above), 25 steps
+  config.sample.kwargs = {"snr": 0.3, "corrector_steps": 2}
+  other = jax.jit(lambda: sampling.generate(config, Toy(), schedule, params, key, SHAPE[0],
+                                            SHAPE[1:]))()
+  assert not np.allclose(other, out)
