@@ -88,6 +88,14 @@ def test_sde_bad_input_raises():
       call("pc", **{key: value})(toy_model, SCHEDULE, SHAPE, jax.random.key(0))
   with pytest.raises(ValueError, match="corrector_steps"):
     call("pc", corrector_steps=0)(toy_model, SCHEDULE, SHAPE, jax.random.key(0))
+  zero_snr = dj.get_schedule("linear", 100, zero_terminal_snr=True)
+  for kw in (dict(sde="ve"), dict(predictor="ancestral"), dict(predictor="euler_maruyama")):
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+      call("pc", **kw)(toy_model, zero_snr, SHAPE, jax.random.key(0))
+  # The VP reverse-diffusion step is finite there (beta = 1: x' = x + s + z with s = -x).
+  out = jax.jit(lambda k: call("pc", prediction="v")(toy_model, zero_snr, SHAPE, k))(
+      jax.random.key(0))
+  assert np.all(np.isfinite(np.asarray(out)))
 
 
 def test_score_from_eps_wraps_a_discrete_model():

@@ -91,6 +91,20 @@ class Discretization(NamedTuple):
   alpha: jax.Array
 
 
+def check_terminal_level(schedule: Schedule, sde: str, predictor: str) -> None:
+  """Raises a ValueError for a zero-terminal-SNR schedule (alpha_bar = 0 at its last entry,
+  checked when the schedule is concrete) unless the method stays finite there: the VE state has
+  sigma = inf, the ancestral predictor divides by sqrt(1 - beta) = 0 and Euler-Maruyama's
+  -log(1 - beta) is infinite; VP reverse diffusion is finite (x' = x + s + z at beta = 1)."""
+  last = schedule.alphas_cumprod[-1]
+  if isinstance(last, jax.core.Tracer) or (sde == "vp" and predictor == "reverse_diffusion"):
+    return
+  if float(last) <= 0.0:
+    raise ValueError(f"sde={sde!r} with predictor={predictor!r} needs alpha_bar > 0 at every "
+                     "schedule entry; this schedule has zero terminal SNR: use sde='vp' with "
+                     "predictor='reverse_diffusion'.")
+
+
 def discretize(schedule: Schedule, sde: str) -> Discretization:
   """The VP or VE SDE on the levels of `schedule` (see the module doc)."""
   _checks.check_choice("sde", sde, SDES)
@@ -99,7 +113,7 @@ def discretize(schedule: Schedule, sde: str) -> Discretization:
     return Discretization(
         scale=schedule.sqrt_alphas_cumprod, sigma=schedule.sqrt_one_minus_alphas_cumprod,
         a=jnp.sqrt(schedule.alphas), g2=betas, posterior_variance=schedule.posterior_variance,
-        em_b=-jnp.log(schedule.alphas), em_drift=-0.5 * jnp.log(schedule.alphas),
+        em_b=-jnp.log1p(-betas), em_drift=-0.5 * jnp.log1p(-betas),
         alpha=schedule.alphas)
   sigma = schedule.sqrt_recipm1_alphas_cumprod
   g2 = betas / schedule.alphas_cumprod                  # sigma_k^2 - sigma_{k-1}^2, no cancellation
@@ -208,6 +222,7 @@ def sample(model_fn: base.ModelFn, schedule: Schedule, shape: Sequence[int], rng
   if int(corrector_steps) < 1:
     raise ValueError(f"corrector_steps must be >= 1, got {corrector_steps}.")
   num_corrector = int(corrector_steps) if corrector == "langevin" else 0
+  check_terminal_level(schedule, sde, predictor)
   thresholding = base.resolve_thresholding(thresholding, clip_denoised)
   num_steps = schedule.num_timesteps
   shape, keys, x = base.start(rng, shape, num_steps, x_init, prediction=prediction,
