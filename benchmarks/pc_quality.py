@@ -32,6 +32,8 @@ def main() -> None:
   parser.add_argument("--num_samples", type=int, default=500)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--snr", type=float, default=0.16)
+  parser.add_argument("--rows", default=None, help="indices into RUNS to run, e.g. '1,3' "
+                      "(default: all)")
   parser.add_argument("--md", default=None, help="write the Markdown rows here")
   args = parser.parse_args()
 
@@ -42,7 +44,8 @@ def main() -> None:
   loaded = restore.load_for_sampling(args.workdir, use_ema=True)
   apply_fn = lambda p, x, t, y: loaded.model.apply({"params": p}, x, t, y, train=False)
   rows = []
-  for label, name, steps, static, corrector_steps in RUNS:
+  chosen = RUNS if args.rows is None else [RUNS[int(i)] for i in args.rows.split(",")]
+  for label, name, steps, static, corrector_steps in chosen:
     steps = loaded.schedule.num_timesteps if steps is None else steps
     start = time.perf_counter()
     floats = sampling_lib.generate(
