@@ -29,15 +29,12 @@ Metric = Callable[[np.ndarray], float]
 
 def draw(loaded, name: str, steps: int, num_samples: int, seed: int,
          batch_size: int) -> np.ndarray:
-  """float32 samples [N, H, W, C] of an unconditional run with the sampler's defaults."""
-  from diffusion_jax.training import sampling
+  """float32 samples [N, H, W, C] of a run with the sampler's defaults and the run's settings."""
   from experiments import sampling_lib
-  apply_fn = lambda p, x, t, y: loaded.model.apply({"params": p}, x, t, y, train=False)
-  return sampling_lib.generate(
-      apply_fn, loaded.params, loaded.schedule, loaded.image_shape, num_samples=num_samples,
-      seed=seed, batch_size=batch_size, sampler=name, steps=steps,
-      prediction=loaded.config.diffusion.prediction,
-      variance=sampling.sampling_variance(loaded.config), progress=False)
+  generator = sampling_lib.make_run_generator(loaded, seed=seed,
+                                              batch_size=min(batch_size, num_samples),
+                                              sampler=name, steps=steps)
+  return generator(num_samples)
 
 
 def measure(loaded, metric: Metric, *, num_samples: int = 500, seed: int = 0,

@@ -60,6 +60,7 @@ from diffusion_jax.models import layers
 from diffusion_jax.models import autoencoder
 from diffusion_jax.models.registry import (AUTOENCODER_PRESETS, PRESETS, get_autoencoder, get_model,
                                            init_params)
+from diffusion_jax.training import components
 from diffusion_jax.training import restore
 from diffusion_jax.training import state as state_lib
 from experiments.configs import default as default_config
@@ -591,7 +592,6 @@ def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[i
   `source.json`: where the weights came from.
   """
   out_dir = os.path.abspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
   spec = _model_spec(module)
   config = default_config.get_config()
   config.model.name = spec['name']
@@ -601,6 +601,10 @@ def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[i
     config.diffusion[key] = value
   config.data.name = str((source or {}).get('dataset') or 'unknown')
   config.data.image_size = int(image_shape[0])
+  # The schedule the readers will build (a ValueError now, before anything is written, rather
+  # than a workdir that no sampler can load).
+  components.build_schedule(config.diffusion)
+  os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   with open(os.path.join(out_dir, 'dataset_info.json'), 'w') as f:

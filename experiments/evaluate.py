@@ -11,7 +11,7 @@
   python -m experiments.evaluate --workdir=DIR --ref=cifar10_train_stats.npz --features=inception ...
 
 Samples are drawn over every local device (and host: shard i belongs to process
-i % process_count) with `sampling_lib.generate`; example i uses fold_in(PRNGKey(seed), i) and
+i % process_count) with one `sampling_lib.make_run_generator` for all shards; example i uses fold_in(PRNGKey(seed), i) and
 every device runs the same per-device batch (--per_device_batch), so the images and features do
 not depend on the device count. Shards of --shard_size samples (images and features) are
 committed to DIR/eval/shards-<key>/ as they finish: a killed run, rerun, continues where it
@@ -179,36 +179,27 @@ def run_shards(sample_fn: Callable[[int, int], np.ndarray],
           **{key: np.concatenate(value) for key, value in parts.items()}}
 
 
-def make_sample_fn(loaded: Any, *, seed: int, sampler: str, steps: Optional[str], eta: float,
-                   guidance_scale: float, labels: Optional[np.ndarray],
-                   devices: Sequence[jax.Device],
-                   per_device_batch: int) -> Callable[[int, int], np.ndarray]:
+def make_sample_fn(loaded: Any, *, seed: int, labels: Optional[np.ndarray],
+                   devices: Sequence[jax.Device], per_device_batch: int,
+                   **sampler_kw) -> Callable[[int, int], np.ndarray]:
   """sample_fn(start, count) for `run_shards` from a restored run (`restore.load_for_sampling`).
 
-  Every call runs whole batches of per_device_batch x devices (padded with examples beyond
-  count, dropped), so the per-device shape and hence the numerics never depend on count or on
-  the device count.
+  One pmapped sampler (`sampling_lib.make_run_generator`, compiled at the first shard) serves
+  every shard. Every call runs whole batches of per_device_batch x devices (padded with
+  examples beyond count, dropped), so the per-device shape and hence the numerics never depend
+  on count or on the device count. sampler_kw: sampler, steps, timesteps, eta, s_churn,
+  guidance_scale, thresholding, variance (as `make_generator`).
   """
   from diffusion_jax.training import sampling  # pylint: disable=g-import-not-at-top
   from experiments import sampling_lib  # pylint: disable=g-import-not-at-top
-  diffusion = loaded.config.diffusion
-  sample_cfg = loaded.config.get("sample", {})
-  apply_fn = lambda p, x, t, y: loaded.model.apply({"params": p}, x, t, y, train=False)
-  variance = (sample_cfg.get("variance", None) or diffusion.get("variance", None)
-              or "fixed_small")
   per_call = per_device_batch * len(devices)
+  draw = sampling_lib.make_run_generator(loaded, seed=seed, batch_size=per_call,
+                                         devices=devices, **sampler_kw)
 
   def sample(start: int, count: int) -> np.ndarray:
     padded = -(-count // per_call) * per_call
     y = None if labels is None else np.resize(labels[start:start + count], padded)
-    images = sampling_lib.generate(
-        apply_fn, loaded.params, loaded.schedule, loaded.image_shape, num_samples=padded,
-        seed=seed, batch_size=per_call, sampler=sampler, steps=steps, eta=eta,
-        guidance_scale=guidance_scale, labels=y, num_classes=loaded.num_classes,
-        prediction=diffusion.get("prediction", "eps"), variance=variance,
-        clip_denoised=sample_cfg.get("clip_denoised", True), devices=devices,
-        first_index=start, progress=False)
-    return sampling.to_uint8(images[:count])
+    return sampling.to_uint8(draw(padded, y, first_index=start)[:count])
 
   return sample
 
@@ -264,17 +255,24 @@ def evaluate(workdir: str, *, num_samples: int, ref: str = "digits", ref_split: 
              features: str = "auto", inception_weights: Optional[str] = None,
              which: Sequence[str] = metrics.ALL_METRICS, seed: int = 0, use_ema: bool = True,
              per_device_batch: int = 32, shard_size: int = 1000, sampler: str = "ddpm",
-             steps: Optional[str] = None, eta: float = 0.0, guidance_scale: float = 1.0,
-             labels: Optional[str] = None, save_ref: Optional[str] = None,
+             steps: Optional[str] = None, timesteps: Optional[str] = None, eta: float = 0.0,
+             s_churn: float = 0.0, guidance_scale: float = 1.0,
+             thresholding: Optional[str] = None, labels: Optional[str] = None,
+             checkpoint: str | int | None = None, save_ref: Optional[str] = None,
              devices: Optional[Sequence[jax.Device]] = None,
              progress: bool = True) -> dict[str, Any]:
-  """Evaluates a run (see the module docstring); writes and returns the results dict."""
+  """Evaluates a run (see the module docstring); writes and returns the results dict.
+
+  checkpoint: None or 'latest' (the newest readable), 'best' (the in-training evaluation's
+  best, `restore.best_checkpoint`) or a step number.
+  """
   from diffusion_jax.training import restore, sampling  # pylint: disable=g-import-not-at-top
   from experiments import paths, sampling_lib  # pylint: disable=g-import-not-at-top
   started = time.time()
   workdir = paths.absolute(workdir)
   devices = list(devices or jax.local_devices())
-  loaded = restore.load_for_sampling(workdir, use_ema=use_ema)
+  loaded = restore.load_for_sampling(workdir, use_ema=use_ema,
+                                     step=sampling_lib.parse_checkpoint(checkpoint))
   if features == "auto":
     features = "digits" if tuple(loaded.image_shape) == (8, 8, 1) else "inception"
   net = features_lib.get_feature_net(features, inception_weights)
@@ -284,7 +282,8 @@ def evaluate(workdir: str, *, num_samples: int, ref: str = "digits", ref_split: 
   label_array = sampling_lib.parse_labels(labels, num_samples, loaded.num_classes)
   shard_settings = {
       "step": int(loaded.step), "use_ema": use_ema, "seed": seed, "sampler": sampler,
-      "steps": steps, "eta": eta, "guidance_scale": guidance_scale, "labels": labels,
+      "steps": steps, "timesteps": timesteps, "eta": eta, "s_churn": s_churn,
+      "guidance_scale": guidance_scale, "thresholding": thresholding, "labels": labels,
       "shard_size": shard_size, "per_device_batch": per_device_batch, "features": features,
       "feature_net": (os.path.abspath(inception_weights) if features == "inception" else
                       "digits-classifier-" + _digits_key()),
@@ -292,9 +291,10 @@ def evaluate(workdir: str, *, num_samples: int, ref: str = "digits", ref_split: 
   eval_dir = os.path.join(workdir, "eval")
   shard_dir = os.path.join(eval_dir, f"shards-{settings_key(shard_settings)}")
   feature_fn = make_feature_fn(net, devices, per_device_batch)
-  sample_fn = make_sample_fn(loaded, seed=seed, sampler=sampler, steps=steps, eta=eta,
-                             guidance_scale=guidance_scale, labels=label_array, devices=devices,
-                             per_device_batch=per_device_batch)
+  sample_fn = make_sample_fn(loaded, seed=seed, labels=label_array, devices=devices,
+                             per_device_batch=per_device_batch, sampler=sampler, steps=steps,
+                             timesteps=timesteps, eta=eta, s_churn=s_churn,
+                             guidance_scale=guidance_scale, thresholding=thresholding)
   out = run_shards(sample_fn, feature_fn, num_samples=num_samples, shard_size=shard_size,
                    shard_dir=shard_dir, shard_settings=shard_settings, progress=progress,
                    process_index=jax.process_index(), process_count=jax.process_count())
@@ -309,6 +309,7 @@ def evaluate(workdir: str, *, num_samples: int, ref: str = "digits", ref_split: 
       "metrics": values,
       "reference": ref_info,
       "settings": {**shard_settings, "workdir": workdir, "num_samples": num_samples,
+                   "checkpoint": "latest" if checkpoint is None else str(checkpoint),
                    "ref": ref, "ref_split": ref_split, "metrics": list(which),
                    "inception_weights": inception_weights},
       "shards": shard_dir,
@@ -316,7 +317,7 @@ def evaluate(workdir: str, *, num_samples: int, ref: str = "digits", ref_split: 
       "process_count": jax.process_count(),
       "seconds": time.time() - started,
   }
-  path = results_path(workdir, loaded.step, sampler, steps)
+  path = results_path(workdir, loaded.step, sampler, steps or timesteps)
   if jax.process_index() == 0:
     with open(path + ".tmp", "w") as f:
       json.dump(results, f, indent=1, sort_keys=True)
@@ -341,8 +342,10 @@ def main(argv: Sequence[str]) -> None:
                      features=f.features, inception_weights=f.inception_weights,
                      which=f.metrics, seed=f.seed, use_ema=f.use_ema,
                      per_device_batch=f.per_device_batch, shard_size=f.shard_size,
-                     sampler=f.sampler, steps=f.steps, eta=f.eta,
-                     guidance_scale=f.guidance_scale, labels=f.labels, save_ref=f.save_ref)
+                     sampler=f.sampler, steps=f.steps, timesteps=f.timesteps, eta=f.eta,
+                     s_churn=f.s_churn, guidance_scale=f.guidance_scale,
+                     thresholding=f.thresholding, labels=f.labels, checkpoint=f.checkpoint,
+                     save_ref=f.save_ref)
   for key, value in sorted(results["metrics"].items()):
     print(f"{key}: {value:.6g}")
   if "real_floor" in results["reference"]:
@@ -353,8 +356,6 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from diffusion_jax import compile_cache  # pylint: disable=g-import-not-at-top
-  # generate() builds its pmapped sampler per call (per shard): a persistent compilation cache
-  # turns the recompiles after the first into cache reads (--compile_cache, on by default).
   compile_cache.define_flag()
   define_flags()
   app.run(main)

@@ -38,32 +38,24 @@ flags.mark_flags_as_required(["workdir", "out"])
 def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_size: int,
                   labels: np.ndarray | None = None, variance: str | None = None,
                   progress: bool = False, **sampler_kw) -> np.ndarray:
-  """uint8 [N, H, W, C] from a restored run (see `sampling_lib.generate` for sampler_kw).
+  """uint8 [N, H, W, C] from a restored run (see `sampling_lib.make_generator` for sampler_kw).
 
   variance: the reverse variance; None follows the run (`sampling.sampling_variance`).
   progress: show a bar over the batches (tqdm, on stderr).
   """
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-  config = loaded.config
-  if labels is None and loaded.num_classes:
-    labels = np.asarray(sampling.default_labels(num_samples, loaded.num_classes))
-  apply_fn = lambda p, x, t, y: loaded.model.apply({"params": p}, x, t, y, train=False)
-  kw = dict(prediction=config.diffusion.prediction,
-            variance=sampling.sampling_variance(config, variance),
-            clip_denoised=config.sample.clip_denoised, progress=progress)
-  kw.update(sampler_kw)
-  images = sampling_lib.generate(apply_fn, loaded.params, loaded.schedule, loaded.image_shape,
-                                 num_samples=num_samples, seed=seed, batch_size=batch_size,
-                                 labels=labels, num_classes=loaded.num_classes, **kw)
-  return sampling.to_uint8(images)
+  draw = sampling_lib.make_run_generator(loaded, variance=variance, seed=seed,
+                                         batch_size=min(batch_size, num_samples), **sampler_kw)
+  return sampling.to_uint8(draw(num_samples, labels, progress=progress))
 
 
 def main(argv):
   del argv
   console.quiet_libraries(FLAGS.verbosity)
   compile_cache.enable(FLAGS.compile_cache)
-  loaded = restore.load_for_sampling(paths.absolute(FLAGS.workdir), use_ema=FLAGS.use_ema)
+  loaded = restore.load_for_sampling(paths.absolute(FLAGS.workdir), use_ema=FLAGS.use_ema,
+                                     step=sampling_lib.parse_checkpoint(FLAGS.checkpoint))
   labels = sampling_lib.parse_labels(FLAGS.labels, FLAGS.num_samples, loaded.num_classes)
   images = sample_images(loaded, FLAGS.num_samples, FLAGS.seed, FLAGS.batch_size, labels,
                          progress=True, sampler=FLAGS.sampler, steps=FLAGS.steps,

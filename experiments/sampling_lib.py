@@ -13,20 +13,21 @@ and pc ((1 + corrector_steps) N).
 
 Example i of a run (over all batches) uses the key fold_in(PRNGKey(seed), i), whatever the batch
 size or the number of devices; the samplers draw every random number from that key, so the
-same seed gives the same images on 1 or 8 devices. The step count, the respaced subset, eta
-and the guidance scale are traced arguments of the pmapped function: changing them between
-calls does not recompile (a change of step count does).
+same seed gives the same images on 1 or 8 devices. `make_generator` builds the pmapped sampler
+once (compiled at its first call) and draws any number of samples, at any first index, with it:
+`experiments/evaluate.py` draws all its shards with one; `generate` builds one per call.
 
 References: ARCHITECTURE.md (model_fn and sampler contracts); Ho & Salimans 2022 (guidance).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import jax_utils
 
 from diffusion_jax import rng as rng_lib
 from diffusion_jax import samplers
@@ -37,7 +38,7 @@ PyTree = Any
 
 def define_flags() -> None:
   """Defines --sampler, --steps, --timesteps, --thresholding, --eta, --s_churn, --snr,
-  --corrector_steps, --guidance_scale, --labels (absl), once."""
+  --corrector_steps, --guidance_scale, --labels, --checkpoint (absl), once."""
   from absl import flags
   if "sampler" in flags.FLAGS:
     return
@@ -56,11 +57,14 @@ def define_flags() -> None:
   flags.DEFINE_float("snr", samplers.pc.DEFAULT_SNR, "pc: the Langevin corrector's "
                      "signal-to-noise ratio (score_sde's 0.16).")
   flags.DEFINE_integer("corrector_steps", 1, "pc: Langevin corrector steps per step (each one "
-                       "more network evaluation: (1 + C) N in all).", lower_bound=1)
+                       "more network evaluation: (1 + corrector_steps) N in all).", lower_bound=1)
   flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance scale (class-conditional "
                      "models; 1 = plain conditional sampling).")
   flags.DEFINE_string("labels", None, "Class labels: one class ('3'), a list cycled over the "
                       "samples ('0,1,2'), or unset for 0, 1, ..., K-1, 0, ...")
+  flags.DEFINE_string("checkpoint", "latest", "Which checkpoint: 'latest' (the newest readable), "
+                      "'best' (the best of the in-training evaluation, config.eval) or a step "
+                      "number (the newest at or below it).")
 
 
 def parse_labels(spec: str | None, num_samples: int, num_classes: int) -> np.ndarray | None:
@@ -81,6 +85,18 @@ def parse_labels(spec: str | None, num_samples: int, num_classes: int) -> np.nda
   return np.resize(classes, num_samples).astype(np.int32)
 
 
+def parse_checkpoint(spec: str | int | None) -> str | int | None:
+  """--checkpoint as `load_for_sampling`'s step: None (latest), 'best' or a step number."""
+  if spec in (None, "", "latest"):
+    return None
+  if spec == "best":
+    return "best"
+  try:
+    return int(spec)
+  except ValueError as e:
+    raise ValueError(f"checkpoint must be 'latest', 'best' or a step number, got {spec!r}.") from e
+
+
 def parse_steps(steps: str | int | None) -> int | None:
   """--steps as an int (or None); a respacing spec belongs in --timesteps."""
   if steps is None or steps == "":
@@ -92,45 +108,48 @@ def parse_steps(steps: str | int | None) -> int | None:
                      "such as 'ddim50' as timesteps.") from e
 
 
-def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence[int], *,
-             num_samples: int, seed: int = 0, batch_size: int = 256, sampler: str = "ddpm",
-             steps: str | int | None = None, timesteps: str | None = None, eta: float = 0.0,
-             s_churn: float = 0.0, snr: float = samplers.pc.DEFAULT_SNR, corrector_steps: int = 1,
-             guidance_scale: float = 1.0, labels: np.ndarray | None = None,
-             num_classes: int = 0, prediction: str = "eps", variance: str = "fixed_small",
-             thresholding: str | None = None, clip_denoised: bool = True,
-             devices: Sequence[jax.Device] | None = None, first_index: int = 0,
-             progress: bool = True, static: dict[str, Any] | None = None) -> np.ndarray:
-  """Samples float32 [num_samples, H, W, C] (in [-1, 1] for image models).
+def make_generator(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence[int], *,
+                   seed: int = 0, batch_size: int = 256, sampler: str = "ddpm",
+                   steps: str | int | None = None, timesteps: str | None = None,
+                   eta: float = 0.0, s_churn: float = 0.0,
+                   snr: float = samplers.pc.DEFAULT_SNR, corrector_steps: int = 1,
+                   guidance_scale: float = 1.0, num_classes: int = 0, prediction: str = "eps",
+                   variance: str = "fixed_small", thresholding: str | None = None,
+                   clip_denoised: bool = True, devices: Sequence[jax.Device] | None = None,
+                   static: dict[str, Any] | None = None) -> Callable[..., np.ndarray]:
+  """A sampler pmapped over `devices`, built once: `draw(num_samples, labels=None,
+  first_index=0, progress=False) -> float32 [num_samples, H, W, C]`.
+
+  Every call runs batches of ceil(batch_size / devices) examples per device through the same
+  pmapped function (compiled at the first call, reused by later calls: one compile for all the
+  shards of an evaluation). Example i of a call uses fold_in(PRNGKey(seed), first_index + i).
 
   Args:
     apply_fn: `(params, x [B, H, W, C], t [B], y [B] int32 or None) -> output`.
-    params: model parameters (replicated to every device).
+    params: model parameters (replicated to every device once).
     schedule: the training schedule.
     image_shape: (H, W, C).
-    num_samples, seed, batch_size: example i uses fold_in(PRNGKey(seed), first_index + i);
-      batch_size (rounded up to a multiple of the device count) is per call over all devices.
+    seed, batch_size: the root key; examples per call over all devices (rounded up to a
+      multiple of the device count).
     sampler, steps, timesteps, eta, s_churn, snr, corrector_steps: see `define_flags` (snr
       is traced, corrector_steps static).
     guidance_scale: classifier-free guidance (class-conditional models, null label num_classes);
       at 1 the model runs once per step without the unconditional half.
-    labels: int32 [num_samples] for a class-conditional model (see `parse_labels`).
     num_classes: the model's number of classes (0: unconditional).
     prediction, variance: the model's parameterisation.
     thresholding: the x0 policy ('clip', 'dynamic', 'none'); None: 'clip' if clip_denoised
       else 'none'.
     devices: devices to pmap over (default: all local devices).
-    first_index: global index of this host's first example (multi-host runs).
-    progress: show a progress bar over batches (tqdm).
     static: further static settings of the sampler (`get_sampler`, as a config's
       `sample.kwargs`), e.g. {'predictor': 'ancestral', 'corrector': 'none'} for pc.
 
-  Returns:
-    np.ndarray float32 [num_samples, H, W, C].
+  draw's labels: int32 [num_samples] for a class-conditional model (see `parse_labels`; None:
+  0, 1, ..., K-1, 0, ...); first_index: global index of the call's first example (shards,
+  hosts); progress: a tqdm bar over batches.
   """
   devices = list(devices or jax.local_devices())
   num_devices = len(devices)
-  per_device = -(-min(batch_size, num_samples) // num_devices)
+  per_device = -(-max(1, batch_size) // num_devices)
   per_call = per_device * num_devices
   if thresholding is None:
     thresholding = "clip" if clip_denoised else "none"
@@ -142,45 +161,76 @@ def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence
                                    thresholding=thresholding, **static)
   conditional = num_classes > 0
   guided = conditional and guidance_scale != 1.0
-  if conditional and labels is None:
-    labels = parse_labels(None, num_samples, num_classes)
   shape = (per_device,) + tuple(image_shape)
 
-  def draw(params, run_schedule, per_call, eta, churn, corrector_snr, scale, keys, y):
+  def one_batch(params, run_schedule, per_call_args, eta, churn, corrector_snr, scale, keys, y):
     if guided:
       model_fn = samplers.classifier_free_guidance(
           lambda x, t, yy: apply_fn(params, x, t, yy), y, scale, null_label=num_classes)
     else:
       model_fn = lambda x, t: apply_fn(params, x, t, y if conditional else None)
     if sampler == "ddim":
-      per_call = dict(per_call, eta=eta)
+      per_call_args = dict(per_call_args, eta=eta)
     if sampler in samplers.grids.ODE_SAMPLERS:
-      per_call = dict(per_call, s_churn=churn)
+      per_call_args = dict(per_call_args, s_churn=churn)
     if sampler == "pc":
-      per_call = dict(per_call, snr=corrector_snr)
-    return sample_fn(model_fn, run_schedule, shape, keys, **per_call)
+      per_call_args = dict(per_call_args, snr=corrector_snr)
+    return sample_fn(model_fn, run_schedule, shape, keys, **per_call_args)
 
-  pmapped = jax.pmap(draw, in_axes=(None, None, None, None, None, None, None, 0, 0), devices=devices)
+  pmapped = jax.pmap(one_batch, in_axes=(0, None, None, None, None, None, None, 0, 0), devices=devices)
+  replicated = jax_utils.replicate(params, devices)
   root = jax.random.PRNGKey(seed)
-  batches = range(0, num_samples, per_call)
-  if progress:
-    try:
-      import tqdm
-      batches = tqdm.tqdm(batches, desc=f"{sampler} sampling", unit="batch")
-    except ImportError:
-      pass
-  out = []
-  for start in batches:
-    indices = first_index + start + np.arange(per_call)
-    keys = rng_lib.keys_for_indices(root, indices)
-    keys = keys.reshape((num_devices, per_device) + keys.shape[1:])
-    if conditional:
-      y = np.resize(np.asarray(labels[start:start + per_call], np.int32), per_call)
-    else:
-      y = np.zeros((per_call,), np.int32)
-    images = pmapped(params, plan.schedule, plan.per_call, jnp.float32(eta), jnp.float32(s_churn),
-                     jnp.float32(snr), jnp.float32(guidance_scale), keys,
-                     y.reshape(num_devices, per_device))
-    out.append(np.asarray(images).reshape((per_call,) + tuple(image_shape)))
-  return np.concatenate(out)[:num_samples]
+  traced = (jnp.float32(eta), jnp.float32(s_churn), jnp.float32(snr), jnp.float32(guidance_scale))
 
+  def draw(num_samples: int, labels: np.ndarray | None = None, first_index: int = 0,
+           progress: bool = False) -> np.ndarray:
+    if conditional and labels is None:
+      labels = parse_labels(None, num_samples, num_classes)
+    batches = range(0, num_samples, per_call)
+    if progress:
+      try:
+        import tqdm
+        batches = tqdm.tqdm(batches, desc=f"{sampler} sampling", unit="batch")
+      except ImportError:
+        pass
+    out = []
+    for start in batches:
+      indices = first_index + start + np.arange(per_call)
+      keys = rng_lib.keys_for_indices(root, indices)
+      keys = keys.reshape((num_devices, per_device) + keys.shape[1:])
+      if conditional:
+        y = np.resize(np.asarray(labels[start:start + per_call], np.int32), per_call)
+      else:
+        y = np.zeros((per_call,), np.int32)
+      images = pmapped(replicated, plan.schedule, plan.per_call, *traced, keys,
+                       y.reshape(num_devices, per_device))
+      out.append(np.asarray(images).reshape((per_call,) + tuple(image_shape)))
+    return np.concatenate(out)[:num_samples]
+
+  return draw
+
+
+def generate(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence[int], *,
+             num_samples: int, batch_size: int = 256, labels: np.ndarray | None = None,
+             first_index: int = 0, progress: bool = True, **settings) -> np.ndarray:
+  """Samples float32 [num_samples, H, W, C] (in [-1, 1] for image models) in one go:
+  `make_generator(..., batch_size=min(batch_size, num_samples), **settings)(num_samples,
+  labels, first_index, progress)`. Callers that sample several times build the generator once.
+  """
+  draw = make_generator(apply_fn, params, schedule, image_shape,
+                        batch_size=min(batch_size, num_samples), **settings)
+  return draw(num_samples, labels, first_index, progress)
+
+
+def make_run_generator(loaded: Any, *, variance: str | None = None,
+                       **settings) -> Callable[..., np.ndarray]:
+  """`make_generator` for a restored run (`training.restore.load_for_sampling`): its model,
+  params, schedule, classes, prediction, reverse variance (`variance`, else the run's own by
+  `training.sampling.sampling_variance`) and x0 clipping; `settings` as make_generator's."""
+  from diffusion_jax.training import sampling  # pylint: disable=g-import-not-at-top
+  config = loaded.config
+  apply_fn = lambda p, x, t, y: loaded.model.apply({"params": p}, x, t, y, train=False)
+  settings.setdefault("clip_denoised", config.sample.clip_denoised)
+  return make_generator(apply_fn, loaded.params, loaded.schedule, loaded.image_shape,
+                        num_classes=loaded.num_classes, prediction=config.diffusion.prediction,
+                        variance=sampling.sampling_variance(config, variance), **settings)

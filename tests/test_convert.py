@@ -177,3 +177,18 @@ def test_converted_weights_sample_through_experiments_sample(tmp_path):
                  timeout=300)
   images = np.load(npz)['images']
   assert images.shape == (3, 16, 16, 1) and images.dtype == np.uint8
+
+
+def test_a_schedule_that_cannot_be_built_is_refused_before_writing(tmp_path):
+  # DDPM's linear schedule rescaled to 20 steps has beta_end = 0.02 * 1000 / 20 = 1: no reader
+  # could load such a run, so the converter refuses it and writes nothing.
+  model = randomize(UNet2DModel(**SMALL_UNET_CONV_CONFIG))
+  weights = tmp_path / 'diffusion_pytorch_model.safetensors'
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+  config = tmp_path / 'config.json'
+  config.write_text(json.dumps(dict(model.config)))
+  out = tmp_path / 'run'
+  with pytest.raises(ValueError, match='num_timesteps=20'):
+    convert.main(['--format', 'diffusers_unet', '--weights', str(weights), '--config',
+                  str(config), '--out', str(out), '--num_timesteps', '20'])
+  assert not out.exists()

@@ -187,22 +187,29 @@ def test_command_killed_and_rerun_gives_the_same_numbers(run_copy):
 def test_in_training_hook(tmp_path):
   from diffusion_jax.data import load_split_as_numpy
   from diffusion_jax.evaluation import digits, hook
-  config = hook.default_config()
+  from experiments.configs import default
+  config = default.get_config().eval
   config.every = 100
-  h = hook.EvalHook(config)
-  assert [h.due(s) for s in (0, 50, 100, 200)] == [False, False, True, True]
+  h = hook.EvalHook(config, "ddpm")
+  assert [h.due(s, 250) for s in (0, 50, 100, 200, 250)] == [False, False, True, True, True]
   train = load_split_as_numpy({"name": "digits", "image_size": 8}, "train")["image"][:300]
   scalars = h(train)
   assert scalars == {"eval/digits_fd": digits.digits_frechet_distance(train)}
-  assert h.update_best(str(tmp_path), 100, scalars)
-  assert not h.update_best(str(tmp_path), 200, {"eval/digits_fd": scalars["eval/digits_fd"] + 1})
-  assert h.update_best(str(tmp_path), 300, {"eval/digits_fd": scalars["eval/digits_fd"] - 1})
-  assert json.loads((tmp_path / "eval" / "best.json").read_text())["step"] == 300
+  value = scalars["eval/digits_fd"]
+  assert hook.read_best(tmp_path) is None and hook.is_new_best(None, value, h.settings)
+  hook.write_best(tmp_path, 100, value, h.settings)
+  record = hook.read_best(tmp_path)
+  assert (record["step"], record["value"], record["metric"]) == (100, value, "digits_fd")
+  assert not hook.is_new_best(record, value + 1, h.settings)
+  assert not hook.is_new_best(record, value, h.settings)      # a tie keeps the earlier step
+  assert hook.is_new_best(record, value - 1, h.settings)
+  # A record made with other settings (here 1000 samples) is not comparable: replaced.
+  assert hook.is_new_best(record, value + 1, dict(h.settings, num_samples=1000))
   config.metric = "fid"
   with pytest.raises(ValueError, match="inception_weights"):
     hook.EvalHook(config)
   config.metric = "is"
-  with pytest.raises(ValueError, match="allowed"):
+  with pytest.raises(ValueError, match=r"Unknown config\.eval\.metric='is'; allowed"):
     hook.EvalHook(config)
 
 
@@ -231,3 +238,61 @@ def test_build_reference_dataset_digits_and_adm_images(tmp_path, digits_net):
   reference_lib.save_statistics(str(tmp_path / "ref.npz"), by_name.mu, by_name.sigma)
   np.testing.assert_array_equal(reference_lib.load_reference(str(tmp_path / "ref.npz")).sigma,
                                 by_name.sigma)
+
+
+# A digits-sized diffusers U-Net (8x8x1, two levels), random weights: converted to a run workdir.
+DIGITS_UNET = dict(
+    sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4,
+    attention_head_dim=8, downsample_padding=1, flip_sin_to_cos=False, freq_shift=1,
+    norm_eps=1e-6)
+CONVERTED_ARGS = ["--num_samples=96", "--sampler=ddim", "--steps=5", "--shard_size=48",
+                  "--per_device_batch=8", "--ref=digits", "--checkpoint=latest"]
+
+
+@pytest.mark.slow   # conversion, then the command in a subprocess (compiles the U-Net sampler)
+def test_command_on_converted_diffusers_weights(tmp_path):
+  """`python -m diffusion_jax.convert` output is a run workdir that `experiments.evaluate`
+  evaluates end to end: the results json holds the settings, its images are the converted
+  model's (drawn again here in-process: same keys and per-device program, same bits), and its
+  digits FD is the digits metric of those images."""
+  from diffusers import UNet2DModel
+  from models_testlib import randomize
+  from safetensors.torch import save_file
+
+  from diffusion_jax import convert
+  from diffusion_jax.evaluation import digits
+  from diffusion_jax.training import restore, sampling
+  from experiments import sampling_lib
+  model = randomize(UNet2DModel(**DIGITS_UNET))
+  weights = tmp_path / "diffusion_pytorch_model.safetensors"
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+  (tmp_path / "config.json").write_text(json.dumps(dict(model.config)))
+  out = tmp_path / "converted"
+  convert.main(["--format", "diffusers_unet", "--weights", str(weights), "--config",
+                str(tmp_path / "config.json"), "--out", str(out), "--num_timesteps", "50"])
+  command = _command(out, 2)
+  command["args"] = command["args"][:4] + CONVERTED_ARGS
+  proc = subprocess.run(**command, capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (path,) = pathlib.Path(out, "eval").glob("0-ddim-5.json")
+  results = json.loads(path.read_text())
+  settings = results["settings"]
+  assert (settings["step"], settings["sampler"], settings["steps"], settings["num_samples"],
+          settings["features"], settings["ref"], settings["checkpoint"]) == (
+              0, "ddim", 5, 96, "digits", "digits", "latest")
+  assert settings["workdir"] == str(out) and results["num_devices"] == 2
+  assert path.with_suffix(".png").exists()
+  shards = sorted(pathlib.Path(results["shards"]).glob("shard_*.npz"))
+  images = np.concatenate([np.load(s)["images"] for s in shards])
+  loaded = restore.load_for_sampling(out)
+  draw = sampling_lib.make_run_generator(loaded, seed=0, batch_size=16, devices=jax.devices()[:2],
+                                         sampler="ddim", steps="5")
+  np.testing.assert_array_equal(sampling.to_uint8(draw(96)), images)
+  # The same features up to float32 batching (the digits net's matmuls blocked differently:
+  # ~1e-6 relative per feature, test_features_shape_and_batching); the distance, a smooth
+  # function of the 64 means and covariances, moves by about as much relative to its size.
+  np.testing.assert_allclose(results["metrics"]["frechet_distance"], digits.digits_frechet_distance(images),
+                             rtol=1e-4)
+  assert results["reference"]["real_floor"] == digits.real_floor()

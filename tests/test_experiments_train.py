@@ -181,17 +181,22 @@ def test_sample_command_flags(tmp_path, tiny_runs, monkeypatch):
 
   from experiments import sample, sampling_lib
   seen = {}
-  real_generate, real_load = sampling_lib.generate, sample.restore.load_for_sampling
+  real_make, real_load = sampling_lib.make_generator, sample.restore.load_for_sampling
 
-  def spy_generate(*args, **kwargs):
-    seen["generate"] = kwargs
-    return real_generate(*args, **kwargs)
+  def spy_make(*args, **kwargs):
+    seen["generate"] = dict(kwargs)
+    draw = real_make(*args, **kwargs)
+
+    def spy_draw(num_samples, labels=None, *rest, **kw):
+      seen["generate"].update(num_samples=num_samples, labels=labels)
+      return draw(num_samples, labels, *rest, **kw)
+    return spy_draw
 
   def spy_load(workdir, **kwargs):
     seen["load"] = (workdir, kwargs)
     return real_load(workdir, **kwargs)
 
-  monkeypatch.setattr(sampling_lib, "generate", spy_generate)
+  monkeypatch.setattr(sampling_lib, "make_generator", spy_make)
   monkeypatch.setattr(sample.restore, "load_for_sampling", spy_load)
   out = tmp_path / "s.npz"
   argv = ["sample", f"--workdir={tiny_runs['cond']}", "--num_samples=4", f"--out={out}",
@@ -203,7 +208,7 @@ def test_sample_command_flags(tmp_path, tiny_runs, monkeypatch):
     sample.main([])
   finally:
     flags.FLAGS.unparse_flags()
-  assert seen["load"] == (tiny_runs["cond"], {"use_ema": False})
+  assert seen["load"] == (tiny_runs["cond"], {"use_ema": False, "step": None})
   kw = seen["generate"]
   assert (kw["sampler"], kw["steps"], kw["eta"], kw["guidance_scale"]) == ("ddim", 5, 0.5, 2.5)
   assert (kw["seed"], kw["batch_size"], kw["num_samples"], kw["num_classes"]) == (3, 2, 4, 10)

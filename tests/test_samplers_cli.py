@@ -118,3 +118,30 @@ def test_pc_through_the_command_line_library():
   corrected = [sampling_lib.generate(apply_fn, PARAMS, SCHEDULE, IMAGE, sampler="pc", snr=snr,
                                      **kw) for snr in (0.16, 0.3)]
   assert not np.allclose(*corrected)
+
+
+def test_generator_is_built_once_and_matches_generate():
+  # make_generator traces (and compiles) its pmapped sampler once: later calls, other sizes and
+  # first indices included, reuse it. Its draws are generate's (same keys fold_in(seed, index),
+  # same per-device program: same bits), so shards drawn with one generator equal one big draw.
+  traces = []
+
+  def counting_apply(params, x, t, y):
+    traces.append(x.shape)      # runs at trace time only
+    return apply_fn(params, x, t, y)
+
+  kw = dict(seed=1, sampler="ddim", steps="6", num_classes=10, guidance_scale=1.5)
+  draw = sampling_lib.make_generator(counting_apply, PARAMS, SCHEDULE, IMAGE, batch_size=8, **kw)
+  labels = sampling_lib.parse_labels("3,5", 20, 10)
+  shards = [draw(8, labels[0:8], first_index=0), draw(12, labels[8:20], first_index=8)]
+  assert len(traces) == 1
+  whole = sampling_lib.generate(apply_fn, PARAMS, SCHEDULE, IMAGE, num_samples=20, batch_size=8,
+                                labels=labels, progress=False, **kw)
+  np.testing.assert_array_equal(np.concatenate(shards), whole)
+
+
+def test_parse_checkpoint():
+  assert [sampling_lib.parse_checkpoint(s) for s in (None, "latest", "best", "1200")] == [
+      None, None, "best", 1200]
+  with pytest.raises(ValueError, match="checkpoint must be 'latest', 'best' or a step number"):
+    sampling_lib.parse_checkpoint("newest")

@@ -77,6 +77,11 @@ class Checkpointer:
   def wait(self) -> None:
     self._mngr.wait_until_finished()
 
+  def delete(self, step: int) -> None:
+    """Removes the checkpoint of `step` (every host calls it; orbax deletes on the primary)."""
+    self.wait()
+    self._mngr.delete(int(step))
+
   def restore(self, target: PyTree, step: int | None = None, *, set_aside: bool = False
               ) -> tuple[int, PyTree, dict] | None:
     """Restores the newest readable checkpoint at or below `step` (default: the latest).

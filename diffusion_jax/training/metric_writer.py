@@ -60,8 +60,8 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in
                                                          scalars.items()}}) + "\n")
     self._jsonl.flush()
-    for k, v in scalars.items():
-      self._tb.add_scalar(f"train/{k}", float(v), int(step))
+    for k, v in scalars.items():   # 'loss' -> train/loss; a key with a group ('eval/fid') as is
+      self._tb.add_scalar(k if "/" in k else f"train/{k}", float(v), int(step))
     self._tb.flush()
 
   def close(self) -> None:

@@ -126,15 +126,30 @@ def _check_like(saved: PyTree, target: PyTree, where: str) -> None:
         f"{[(k, flat_saved[k], flat_target[k]) for k in shapes[:5]]}")
 
 
+def best_checkpoint(workdir: str | epath.Path) -> tuple[epath.Path, int]:
+  """(directory, step) of the run's best checkpoint by its in-training evaluation
+  (`config.eval`: `<workdir>/eval/best.json` names the step, kept in `<workdir>/best/`)."""
+  from diffusion_jax.evaluation import hook  # pylint: disable=import-outside-toplevel
+  workdir = epath.Path(workdir)
+  record = hook.read_best(workdir)
+  if record is None:
+    raise FileNotFoundError(f"{workdir / hook.BEST_RECORD} does not exist: the run kept no best "
+                            "checkpoint (train with config.eval.every > 0).")
+  return workdir / hook.BEST_DIR, int(record["step"])
+
+
 def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
-                      ema_decay: float | None = None, step: int | None = None) -> Loaded:
-  """Restores the params of the newest readable checkpoint (or the newest at or below `step`).
+                      ema_decay: float | None = None, step: int | str | None = None) -> Loaded:
+  """Restores the params of the newest readable checkpoint (or the newest at or below `step`;
+  `step='best'`: the best checkpoint of the in-training evaluation, `best_checkpoint`).
 
   use_ema, ema_decay: which params, by `state.sampling_params_path` (the rule the trainer's
   previews use; `ema_decay` defaults to `sample.ema_decay`). Builds the model and the schedule
   only. Only an unreadable checkpoint (`checkpoint.is_unreadable_error`) falls back to an older
   one; other errors propagate.
   """
+  if step not in (None, "best") and not isinstance(step, (int, np.integer)):
+    raise ValueError(f"step must be a step number, None (the latest) or 'best', got {step!r}.")
   workdir = epath.Path(workdir)
   config = load_config(workdir)
   info = json.loads((workdir / "dataset_info.json").read_text())
@@ -146,7 +161,13 @@ def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
   if ema_decay is None:
     ema_decay = config.sample.ema_decay
   subtree = state_lib.sampling_params_path(config.train.ema_decays, use_ema, ema_decay)
-  at, params = _read_params(workdir / "checkpoints", subtree, target, step)
+  directory, best = workdir / "checkpoints", step == "best"
+  if best:
+    directory, step = best_checkpoint(workdir)
+  at, params = _read_params(directory, subtree, target, step)
+  if best and at != step:
+    raise FileNotFoundError(f"the best checkpoint (step {step} in {workdir}/eval/best.json) is "
+                            f"not readable in {directory}.")
   return Loaded(config, model, components.build_schedule(config.diffusion), params, image_shape,
                 num_classes, at)
 

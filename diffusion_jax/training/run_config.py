@@ -34,8 +34,8 @@ MUST_MATCH = (
     "optim.accumulate",   # optax.MultiSteps wraps the optimizer state
 )
 
-# Changes that keep the state valid: run length, cadences, execution and sampling settings,
-# learning-rate values and schedule shape, and where the data lives.
+# Changes that keep the state valid: run length, cadences, execution, sampling and evaluation
+# settings, learning-rate values and schedule shape, and where the data lives.
 MAY_CHANGE = (
     "train.num_steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
     "train.snapshot_every", "train.keep_latest", "train.steps_per_call", "train.parallel",
@@ -43,6 +43,7 @@ MAY_CHANGE = (
     "optim.lr", "optim.warmup_steps", "optim.decay", "optim.grad_clip", "optim.weight_decay",
     "optim.b1", "optim.b2", "optim.eps", "optim.min_lr*", "optim.schedule*",
     "sample.*",
+    "eval.*",             # a record of other eval settings is replaced (evaluation.hook)
     "data.data_dir", "data.download", "data.on_corrupt", "data.random_flip",
     "data.num_workers", "data.prefetch*", "data.shuffle_buffer*",
 )

@@ -39,20 +39,28 @@ def sampling_variance(config: Any, override: str | None = None) -> str:
 
 def generate(config: Any, model: Any, schedule: Any, params: PyTree, rng: jax.Array,
              num_samples: int, image_shape: tuple[int, ...],
-             labels: jax.Array | None = None) -> jax.Array:
+             labels: jax.Array | None = None, sampler: str | None = None,
+             steps: int | None = None) -> jax.Array:
   """Samples [N, H, W, C] in [-1, 1] with the config's sampler over the training schedule.
 
-  `config.sample.sampler` names a sampler of `samplers.get_sampler` ('ddpm': the T-step
-  ancestral loop in one lax.scan) with the variance of `sampling_variance(config)`;
-  `config.sample.kwargs` adds static settings. Pure: the caller jits it.
+  `sampler` (default `config.sample.sampler`) names a sampler of `samplers.get_sampler`
+  ('ddpm': the T-step ancestral loop in one lax.scan) with the variance of
+  `sampling_variance(config)`; `config.sample.kwargs` adds static settings. `steps`: that many
+  steps on the sampler's default grid (`samplers.plan`); None runs the sampler on its own default
+  (all T steps for ddpm / ddim). Pure: the caller jits it.
   """
-  name = config.sample.sampler
+  name = sampler or config.sample.sampler
   static = {"prediction": config.diffusion.prediction, "variance": sampling_variance(config)}
   static["clip_denoised"] = config.sample.clip_denoised   # every sampler's x0 policy
+  per_call: dict[str, Any] = {}
+  if steps is not None:
+    plan = samplers.plan(name, schedule, int(steps))
+    static.update(plan.static)
+    schedule, per_call = plan.schedule, plan.per_call
   static.update(dict(config.sample.kwargs))
   shape = (num_samples,) + tuple(image_shape)
-  sampler = samplers.get_sampler(name, **static)
-  return sampler(make_model_fn(model, params, labels), schedule, shape, rng)
+  sample_fn = samplers.get_sampler(name, **static)
+  return sample_fn(make_model_fn(model, params, labels), schedule, shape, rng, **per_call)
 
 
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:

@@ -7,10 +7,17 @@ A launch on a workdir, in order:
 3. the newest readable checkpoint is restored (state and data iterator); unreadable ones are
    moved aside (`checkpoint`); `metrics.jsonl` rows past the restored step are dropped;
 4. host 0 records the config (`config.json` + `configs/<time>.json`) and logs a header;
-5. the loop: periodic actions (log, checkpoint, preview samples) fire at `itstime(step,
-   every)` and at the last step; SIGTERM saves a checkpoint and raises `Preempted`; a
-   non-finite loss or gradient raises `NonFiniteError` and the last good checkpoint stays
-   the newest.
+5. the loop: periodic actions (log, checkpoint, preview samples, and with `config.eval.every`
+   > 0 an evaluation) fire at `itstime(step, every)` and at the last step; SIGTERM saves a
+   checkpoint and raises `Preempted`; a non-finite loss or gradient raises `NonFiniteError`
+   and the last good checkpoint stays the newest.
+
+An evaluation (`evaluation.hook`) samples `config.eval.num_samples` images with the grid's
+sample function (the sampler of `config.eval.sampler`/`steps`, else `config.sample`), from the
+same noise at every evaluation (keys fold_in(eval key, batch)), logs `eval/<metric>` and, at a
+new best (lower is better), saves that step's checkpoint in `<workdir>/best/` (outside
+`keep_latest` pruning) before recording it in `<workdir>/eval/best.json`; a resumed run compares
+with that record. `training.restore.load_for_sampling(workdir, step='best')` reads it.
 Every host computes; host 0 writes logs, metrics, samples and the lock.
 
 References: the Flax examples and big_vision train loops; Ho et al. 2020 (EMA samples).
@@ -27,6 +34,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from diffusion_jax.evaluation import hook as hook_lib
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
 from diffusion_jax.training import metric_writer
@@ -39,6 +47,9 @@ from diffusion_jax.training import step as step_lib
 from diffusion_jax.training import workdir_lock
 
 PyTree = Any
+# fold_in data of the evaluation key (beside the grids' fold_in(sample key, step)): every
+# evaluation draws the same noise, so values at different steps differ by the model only.
+_EVAL_KEY = 0x6576616C
 
 
 class NonFiniteError(FloatingPointError):
@@ -63,7 +74,7 @@ class _Schedule:
   """The run's length and cadences from `config.train`, checked: every count is a multiple of
   `steps_per_call` (k steps run per compiled call)."""
 
-  def __init__(self, train_cfg: Any):
+  def __init__(self, train_cfg: Any, eval_every: int = 0):
     self.num_steps = int(train_cfg.num_steps)
     if self.num_steps <= 0:
       raise ValueError(f"config.train.num_steps={self.num_steps} must be >= 1.")
@@ -76,6 +87,9 @@ class _Schedule:
       if getattr(self, name) % self.k:
         raise ValueError(f"config.train.{name}={getattr(self, name)} must be a multiple of "
                          f"config.train.steps_per_call={self.k}")
+    if eval_every % self.k:
+      raise ValueError(f"config.eval.every={eval_every} must be a multiple of "
+                       f"config.train.steps_per_call={self.k}")
 
 
 class _SigtermFlag:
@@ -119,7 +133,9 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
   from diffusion_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   workdir = epath.Path(workdir)
   host0 = jax.process_index() == 0
-  sched = _Schedule(config.train)
+  sched = _Schedule(config.train, int(config.eval.every))
+  eval_hook = hook_lib.EvalHook(config.eval, config.eval.sampler or config.sample.sampler) \
+      if int(config.eval.every) > 0 else None   # checks config.eval before anything is written
   batch_size = int(config.train.batch_size)
   check_batch_size(batch_size, jax.device_count())
   workdir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +171,9 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
     _log_header(config, comp, state, workdir, start, restored is not None, writer.dropped)
 
     pstep = _make_parallel_step(config, comp, sched.k)
-    hooks = _Hooks(config, comp, sched, pstep, ckpt, writer, workdir, sample_rng, host0)
+    hooks = _Hooks(config, comp, sched, pstep, ckpt, writer, workdir, sample_rng, host0,
+                   eval_hook)
+    stack.callback(hooks.close)
     hooks.last_saved = start if restored is not None else None
 
     step, dstate, pending = start, pstep.put_state(state), None
@@ -200,12 +218,13 @@ def _make_parallel_step(config: Any, comp: components.Components, k: int
 
 
 class _Hooks:
-  """The loop's periodic actions: 'log', 'checkpoint' and 'samples', each at its cadence and
-  at the last step; a preemption forces 'log' and 'checkpoint'."""
+  """The loop's periodic actions: 'log', 'checkpoint', 'samples' and 'eval', each at its cadence
+  and at the last step; a preemption forces 'log' and 'checkpoint'."""
 
   def __init__(self, config, comp, sched: _Schedule, pstep: parallel.ParallelStep,
                ckpt: ckpt_lib.Checkpointer, writer: metric_writer.MetricWriter,
-               workdir: epath.Path, sample_rng, host0: bool):
+               workdir: epath.Path, sample_rng, host0: bool,
+               eval_hook: hook_lib.EvalHook | None = None):
     self.config, self.comp, self.sched, self.pstep, self.ckpt = config, comp, sched, pstep, ckpt
     self.writer, self.workdir, self.sample_rng, self.host0 = writer, workdir, sample_rng, host0
     self.meter = metric_writer.MeanAccumulator()
@@ -215,7 +234,43 @@ class _Hooks:
     self.sample_fn = _make_sample_fn(config, comp, num_samples) if host0 and num_samples > 0 \
         else None
     self.every = {"log": sched.log_every, "checkpoint": sched.checkpoint_every,
-                  "samples": sched.sample_every if self.sample_fn is not None else -1}
+                  "samples": sched.sample_every if self.sample_fn is not None else -1,
+                  "eval": eval_hook.every if eval_hook is not None else -1}
+    self.eval_hook = eval_hook
+    if eval_hook is not None:
+      self._init_eval(config, comp, sample_rng)
+
+  def _init_eval(self, config, comp, sample_rng) -> None:
+    """The evaluation's sample function (host 0), key, best checkpointer and best record."""
+    self.eval_batch = min(int(config.eval.batch_size), int(config.eval.num_samples))
+    self.eval_sample_fn = _make_sample_fn(config, comp, self.eval_batch,
+                                          sampler=config.eval.sampler,
+                                          steps=config.eval.steps) if self.host0 else None
+    self.eval_rng = jax.random.fold_in(sample_rng, _EVAL_KEY)
+    self.best_ckpt = ckpt_lib.Checkpointer(self.workdir / hook_lib.BEST_DIR, keep_latest=2,
+                                           async_save=False)
+    self.best = hook_lib.read_best(self.workdir)
+    # Keep the recorded step's checkpoint, even when the record is about to be replaced: it
+    # stays `load_for_sampling(step='best')` until a new best is recorded.
+    self._prune_best(self.best["step"] if self.best is not None else None)
+    if self.best is not None and self.best.get("settings") != self.eval_hook.settings:
+      if self.host0:
+        logging.warning("The best record %s was made with other config.eval settings (%s; now "
+                        "%s): the next evaluation starts a new record.",
+                        self.workdir / hook_lib.BEST_RECORD, self.best.get("settings"),
+                        self.eval_hook.settings)
+      self.best = None
+
+  def _prune_best(self, keep: int | None) -> None:
+    """Deletes best/ checkpoints other than `keep` (a kill between saving a new best and
+    recording it leaves one behind)."""
+    for s in self.best_ckpt.all_steps():
+      if s != keep:
+        self.best_ckpt.delete(s)
+
+  def close(self) -> None:
+    if self.eval_hook is not None:
+      self.best_ckpt.close()
 
   def due(self, step: int, preempted: bool) -> list[str]:
     last = self.sched.num_steps
@@ -256,6 +311,8 @@ class _Hooks:
         logging.info("Checkpoint at step %d: %s", step, self.ckpt.directory / str(step))
     if "samples" in due:
       self.samples(step, host_state)
+    if "eval" in due:
+      self.evaluate(step, host_state, data_iterator)
 
   def log(self, step: int) -> None:
     means = self.meter.pop()
@@ -273,15 +330,60 @@ class _Hooks:
 
   def samples(self, step: int, host_state: state_lib.TrainState) -> None:
     t0 = time.perf_counter()
-    params, which = state_lib.params_for_sampling(
-        host_state, self.config.train.ema_decays,
-        ema_decay=self.config.sample.ema_decay)
+    params, which = self._sampling_params(host_state)
     images = sampling.to_uint8(self.sample_fn(params, jax.random.fold_in(self.sample_rng, step)))
     (self.workdir / "samples").mkdir(exist_ok=True)
     path = self.workdir / "samples" / f"step_{step:07d}.png"
     sampling.save_grid(images, str(path))
     logging.info("Wrote %d samples (%s params) to %s (%.1f s).", images.shape[0], which, path,
                  time.perf_counter() - t0)
+
+  def _sampling_params(self, host_state: state_lib.TrainState) -> tuple[PyTree, str]:
+    return state_lib.params_for_sampling(host_state, self.config.train.ema_decays,
+                                         ema_decay=self.config.sample.ema_decay)
+
+  def evaluate(self, step: int, host_state: state_lib.TrainState, data_iterator: Any) -> None:
+    """Scores `config.eval.num_samples` samples, logs eval/<metric>, keeps the best checkpoint."""
+    t0 = time.perf_counter()
+    hook, key = self.eval_hook, f"eval/{self.eval_hook.metric}"
+    value, which = float("nan"), ""
+    if self.host0:
+      params, which = self._sampling_params(host_state)
+      params = jax.device_put(params)
+      num = int(self.config.eval.num_samples)
+      images = np.concatenate([
+          sampling.to_uint8(self.eval_sample_fn(params, jax.random.fold_in(self.eval_rng, i)))
+          for i in range(-(-num // self.eval_batch))])[:num]
+      value = hook(images)[key]
+    value = _from_host0(value)
+    self.writer.write_scalars(step, {key: value})
+    new_best = bool(np.isfinite(value)) and hook_lib.is_new_best(self.best, value, hook.settings)
+    if not np.isfinite(value) and self.host0:
+      logging.warning("Eval at step %d: %s is not finite (%r); not a best.", step, hook.metric,
+                      value)
+    if new_best:
+      if step not in self.best_ckpt.all_steps():
+        self.best_ckpt.save(step, host_state, data_iterator.get_state())
+        self.best_ckpt.wait()
+      if self.host0:
+        hook_lib.write_best(self.workdir, step, value, hook.settings)
+      self.best = {"metric": hook.metric, "value": value, "step": step, "settings": hook.settings}
+      self._prune_best(step)
+    if self.host0:
+      logging.info("Eval at step %d: %s %.5g (%d samples, %s params, %.1f s) | best %.5g at step "
+                   "%d%s", step, hook.metric, value, int(self.config.eval.num_samples), which,
+                   time.perf_counter() - t0, self.best["value"] if self.best else float("nan"),
+                   self.best["step"] if self.best else -1,
+                   f" (kept in {self.best_ckpt.directory / str(step)})" if new_best else "")
+    self.chrono.mark(step)   # the next log's steps/s measures training, not this evaluation
+
+
+def _from_host0(value: float) -> float:
+  """Host 0's value on every host (the evaluation runs on host 0 only)."""
+  if jax.process_count() == 1:
+    return float(value)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return float(multihost_utils.broadcast_one_to_all(np.float64(value)))
 
 
 def _log_header(config, comp: components.Components, state: state_lib.TrainState,
@@ -308,11 +410,14 @@ def _stack(batches: list[dict]) -> dict:
   return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in ("image", "label")}
 
 
-def _make_sample_fn(config: Any, comp: components.Components, num: int):
+def _make_sample_fn(config: Any, comp: components.Components, num: int,
+                    sampler: str | None = None, steps: int | None = None):
+  """jitted sample_fn(params, rng) -> [num, H, W, C] in [-1, 1] (`sampling.generate`): the grids'
+  sampler, or `sampler` / `steps` (None: config.sample's)."""
   labels = sampling.default_labels(num, comp.num_classes)
 
   @jax.jit
   def sample_fn(params, rng):
     return sampling.generate(config, comp.model, comp.schedule, params, rng, num,
-                             comp.image_shape, labels)
+                             comp.image_shape, labels, sampler=sampler, steps=steps)
   return sample_fn

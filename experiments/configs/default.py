@@ -85,6 +85,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.mlp_ratio = _ph(float)            # MLP width / hidden_size
   m.freq_shift = _ph(float)           # denominator shift of the time-embedding frequencies
   m.scan_blocks = _ph(bool)           # run the blocks as one lax.scan (default: the preset's, True)
+  # Text transformer only ('text_tiny', 'text_small'; also hidden_size, depth, num_heads, mlp_ratio).
+  m.vocab_size = _ph(int)             # data tokens V (id V is the mask / BOS token); 256 for bytes
+  m.time_conditioning = _ph(bool)     # adaLN-Zero conditioning on t (False: the network ignores t)
+  m.causal = _ph(bool)                # causal attention: the autoregressive twin
+  m.tie_embeddings = _ph(bool)        # output logits through the token embedding table
+  m.rope_base = _ph(float)            # rotary position embedding base
 
   # Diffusion: the schedule and the training objective.
   c.diffusion = f = ml_collections.ConfigDict()
@@ -147,4 +153,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.clip_denoised = True              # clip predicted x0 to [-1, 1] (ddpm, ddim)
   p.ema_decay = _ph(float)            # EMA params used; None: the first of train.ema_decays
   p.kwargs = ml_collections.ConfigDict()  # further settings of the sampler (from a config file)
+
+  # In-training evaluation (`diffusion_jax.evaluation.hook`): a metric of samples every
+  # `every` steps, logged as eval/<metric>; the best step's checkpoint is kept in DIR/best/.
+  c.eval = e = ml_collections.ConfigDict()
+  e.every = 0                         # steps between evaluations (0: off; also at the last step when on)
+  e.num_samples = 500                 # samples per evaluation (a Frechet distance's bias grows ~1/N)
+  e.metric = "digits_fd"              # 'digits_fd' (digits classifier features) or 'fid' (Inception)
+  e.ref = "digits"                    # 'digits' (held-out digits), or a statistics .npz for 'fid'
+  e.inception_weights = _ph(str)      # pytorch-fid's pt_inception-2015-12-05-6726825d.pth ('fid')
+  e.sampler = _ph(str)                # None: sample.sampler (with sample.* settings)
+  e.steps = _ph(int)                  # sampler steps on its default grid; None: the sampler's default
+  e.batch_size = 100                  # samples per sampling call and images per feature batch
   return c
