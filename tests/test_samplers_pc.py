@@ -277,7 +277,7 @@ def test_pc_network_evaluations():
 
 def test_a_config_samples_with_pc_and_its_kwargs():
   # config.sample.sampler = 'pc' with sample.kwargs: the trainer's preview path
-  # (`training.sampling.generate`) gives the sampler its static settings, snr included.
+  # (`training.sampling.sample_from_config`) gives the sampler its static settings, snr included.
   from diffusion_jax.training import sampling
   from experiments.configs import default
 
@@ -291,12 +291,12 @@ def test_a_config_samples_with_pc_and_its_kwargs():
   schedule = dj.get_schedule("linear", 25)
   params = {"w": jnp.float32(1.0)}
   key = jax.random.key(3)
-  out = jax.jit(lambda: sampling.generate(config, Toy(), schedule, params, key, SHAPE[0],
+  out = jax.jit(lambda: sampling.sample_from_config(config, Toy(), schedule, params, key, SHAPE[0],
                                           SHAPE[1:]))()
   ddpm = jax.jit(lambda: dj.get_sampler("ddpm", clip_denoised=config.sample.clip_denoised)(
       toy_model, schedule, SHAPE, key))()
   assert_f32_close(out, ddpm, ops=10 * 25)    # the same chain (see above), 25 steps
   config.sample.kwargs = {"snr": 0.3, "corrector_steps": 2}
-  other = jax.jit(lambda: sampling.generate(config, Toy(), schedule, params, key, SHAPE[0],
+  other = jax.jit(lambda: sampling.sample_from_config(config, Toy(), schedule, params, key, SHAPE[0],
                                             SHAPE[1:]))()
   assert not np.allclose(other, out)
