@@ -7,7 +7,6 @@ Slow: every run is a subprocess that imports JAX and compiles (no persistent com
 in the two-process runs: see test_experiments_train.py's multi-host test).
 """
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -102,7 +101,7 @@ def _results(workdir: pathlib.Path) -> tuple[pathlib.Path, dict]:
 
 def _shards(results: dict) -> dict[str, dict[str, np.ndarray]]:
   out = {}
-  for path in sorted(pathlib.Path(results["shards"]).glob("shard_*.npz")):
+  for path in sorted(pathlib.Path(results["shards"]).glob("shard_??????.npz")):
     with np.load(path) as data:
       out[path.name] = {key: data[key] for key in data.files}
   return out
@@ -134,14 +133,14 @@ def test_evaluate_on_two_processes_equals_one_process_and_resumes(random_run, tm
   # committed them, with a half-written temporary left by the kill; the rerun draws only those
   # two (the others keep their files) and gives the same numbers.
   shard_dir = pathlib.Path(multi["shards"])
-  kept = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard_*.npz")}
+  kept = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard_??????.npz")}
   for i in (2, 3):
     (shard_dir / f"shard_{i:06d}.npz").unlink()
     del kept[f"shard_{i:06d}.npz"]
   (shard_dir / "shard_000002.npz.12345.tmp.npz").write_bytes(b"PK\x03\x04 truncated")
   path.unlink()
   runs = _run_processes([_evaluate_command(two)] * 2, num_devices=1)
-  assert {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard_*.npz")
+  assert {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard_??????.npz")
           if p.name in kept} == kept
   _, resumed = _results(two)
   for name, arrays in _shards(resumed).items():
