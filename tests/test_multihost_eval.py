@@ -11,6 +11,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -20,8 +21,9 @@ import training_testlib as tl
 pytestmark = pytest.mark.slow
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# 40 samples in 5 shards of 8: process 0 draws shards 0, 2, 4 and process 1 shards 1, 3.
-EVAL_ARGS = ["--num_samples=40", "--sampler=ddim", "--steps=5", "--shard_size=8",
+# 200 samples in 25 shards of 8: process 0 draws the even shards, process 1 the odd ones.
+NUM_SHARDS = 25
+EVAL_ARGS = [f"--num_samples={8 * NUM_SHARDS}", "--sampler=ddim", "--steps=5", "--shard_size=8",
              "--per_device_batch=4", "--ref=digits", "--compile_cache="]
 
 
@@ -40,20 +42,24 @@ def _env(num_devices: int) -> dict:
   return env
 
 
-def _run_processes(commands: list[list[str]], num_devices: int,
-                   timeout: int = 600) -> list[subprocess.CompletedProcess]:
-  """Runs one command per process at once (process i gets --process_id=i), returns each result."""
+def _start_processes(commands: list[list[str]], num_devices: int,
+                     quiet: bool = False) -> list[subprocess.Popen]:
+  """Starts one command per process at once (several: --process_id=i, a shared coordinator)."""
   port = _free_port()
   extra = lambda i: ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={len(commands)}",
                       f"--process_id={i}", "--cpu_collectives=gloo"] if len(commands) > 1 else [])
-  procs = [subprocess.Popen(cmd + extra(i), env=_env(num_devices), cwd=str(REPO), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-           for i, cmd in enumerate(commands)]
+  pipe = subprocess.DEVNULL if quiet else subprocess.PIPE
+  return [subprocess.Popen(cmd + extra(i), env=_env(num_devices), cwd=str(REPO), text=True,
+                           stdout=pipe, stderr=pipe) for i, cmd in enumerate(commands)]
+
+
+def _finish(procs: list[subprocess.Popen], timeout: int = 600) -> list[subprocess.CompletedProcess]:
+  """Waits for every process; each must exit 0."""
   results = []
   try:
-    for cmd, p in zip(commands, procs, strict=True):
+    for p in procs:
       out, err = p.communicate(timeout=timeout)
-      results.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
+      results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
   finally:
     for p in procs:   # a process left waiting at a collective after the other failed
       if p.poll() is None:
@@ -62,6 +68,14 @@ def _run_processes(commands: list[list[str]], num_devices: int,
   for r in results:
     assert r.returncode == 0, r.stderr[-3000:]
   return results
+
+
+def _run_processes(commands: list[list[str]], num_devices: int) -> list[subprocess.CompletedProcess]:
+  return _finish(_start_processes(commands, num_devices))
+
+
+def _mtimes(shard_dir: pathlib.Path) -> dict[str, int]:
+  return {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard_??????.npz")}
 
 
 @pytest.fixture(scope="module")
@@ -107,46 +121,48 @@ def _shards(results: dict) -> dict[str, dict[str, np.ndarray]]:
   return out
 
 
-def test_evaluate_on_two_processes_equals_one_process_and_resumes(random_run, tmp_path):
+def test_evaluate_on_two_processes_killed_and_rerun_equals_one_process(random_run, tmp_path):
   one, two = _copy(random_run, tmp_path / "one"), _copy(random_run, tmp_path / "two")
   _run_processes([_evaluate_command(one)], num_devices=2)
   _, single = _results(one)
-  runs = _run_processes([_evaluate_command(two)] * 2, num_devices=1)
+  # Both processes SIGKILLed as soon as one shard is committed (25 shards in all: the kill
+  # lands mid-way, before the results exist), then the same command rerun on both.
+  shard_dir = two / "eval" / pathlib.Path(single["shards"]).name   # same settings, same name
+  procs = _start_processes([_evaluate_command(two)] * 2, num_devices=1, quiet=True)
+  try:
+    deadline = time.time() + 600
+    while not list(shard_dir.glob("shard_??????.npz")):
+      assert all(p.poll() is None for p in procs), "evaluate ended before it could be killed"
+      assert time.time() < deadline, "no shard committed in 600 s"
+      time.sleep(0.02)
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
+  before = _mtimes(shard_dir)
+  print(f"killed with {len(before)} of {NUM_SHARDS} shards committed")
+  assert 1 <= len(before) < NUM_SHARDS, f"the kill must land mid-way: {sorted(before)}"
+  assert not list((two / "eval").glob("*.json"))
+  runs = _finish(_start_processes([_evaluate_command(two)] * 2, num_devices=1))
   path, multi = _results(two)
   assert "wrote" in runs[0].stdout and "wrote" not in runs[1].stdout   # host 0 writes, once
   assert "process 0 writes" in runs[1].stdout
   assert path.with_suffix(".png").exists() and len(list((two / "eval").glob("*.png"))) == 1
   assert (single["process_count"], single["num_devices"]) == (1, 2)
   assert (multi["process_count"], multi["num_devices"], multi["local_devices"]) == (2, 2, 1)
+  # The shards committed before the kill were kept, not drawn again.
+  assert {name: mtime for name, mtime in _mtimes(shard_dir).items() if name in before} == before
   # Every shard committed, each drawn and featurised by one process with the same per-device
   # program (4 examples per device, keys fold_in(seed, example)) as the one-process run: the
   # same bits, hence the same metrics exactly (the same float64 NumPy on identical features,
   # concatenated in shard order in both runs).
   a, b = _shards(single), _shards(multi)
-  assert sorted(b) == [f"shard_{i:06d}.npz" for i in range(5)] and sorted(a) == sorted(b)
+  assert sorted(b) == [f"shard_{i:06d}.npz" for i in range(NUM_SHARDS)] and sorted(a) == sorted(b)
   for name in a:
     for key in ("images", "pool", "logits"):
       np.testing.assert_array_equal(a[name][key], b[name][key], err_msg=f"{name} {key}")
   assert len(np.unique(b["shard_000000.npz"]["images"].reshape(8, -1), axis=0)) > 1
   assert multi["metrics"] == single["metrics"]
-  # Resume: shards 2 (process 0's) and 3 (process 1's) lost, as in a run killed before it
-  # committed them, with a half-written temporary left by the kill; the rerun draws only those
-  # two (the others keep their files) and gives the same numbers.
-  shard_dir = pathlib.Path(multi["shards"])
-  kept = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard_??????.npz")}
-  for i in (2, 3):
-    (shard_dir / f"shard_{i:06d}.npz").unlink()
-    del kept[f"shard_{i:06d}.npz"]
-  (shard_dir / "shard_000002.npz.12345.tmp.npz").write_bytes(b"PK\x03\x04 truncated")
-  path.unlink()
-  runs = _run_processes([_evaluate_command(two)] * 2, num_devices=1)
-  assert {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard_??????.npz")
-          if p.name in kept} == kept
-  _, resumed = _results(two)
-  for name, arrays in _shards(resumed).items():
-    for key in ("images", "pool", "logits"):
-      np.testing.assert_array_equal(arrays[key], a[name][key], err_msg=f"{name} {key}")
-  assert resumed["metrics"] == single["metrics"]
 
 
 def test_training_with_eval_on_two_processes(tmp_path):
