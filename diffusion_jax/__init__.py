@@ -9,8 +9,10 @@ converter (`dj.convert`) are imported on first use, e.g. `dj.make_train_iterator
 import importlib
 from typing import Any
 
+from diffusion_jax import autoregressive
 from diffusion_jax import forward
 from diffusion_jax import losses
+from diffusion_jax import masked
 from diffusion_jax import reverse
 from diffusion_jax import rng
 from diffusion_jax import samplers

@@ -15,7 +15,7 @@ References:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -46,27 +46,43 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+class KVCache(NamedTuple):
+  """Keys and values of one block's attention for positions [0, S): [B, S, heads, head_dim]."""
+  k: jax.Array
+  v: jax.Array
+
+
 class DiTBlock(nn.Module):
   """adaLN-Zero transformer block.
 
   x = x + g1 * Attn(LN(x) * (1 + s1) + b1); x = x + g2 * MLP(LN(x) * (1 + s2) + b2), with
   (b1, s1, g1, b2, s2, g2) = Linear(SiLU(c)) zero-initialised, so the block starts as identity.
 
+  For sequences (the text transformer): `rope_base` > 0 applies rotary position embeddings to
+  queries and keys at `positions`, `causal` lets token i attend to tokens <= i only, and a
+  `KVCache` makes the call one decoding step: the keys and values of x (at `positions`) are
+  written into the cache at those positions, attention runs over the cache (causal), and the
+  call returns (x, updated cache).
+
   Args:
-    x: [B, N, D] tokens; c: [B, D] conditioning.
+    x: [B, N, D] tokens; c: [B, D] conditioning; positions: [N] int positions (default 0..N-1);
+    cache: a `KVCache` of length S >= max(positions) + 1, or None.
   Returns:
-    [B, N, D].
+    [B, N, D], or ([B, N, D], KVCache) when a cache is given.
   References: DiT Sec. 3.2 "adaLN-Zero block"; official `DiTBlock`.
   """
   hidden_size: int
   num_heads: int
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-6
+  rope_base: float = 0.0
+  causal: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, c: jax.Array, positions: jax.Array | None = None,
+               cache: KVCache | None = None):
     b, n, d = x.shape
     dense = lambda width, name, init=xavier: nn.Dense(
         width, kernel_init=init, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -76,12 +92,29 @@ class DiTBlock(nn.Module):
     h = _modulate(_layer_norm(x, self.norm_eps), shift1, scale1)
     head_dim = d // self.num_heads
     qkv = dense(3 * d, 'attn_qkv')(h).reshape(b, n, 3, self.num_heads, head_dim)
-    h = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, n, d)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if positions is None:
+      positions = jnp.arange(n)
+    if self.rope_base > 0:
+      q = layers.rotary_embedding(q, positions, self.rope_base)
+      k = layers.rotary_embedding(k, positions, self.rope_base)
+    key_positions = positions
+    if cache is not None:
+      start = positions[0]
+      k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), start, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), start, axis=1)
+      cache = KVCache(k, v)
+      key_positions = jnp.arange(k.shape[1])
+    mask = None
+    if self.causal or cache is not None:
+      mask = (key_positions[None, :] <= positions[:, None])[None, None]
+    h = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(b, n, d)
     x = x + gate1[:, None, :] * dense(d, 'attn_proj')(h)
 
     h = _modulate(_layer_norm(x, self.norm_eps), shift2, scale2)
     h = nn.gelu(dense(int(d * self.mlp_ratio), 'mlp_fc1')(h), approximate=True)
-    return x + gate2[:, None, :] * dense(d, 'mlp_fc2')(h)
+    x = x + gate2[:, None, :] * dense(d, 'mlp_fc2')(h)
+    return x if cache is None else (x, cache)
 
 
 class DiT(nn.Module):

@@ -75,12 +75,35 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   return np.concatenate([one_d(cols), one_d(rows)], axis=1)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Softmax attention, [B, N, heads, head_dim] in and out, scale head_dim ** -0.5.
+def attention(q: jax.Array, k: jax.Array, v: jax.Array,
+              mask: jax.Array | None = None) -> jax.Array:
+  """Softmax attention, q [B, N, heads, head_dim], k, v [B, S, heads, head_dim] -> [B, N, heads,
+  head_dim], scale head_dim ** -0.5; mask: None or bool broadcastable to [B, heads, N, S] (True:
+  may attend).
 
   Goes through `jax.nn.dot_product_attention` so accelerators can pick a fused kernel.
   """
-  return jax.nn.dot_product_attention(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotary position embedding of queries or keys x [B, N, heads, head_dim] at positions [N].
+
+  Channel pairs (i, i + head_dim / 2) are rotated by the angle position * base^(-2i / head_dim),
+  so q . k depends on the positions only through their difference. Computed in float32.
+  References: Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding",
+  eq. 34 (the half-split pairing of GPT-NeoX / LLaMA).
+  """
+  head_dim = x.shape[-1]
+  if head_dim % 2:
+    raise ValueError(f'rotary embedding needs an even head_dim, got {head_dim}')
+  half = head_dim // 2
+  freqs = np.exp(-math.log(base) * np.arange(half, dtype=np.float64) * 2.0 / head_dim)
+  angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(freqs, jnp.float32)[None, :]
+  cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]     # [N, 1, half]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return out.astype(x.dtype)
 
 
 class GroupNorm(nn.Module):

@@ -20,6 +20,7 @@ import numpy as np
 
 from diffusion_jax.models.autoencoder import AutoencoderKL
 from diffusion_jax.models.dit import DiT
+from diffusion_jax.models.text_transformer import TextTransformer
 from diffusion_jax.models.unet import UNet
 
 _DDPM = dict(ch=128, num_res_blocks=2, head_dim=None, num_groups=32, norm_eps=1e-6,
@@ -42,6 +43,14 @@ PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     'dit_tiny': (DiT, dict(in_channels=3, patch_size=2, hidden_size=64, depth=2, num_heads=4,
                            num_classes=10, learn_sigma=True)),
 }
+# Token models (masked diffusion or, with causal=True, autoregressive); byte vocabulary.
+PRESETS.update({
+    # CPU-sized: 4 blocks of width 256 (test and quickstart scale).
+    'text_tiny': (TextTransformer, dict(vocab_size=256, hidden_size=256, depth=4, num_heads=4)),
+    # MDLM / GPT-2 small size: 12 blocks, width 768, 12 heads.
+    'text_small': (TextTransformer, dict(vocab_size=256, hidden_size=768, depth=12,
+                                         num_heads=12)),
+})
 _DIT_SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
 for _size, (_depth, _width, _heads) in _DIT_SIZES.items():
   for _patch in (2, 4, 8):
@@ -110,11 +119,16 @@ def get_model(name: str, **overrides: Any) -> nn.Module:
 
 def init_params(module: nn.Module, rng: jax.Array, input_shape: Sequence[int],
                 with_labels: bool = False) -> Any:
-  """Initialise parameters for inputs of `input_shape` ([H, W, C] or [B, H, W, C]).
+  """Initialise parameters for inputs of `input_shape` ([H, W, C] or [B, H, W, C]; token models:
+  [L] or [B, L]).
 
   Returns the params pytree (without the 'params' collection wrapper).
   """
   shape = tuple(input_shape)
+  if getattr(module, 'is_token_model', False):
+    shape = (1,) + shape if len(shape) == 1 else shape
+    tokens = jnp.zeros(shape, jnp.int32)
+    return module.init({'params': rng}, tokens, jnp.zeros((shape[0],), jnp.float32))['params']
   if len(shape) == 3:
     shape = (1,) + shape
   x = jnp.zeros(shape, jnp.float32)
@@ -126,7 +140,7 @@ def init_params(module: nn.Module, rng: jax.Array, input_shape: Sequence[int],
 def count_params(module: nn.Module, input_shape: Sequence[int], with_labels: bool = False) -> int:
   """Number of parameters, from shapes only (`jax.eval_shape`: nothing is allocated).
 
-  input_shape: [H, W, C] or [B, H, W, C]. Labels make no difference to the count (the table is
+  input_shape: [H, W, C] or [B, H, W, C] ([L] for token models). Labels make no difference to the count (the table is
   created either way for a class-conditional model); `with_labels` is kept for the contract.
   """
   shapes = jax.eval_shape(lambda: init_params(module, jax.random.key(0), input_shape, with_labels))

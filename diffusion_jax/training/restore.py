@@ -22,6 +22,7 @@ from diffusion_jax import models
 from diffusion_jax import schedules
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
+from diffusion_jax.training import families
 from diffusion_jax.training import state as state_lib
 from experiments.configs import default as default_config
 
@@ -154,7 +155,7 @@ def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
   config = load_config(workdir)
   info = json.loads((workdir / "dataset_info.json").read_text())
   image_shape = tuple(int(s) for s in info["image_shape"])
-  model = components.build_model(config.model, image_shape)
+  model = components.build_network(config, image_shape)
   num_classes = components.model_num_classes(model)
   target = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0), image_shape,
                                                      num_classes > 0))
@@ -168,8 +169,8 @@ def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
   if best and at != step:
     raise FileNotFoundError(f"the best checkpoint (step {step} in {workdir}/eval/best.json) is "
                             f"not readable in {directory}.")
-  return Loaded(config, model, components.build_schedule(config.diffusion), params, image_shape,
-                num_classes, at)
+  schedule = families.sampling_schedule(config, model, params, components.run_schedule(config))
+  return Loaded(config, model, schedule, params, image_shape, num_classes, at)
 
 
 def _skip_unreadable(error: Exception, directory, step: int) -> None:

@@ -27,6 +27,7 @@ MUST_MATCH = (
     "seed",               # the data order and the per-step noise keys
     "model.*",            # the parameters' structure and meaning
     "diffusion.*",        # schedule, T, prediction target, loss: what the network learned
+    "vdm.*", "edm.*",     # the family's schedule, loss and preconditioning
     "data.name", "data.image_size", "data.channels", "data.folder", "data.split",
     "train.batch_size",   # examples per step: the data iterator's position and the step count
     "train.ema_decays",   # the EMA copies kept in the state

@@ -37,6 +37,7 @@ from etils import epath
 from diffusion_jax.evaluation import hook as hook_lib
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
+from diffusion_jax.training import families
 from diffusion_jax.training import metric_writer
 from diffusion_jax.training import parallel
 from diffusion_jax.training import progress
@@ -212,7 +213,7 @@ def _make_parallel_step(config: Any, comp: components.Components, k: int
       accumulate=int(config.optim.accumulate), process_count=jax.process_count())
   mode = parallel.resolve_mode(train_cfg.parallel)
   step_fn = step_lib.make_train_step(comp.model.apply, components.make_loss_fn(
-      config.diffusion, comp.schedule), comp.tx, comp.lr_fn, step_cfg,
+      config, comp.schedule), comp.tx, comp.lr_fn, step_cfg,
       axis_name=None if mode == "jit" else parallel.AXIS)
   return parallel.make_parallel_step(step_fn, mode, steps_per_call=k)
 
@@ -412,12 +413,17 @@ def _stack(batches: list[dict]) -> dict:
 
 def _make_sample_fn(config: Any, comp: components.Components, num: int,
                     sampler: str | None = None, steps: int | None = None):
-  """jitted sample_fn(params, rng) -> [num, H, W, C] in [-1, 1] (`sampling.generate`): the grids'
-  sampler, or `sampler` / `steps` (None: config.sample's)."""
+  """sample_fn(params, rng) -> [num, H, W, C] in [-1, 1] (`sampling.generate`): the grids'
+  sampler, or `sampler` / `steps` (None: config.sample's), on the params' sampling schedule (a
+  learned VDM schedule is read from the params, eagerly, then passed to the jitted sampler)."""
   labels = sampling.default_labels(num, comp.num_classes)
 
   @jax.jit
+  def draw(params, schedule, rng):
+    return sampling.generate(config, comp.model, schedule, params, rng, num, comp.image_shape,
+                             labels, sampler=sampler, steps=steps)
+
   def sample_fn(params, rng):
-    return sampling.generate(config, comp.model, comp.schedule, params, rng, num,
-                             comp.image_shape, labels, sampler=sampler, steps=steps)
+    schedule = families.sampling_schedule(config, comp.model, params, comp.schedule)
+    return draw(params, schedule, rng)
   return sample_fn

@@ -85,11 +85,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.mlp_ratio = _ph(float)            # MLP width / hidden_size
   m.freq_shift = _ph(float)           # denominator shift of the time-embedding frequencies
   m.scan_blocks = _ph(bool)           # run the blocks as one lax.scan (default: the preset's, True)
+  # Text transformer only ('text_tiny', 'text_small'; also hidden_size, depth, num_heads, mlp_ratio).
+  m.vocab_size = _ph(int)             # data tokens V (id V is the mask / BOS token); 256 for bytes
+  m.time_conditioning = _ph(bool)     # adaLN-Zero conditioning on t (False: the network ignores t)
+  m.causal = _ph(bool)                # causal attention: the autoregressive twin
+  m.tie_embeddings = _ph(bool)        # output logits through the token embedding table
+  m.rope_base = _ph(float)            # rotary position embedding base
 
   # Diffusion: the schedule and the training objective.
   c.diffusion = f = ml_collections.ConfigDict()
+  f.family = "ddpm"                   # 'ddpm' (beta schedule below), 'vdm' (c.vdm) or 'edm' (c.edm)
   f.schedule = "cosine"               # beta schedule: 'linear', 'scaled_linear', 'cosine', 'sigmoid'
-  f.num_timesteps = 250               # T
+  f.num_timesteps = 250               # T (vdm, edm: the steps of the schedule the samplers see)
   f.zero_terminal_snr = False         # rescale so that alpha_bar_{T-1} = 0 (pair with v prediction)
   f.prediction = "eps"                # the network's target: 'eps', 'x0' or 'v'
   f.loss_type = "mse"                 # 'mse', 'l1', 'kl' (the VLB) or 'hybrid' (mse + VLB)
@@ -109,6 +116,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.start = _ph(float)                # 'sigmoid': start of the sigmoid range
   s.end = _ph(float)                  # 'sigmoid': end of the sigmoid range
   s.tau = _ph(float)                  # 'sigmoid': temperature
+
+  # VDM (diffusion.family = 'vdm'; diffusion.prediction must be 'eps'): the continuous-time VLB
+  # in the log-SNR gamma(t), trained in bits/dim (`training.families`, `diffusion_jax.vdm`).
+  c.vdm = v = ml_collections.ConfigDict()
+  v.gamma = "learned"                 # 'learned' (monotonic network, learned end points), 'linear', 'cosine'
+  v.gamma_min = -13.3                 # gamma(0) (the learned schedule's initial value)
+  v.gamma_max = 5.0                   # gamma(1) (the learned schedule's initial value)
+  v.num_features = 1024               # hidden width of the learned schedule's monotonic network
+  v.antithetic = True                 # low-discrepancy times over the batch
+  v.num_steps = 0                     # 0: continuous-time bound; T > 0: the T-step discrete bound
+  v.decoder = "8bit"                  # reconstruction term: '8bit' (256-level softmax) or 'gaussian'
+
+  # EDM (diffusion.family = 'edm'; diffusion.prediction must be 'x0'): the preconditioned
+  # denoiser and its loss (`diffusion_jax.edm`); sampled on the rho = 7 grid (sampler 'heun').
+  c.edm = e = ml_collections.ConfigDict()
+  e.precond = "edm"                   # preconditioning: 'edm', 've' or 'vp' (EDM table 1)
+  e.sigma_data = 0.5                  # data standard deviation in c_skip, c_out, c_in
+  e.p_mean = -1.2                     # training ln(sigma) ~ N(p_mean, p_std^2)
+  e.p_std = 1.2
+  e.sigma_min = 0.002                 # the sampling table's (and Karras grid's) smallest sigma
+  e.sigma_max = 80.0                  # and largest
 
   # Optimizer: clip, Adam / AdamW, warmup then decay.
   c.optim = o = ml_collections.ConfigDict()
