@@ -38,6 +38,7 @@ from diffusion_jax.evaluation import hook as hook_lib
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
 from diffusion_jax.training import families
+from diffusion_jax.training import latent_decoder
 from diffusion_jax.training import metric_writer
 from diffusion_jax.training import parallel
 from diffusion_jax.training import progress
@@ -234,6 +235,8 @@ class _Hooks:
     num_samples = int(config.sample.num_samples)
     self.sample_fn = _make_sample_fn(config, comp, num_samples) if host0 and num_samples > 0 \
         else None
+    # A latent run's previews are decoded to pixels (None: a pixel-space run).
+    self.decoder = latent_decoder.load_decoder(config) if self.sample_fn is not None else None
     self.every = {"log": sched.log_every, "checkpoint": sched.checkpoint_every,
                   "samples": sched.sample_every if self.sample_fn is not None else -1,
                   "eval": eval_hook.every if eval_hook is not None else -1}
@@ -332,7 +335,8 @@ class _Hooks:
   def samples(self, step: int, host_state: state_lib.TrainState) -> None:
     t0 = time.perf_counter()
     params, which = self._sampling_params(host_state)
-    images = sampling.to_uint8(self.sample_fn(params, jax.random.fold_in(self.sample_rng, step)))
+    images = latent_decoder.to_images(
+        self.sample_fn(params, jax.random.fold_in(self.sample_rng, step)), self.decoder)
     (self.workdir / "samples").mkdir(exist_ok=True)
     path = self.workdir / "samples" / f"step_{step:07d}.png"
     sampling.save_grid(images, str(path))
@@ -413,17 +417,19 @@ def _stack(batches: list[dict]) -> dict:
 
 def _make_sample_fn(config: Any, comp: components.Components, num: int,
                     sampler: str | None = None, steps: int | None = None):
-  """sample_fn(params, rng) -> [num, H, W, C] in [-1, 1] (`sampling.generate`): the grids'
-  sampler, or `sampler` / `steps` (None: config.sample's), on the params' sampling schedule (a
-  learned VDM schedule is read from the params, eagerly, then passed to the jitted sampler)."""
+  """sample_fn(params, rng) -> [num, H, W, C] in [-1, 1]: the grids' sampler, or `sampler` /
+  `steps` (None: config.sample's), on the params' sampling schedule. The schedule (a learned VDM
+  schedule is read from the params) and its respacing are computed eagerly; the sampler runs
+  jitted, compiled once (the plan's static settings do not depend on the schedule's values)."""
   labels = sampling.default_labels(num, comp.num_classes)
-
-  @jax.jit
-  def draw(params, schedule, rng):
-    return sampling.generate(config, comp.model, schedule, params, rng, num, comp.image_shape,
-                             labels, sampler=sampler, steps=steps)
+  shape = (num,) + tuple(comp.image_shape)
+  compiled = {}
 
   def sample_fn(params, rng):
     schedule = families.sampling_schedule(config, comp.model, params, comp.schedule)
-    return draw(params, schedule, rng)
+    run, schedule, per_call = sampling.plan_sampling(config, schedule, sampler, steps)
+    if "draw" not in compiled:
+      compiled["draw"] = jax.jit(lambda p, s, c, r: run(
+          sampling.guided_model_fn(config, comp.model, p, labels), s, shape, r, **c))
+    return compiled["draw"](params, schedule, per_call, rng)
   return sample_fn

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Data (`diffusion_jax.data.DataOptions` documents each key; it accepts exactly these).
   c.data = d = ml_collections.ConfigDict()
-  d.name = "digits"                   # 'digits', 'folder', or a TFDS name ('cifar10', 'mnist')
+  d.name = "digits"                   # 'digits', 'folder', 'latents', or a TFDS name ('cifar10')
   d.data_dir = _ph(str)               # TFDS data dir; None: $DIFFUSION_JAX_DATA_DIR or ~/tensorflow_datasets
   d.split = "train"                   # training split (TFDS split syntax, e.g. 'train[:90%]')
   d.eval_split = "test"               # evaluation split (experiments.evaluate_bpd)
@@ -50,6 +50,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.num_workers = 0                   # > 0: make batches in that many processes
   d.image_key = "image"               # TFDS feature holding the image
   d.label_key = "label"               # TFDS feature holding the label
+  d.latents_dir = _ph(str)            # name == 'latents': a directory of experiments.encode_latents
+  d.latent_sample = True              # latents: train on posterior samples (False: the means)
+
+  # The autoencoder of a latent-diffusion run: samples are decoded by it before they are written
+  # (trainer previews, experiments.sample) or measured (experiments.evaluate).
+  c.autoencoder = a = ml_collections.ConfigDict()
+  a.workdir = _ph(str)                # directory of experiments.train_autoencoder / convert; None: pixels
+  a.decode_batch_size = 64            # latents decoded per compiled call (over the local devices)
 
   # Model: a preset of `diffusion_jax.models.get_model` and its constructor arguments.
   c.model = m = ml_collections.ConfigDict()
@@ -125,6 +133,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   v.gamma_max = 5.0                   # gamma(1) (the learned schedule's initial value)
   v.num_features = 1024               # hidden width of the learned schedule's monotonic network
   v.antithetic = True                 # low-discrepancy times over the batch
+  v.variance_minimising = False       # learned shape follows grad of E[L^2] (VDM sec. 5.2; 2x the step's cost)
   v.num_steps = 0                     # 0: continuous-time bound; T > 0: the T-step discrete bound
   v.decoder = "8bit"                  # reconstruction term: '8bit' (256-level softmax) or 'gaussian'
 
@@ -174,6 +183,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.variance = _ph(str)               # None: the run's diffusion.variance
   p.clip_denoised = True              # clip predicted x0 to [-1, 1] (ddpm, ddim)
   p.ema_decay = _ph(float)            # EMA params used; None: the first of train.ema_decays
+  p.steps = _ph(int)                  # steps on the sampler's default grid; None: all T (ddpm)
+  p.guidance_scale = 1.0              # classifier-free guidance (class-conditional models)
   p.kwargs = ml_collections.ConfigDict()  # further settings of the sampler (from a config file)
 
   # In-training evaluation (`diffusion_jax.evaluation.hook`): a metric of samples every
