@@ -21,8 +21,9 @@ import training_testlib as tl
 pytestmark = pytest.mark.slow
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# 200 samples in 25 shards of 8: process 0 draws the even shards, process 1 the odd ones.
-NUM_SHARDS = 25
+# 400 samples in 50 shards of 8: process 0 draws the even shards, process 1 the odd ones. A shard
+# takes milliseconds once compiled; 17 of 50 were committed when the kill landed (under load).
+NUM_SHARDS = 50
 EVAL_ARGS = [f"--num_samples={8 * NUM_SHARDS}", "--sampler=ddim", "--steps=5", "--shard_size=8",
              "--per_device_batch=4", "--ref=digits", "--compile_cache="]
 
@@ -126,7 +127,7 @@ def test_evaluate_on_two_processes_killed_and_rerun_equals_one_process(random_ru
   one, two = _copy(random_run, tmp_path / "one"), _copy(random_run, tmp_path / "two")
   _run_processes([_evaluate_command(one)], num_devices=2)
   _, single = _results(one)
-  # Both processes SIGKILLed as soon as one shard is committed (25 shards in all: the kill
+  # Both processes SIGKILLed as soon as one shard is committed (50 shards in all: the kill
   # lands mid-way, before the results exist), then the same command rerun on both.
   shard_dir = two / "eval" / pathlib.Path(single["shards"]).name   # same settings, same name
   procs = _start_processes([_evaluate_command(two)] * 2, num_devices=1, quiet=True)
