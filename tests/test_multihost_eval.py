@@ -23,10 +23,11 @@ pytestmark = pytest.mark.slow
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # 400 samples in 50 shards of 8: process 0 draws the even shards, process 1 the odd ones. With 5
 # DDIM steps a compiled shard took milliseconds (17 of 50 committed when the kill landed, under
-# load), so on an idle machine the kill could land after the last one; 100 steps make a shard
-# ~20x longer than the 20 ms polling interval of the kill, at the same compile cost (one scan).
+# load), so on an idle machine the kill could land after the last one; Heun with 60 steps (119
+# network evaluations, on a grid not bounded by the run's T = 20) makes a shard ~25x longer, at
+# the same compile cost (one scan).
 NUM_SHARDS = 50
-EVAL_ARGS = [f"--num_samples={8 * NUM_SHARDS}", "--sampler=ddim", "--steps=100", "--shard_size=8",
+EVAL_ARGS = [f"--num_samples={8 * NUM_SHARDS}", "--sampler=heun", "--steps=60", "--shard_size=8",
              "--per_device_batch=4", "--ref=digits", "--compile_cache="]
 
 
