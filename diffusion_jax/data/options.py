@@ -47,6 +47,7 @@ class DataOptions:
   num_workers: > 0 makes training batches in that many processes (grain mp_prefetch), for
     datasets streamed from disk whose decoding one process cannot keep up with.
   image_key, label_key: TFDS feature names.
+  text_dir, seq_len, tokenizer: text runs (name 'text'), read by `training.text_run`.
   """
   name: str
   data_dir: str
@@ -67,6 +68,9 @@ class DataOptions:
   num_workers: int = 0
   image_key: str = "image"
   label_key: str = "label"
+  text_dir: Optional[str] = None
+  seq_len: int = 256
+  tokenizer: str = "char"
 
   @classmethod
   def from_config(cls, config: Any) -> "DataOptions":

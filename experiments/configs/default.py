@@ -50,6 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.num_workers = 0                   # > 0: make batches in that many processes
   d.image_key = "image"               # TFDS feature holding the image
   d.label_key = "label"               # TFDS feature holding the label
+  # Text (name 'text', diffusion.family 'masked' or 'autoregressive'; `training.text_run`).
+  d.text_dir = _ph(str)               # prepared corpus: train.txt, valid.txt, tokenizer.json (experiments.prepare_text)
+  d.seq_len = 256                     # tokens per packed training sequence
+  d.tokenizer = "char"                # 'char' (text_dir/tokenizer.json) or 'byte' (UTF-8 bytes, V = 256)
 
   # Model: a preset of `diffusion_jax.models.get_model` and its constructor arguments.
   c.model = m = ml_collections.ConfigDict()
@@ -94,6 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Diffusion: the schedule and the training objective.
   c.diffusion = f = ml_collections.ConfigDict()
+  f.family = "ddpm"                   # 'ddpm' (beta schedule below); text: 'masked' (c.masked) or 'autoregressive'
   f.schedule = "cosine"               # beta schedule: 'linear', 'scaled_linear', 'cosine', 'sigmoid'
   f.num_timesteps = 250               # T
   f.zero_terminal_snr = False         # rescale so that alpha_bar_{T-1} = 0 (pair with v prediction)
@@ -115,6 +120,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.start = _ph(float)                # 'sigmoid': start of the sigmoid range
   s.end = _ph(float)                  # 'sigmoid': end of the sigmoid range
   s.tau = _ph(float)                  # 'sigmoid': temperature
+
+  # Masked diffusion (diffusion.family = 'masked'; `diffusion_jax.masked`): the training NELBO.
+  c.masked = k = ml_collections.ConfigDict()
+  k.schedule = "linear"               # mask schedule: 'linear', 'cosine', 'polynomial'
+  k.schedule_kwargs = ml_collections.ConfigDict({"exponent": _ph(float)})  # 'polynomial': exponent
+  k.num_steps = 0                     # 0: continuous-time bound; T > 0: the T-step bound
+  k.t_min = 0.0                       # times drawn in (t_min, 1] (> 0 lowers the variance; then not a bound)
 
   # Optimizer: clip, Adam / AdamW, warmup then decay.
   c.optim = o = ml_collections.ConfigDict()
@@ -153,6 +165,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.clip_denoised = True              # clip predicted x0 to [-1, 1] (ddpm, ddim)
   p.ema_decay = _ph(float)            # EMA params used; None: the first of train.ema_decays
   p.kwargs = ml_collections.ConfigDict()  # further settings of the sampler (from a config file)
+  # Text runs: the previews are `num_samples` texts in samples/step_N.txt.
+  p.text_steps = _ph(int)             # masked diffusion sampler steps; None: data.seq_len
+  p.temperature = 1.0                 # text: divides the log-probabilities
+  p.top_p = 1.0                       # text: nucleus mass (1: off)
 
   # In-training evaluation (`diffusion_jax.evaluation.hook`): a metric of samples every
   # `every` steps, logged as eval/<metric>; the best step's checkpoint is kept in DIR/best/.
