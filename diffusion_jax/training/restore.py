@@ -164,7 +164,7 @@ def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
     tokenizer = text_lib.load_tokenizer(str(workdir / info["tokenizer"]))
   else:
     model = components.build_model(config.model, image_shape)
-  num_classes = components.model_num_classes(model)
+  num_classes = 0 if tokenizer is not None else components.model_num_classes(model)
   target = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0), image_shape,
                                                      num_classes > 0))
   if ema_decay is None:
