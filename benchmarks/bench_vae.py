@@ -7,9 +7,11 @@
 Each side runs in its own worker process (one builds the JAX model, the other diffusers'
 `AutoencoderKL` with the same configuration; random weights, the values do not change the time).
 Both workers are built and warmed up first (JAX compiles there); then the parent asks them in
-turn, round after round, to time `--iters` calls, so that both see the same machine load. The
-machine's load average is printed before and after, with a warning when it exceeds the core count
-(a shared machine: the figures are then under load, not the hardware's numbers).
+turn, round after round, to time `--iters` calls, so that both see the same machine load.
+Protocol (`protocol.py`): the load average before and after; min / median / max over all timed
+calls; build + first-call time (JAX: compilation) beside them; no ratio when the machine was
+loaded (1-min load above 0.5 x cores or moving by more than 0.5; `--force_ratio` prints it
+marked UNDER LOAD).
 Output: images/s for encode (images -> posterior mean) and decode (latents -> images) per side.
 """
 from __future__ import annotations
@@ -85,11 +87,16 @@ def _torch_worker(args: argparse.Namespace):
 
 
 def worker(args: argparse.Namespace) -> None:
-  """Build, warm up, print 'ready <info>'; then for each 'run' line print the median seconds per op."""
+  """Build, warm up, print 'ready {json: info, build + first-call seconds}'; then for each 'run'
+  line print {op: [seconds of each of --iters calls]}."""
+  t0 = time.perf_counter()
   fns, info = (_jax_worker if args.worker == 'jax' else _torch_worker)(args)
-  for fn in fns.values():
+  first = {}
+  for op, fn in fns.items():  # JAX compiles in _jax_worker: its time is in the first op's figure
     fn()
-  print('ready ' + info, flush=True)
+    first[op] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+  print('ready ' + json.dumps({'info': info, 'first_s': first}), flush=True)
   for line in sys.stdin:
     if line.strip() != 'run':
       break
@@ -100,16 +107,8 @@ def worker(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-      result[op] = statistics.median(times)
+      result[op] = times
     print(json.dumps(result), flush=True)
-
-
-def _load_line(when: str) -> tuple[str, bool]:
-  load = os.getloadavg()
-  cores = os.cpu_count() or 1
-  shared = load[0] > cores
-  note = f'  <- above {cores} cores: a SHARED machine, figures are under load' if shared else ''
-  return f'load average {when}: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} ({cores} cores){note}', shared
 
 
 def main() -> None:
@@ -124,27 +123,33 @@ def main() -> None:
   parser.add_argument('--iters', type=int, default=2, help='calls per op per round')
   parser.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
   parser.add_argument('--no-torch', action='store_true')
+  parser.add_argument('--force_ratio', action='store_true',
+                      help='print the ratio even when the load check fails (marked UNDER LOAD)')
   parser.add_argument('--worker', choices=('jax', 'torch'), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     worker(args)
     return
 
-  line, shared_before = _load_line('before')
-  print(f'machine: {platform.processor() or platform.machine()!r} cores={os.cpu_count()}')
-  print(line, flush=True)
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import protocol  # pylint: disable=g-import-not-at-top
+  print(f'machine: {platform.processor() or platform.machine()!r} cores={protocol.cores()}')
+  before = protocol.print_load('before')
   print(f'{args.preset} {args.size}x{args.size} batch {args.batch}, JAX {args.dtype}, '
-        f'{args.rounds} rounds x {args.iters} calls (median)', flush=True)
-  argv = sys.argv[1:]
+        f'{args.rounds} alternated rounds x {args.iters} calls', flush=True)
+  argv = [a for a in sys.argv[1:] if a != '--force_ratio']
   sides = ['jax'] + ([] if args.no_torch else ['torch'])
-  procs = {}
+  procs, first = {}, {}
   for side in sides:  # built one after the other: compilation does not overlap the other's timing
     procs[side] = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, '--worker', side],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     ready = procs[side].stdout.readline().strip()
     if not ready.startswith('ready'):
       raise RuntimeError(f'{side} worker failed to start (see its stderr above)')
-    print(f'{side} worker: {ready[6:]}', flush=True)
+    meta = json.loads(ready[6:])
+    first[side] = meta['first_s']
+    print(f'{side} worker: {meta["info"]}; build + first call: '
+          + ', '.join(f'{op} {sec:.1f} s' for op, sec in meta['first_s'].items()), flush=True)
   times = {side: {op: [] for op in OPS} for side in sides}
   for _ in range(args.rounds):
     for side in sides:
@@ -152,22 +157,23 @@ def main() -> None:
       procs[side].stdin.flush()
       result = json.loads(procs[side].stdout.readline())
       for op in OPS:
-        times[side][op].append(result[op])
+        times[side][op].extend(result[op])
   for side in sides:
     procs[side].stdin.write('quit\n')
     procs[side].stdin.close()
     procs[side].wait()
+  after = protocol.print_load('after')
+  verdict = protocol.load_verdict(before, after)
   for op in OPS:
-    sec = {side: statistics.median(times[side][op]) for side in sides}
-    out = f'{op:6s}: ' + ' | '.join(f'{side} {args.batch / sec[side]:7.2f} img/s '
-                                     f'({sec[side] * 1e3:.0f} ms/call)' for side in sides)
-    if 'torch' in sec:
-      out += f' | jax/torch speed {sec["torch"] / sec["jax"]:.2f}x'
-    print(out, flush=True)
-  line, shared_after = _load_line('after')
-  print(line)
-  if shared_before or shared_after:
-    print('NOTE: the machine was shared (load above the core count): these are not final numbers.')
+    for side in sides:
+      med = statistics.median(times[side][op])
+      print(f'{op:6s} {side:5s}: {args.batch / med:8.2f} img/s (median); '
+            f'{protocol.fmt_ms(times[side][op])} per call of {args.batch}', flush=True)
+    if 'torch' in sides:
+      print(protocol.ratio_line(f'{op} JAX vs PyTorch (PyTorch time / JAX time)',
+                                times['jax'][op], times['torch'][op], verdict, args.force_ratio))
+  if verdict:
+    print(f'NOTE: {verdict}: the machine was shared, these are not final numbers.')
 
 
 if __name__ == '__main__':

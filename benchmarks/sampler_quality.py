@@ -5,7 +5,9 @@
 
 Each sampler runs on its default grid (`samplers.grids`) with the most steps whose network
 evaluations (NFE) fit 5, 10, 20 and 50, plus the full T-step ancestral chain as the baseline;
-every sampler uses the default x0 policy ('clip', a pixel model). Quality is the digits Frechet
+every sampler uses the default x0 policy ('clip', a pixel model); 'heun_churn' is EDM's
+stochastic sampler (Heun with S_churn = 40). Runs of every `diffusion.family` work (a VDM or
+EDM run is sampled as the T-step VP model of `training.families`). Quality is the digits Frechet
 distance of `diffusion_jax.evaluation.digits` (lower is better) against `real_floor()`, the
 distance of real held-out digits. Writes a Markdown table to stdout and a PNG plot (matplotlib
 if installed, else drawn with PIL).
@@ -22,19 +24,27 @@ import numpy as np
 
 from diffusion_jax.samplers import grids
 
-SAMPLER_NAMES = ("ddpm", "ddim", "dpm_solver++", "euler", "heun")
+# 'heun_churn' is EDM's stochastic sampler: Heun on the rho = 7 grid with S_churn = CHURN.
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm_solver++", "euler", "heun", "heun_churn")
+CHURN = 40.0
 BUDGETS = (5, 10, 20, 50)
 Metric = Callable[[np.ndarray], float]
 
 
 def draw(loaded, name: str, steps: int, num_samples: int, seed: int,
          batch_size: int) -> np.ndarray:
-  """float32 samples [N, H, W, C] of a run with the sampler's defaults and the run's settings."""
+  """float32 samples [N, H, W, C] of a run with the sampler's defaults and the run's settings
+  ('heun_churn': 'heun' with s_churn = CHURN)."""
   from experiments import sampling_lib
+  churn = CHURN if name == "heun_churn" else 0.0
   generator = sampling_lib.make_run_generator(loaded, seed=seed,
                                               batch_size=min(batch_size, num_samples),
-                                              sampler=name, steps=steps)
+                                              sampler=_sampler(name), steps=steps, s_churn=churn)
   return generator(num_samples)
+
+
+def _sampler(name: str) -> str:
+  return "heun" if name == "heun_churn" else name
 
 
 def measure(loaded, metric: Metric, *, num_samples: int = 500, seed: int = 0,
@@ -53,13 +63,13 @@ def measure(loaded, metric: Metric, *, num_samples: int = 500, seed: int = 0,
   """
   from diffusion_jax.training import sampling
   runs = [("ddpm", loaded.schedule.num_timesteps)]
-  runs += [(name, grids.steps_within(name, nfe)) for name in names for nfe in budgets]
+  runs += [(name, grids.steps_within(_sampler(name), nfe)) for name in names for nfe in budgets]
   rows = []
   for name, steps in runs:
     start = time.perf_counter()
     floats = draw(loaded, name, steps, num_samples, seed, batch_size)
     seconds = time.perf_counter() - start
-    row = dict(sampler=name, steps=steps, nfe=grids.network_evaluations(name, steps),
+    row = dict(sampler=name, steps=steps, nfe=grids.network_evaluations(_sampler(name), steps),
                fd=round(float(metric(sampling.to_uint8(floats))), 2),
                lo=round(float(floats.min()), 4), hi=round(float(floats.max()), 4),
                seconds=round(seconds, 1))
@@ -89,7 +99,7 @@ def markdown(rows: Sequence[dict], floor: float | None = None) -> str:
 
 
 COLORS = {"ddpm": (31, 119, 180), "ddim": (255, 127, 14), "dpm_solver++": (44, 160, 44),
-          "euler": (214, 39, 40), "heun": (148, 103, 189)}
+          "euler": (214, 39, 40), "heun": (148, 103, 189), "heun_churn": (140, 86, 75)}
 
 
 def plot(rows: Sequence[dict], path: str, floor: float | None = None) -> None:
@@ -179,6 +189,8 @@ def main() -> None:
   parser.add_argument("--num_samples", type=int, default=500)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch_size", type=int, default=500)
+  parser.add_argument("--samplers", default=",".join(SAMPLER_NAMES),
+                      help="Comma-separated subset of " + ", ".join(SAMPLER_NAMES) + ".")
   parser.add_argument("--png", default=None)
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
@@ -193,7 +205,8 @@ def main() -> None:
   from diffusion_jax.training import restore
   loaded = restore.load_for_sampling(args.workdir, use_ema=True)
   rows = measure(loaded, digits_frechet_distance, num_samples=args.num_samples, seed=args.seed,
-                 batch_size=args.batch_size)
+                 batch_size=args.batch_size,
+                 names=[n for n in args.samplers.split(",") if n])
   floor = float(real_floor())
   print(markdown(rows, floor))
   if args.json:

@@ -521,11 +521,14 @@ def autoencoder_from_ldm(state_dict: Mapping[str, Any], preset: str = 'sd_vae',
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _model_spec(module: nn.Module) -> dict[str, Any]:
-  """{'name', 'overrides'}: the closest preset and the fields that differ from it (JSON-able)."""
-  name = {'UNet': 'ddpm_cifar10', 'DiT': 'DiT-XL/2', 'AutoencoderKL': 'sd_vae'}[type(module).__name__]
+def _model_spec(module: nn.Module, preset: str | None = None) -> dict[str, Any]:
+  """{'name', 'overrides'}: `preset` (default: the closest preset) and the fields that differ
+  from it (JSON-able)."""
+  name = preset or {'UNet': 'ddpm_cifar10', 'DiT': 'DiT-XL/2',
+                    'AutoencoderKL': 'sd_vae'}[type(module).__name__]
   for cand, (cls, kw) in {**PRESETS, **AUTOENCODER_PRESETS}.items():
-    if cls is type(module) and all(getattr(module, k) == v for k, v in kw.items()):
+    if preset is None and cls is type(module) and all(getattr(module, k) == v
+                                                      for k, v in kw.items()):
       name = cand
       break
   base = _preset(name)
@@ -548,13 +551,15 @@ def _preset(name: str, **overrides: Any) -> nn.Module:
 
 
 def save_checkpoint(out_dir: str, module: nn.Module, params: Any,
-                    source: Mapping[str, Any] | None = None) -> None:
+                    source: Mapping[str, Any] | None = None, preset: str | None = None) -> None:
   """Write an autoencoder (a component, not a diffusion run): `out_dir/model.json` and an orbax
-  CheckpointManager step 0 holding {'params': params}. Denoisers are written by `write_run`."""
+  CheckpointManager step 0 holding {'params': params}. Denoisers are written by `write_run`.
+  preset: the preset model.json names (the fields that differ from it are its overrides);
+  default: the closest preset."""
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'model.json'), 'w') as f:
-    json.dump({**_model_spec(module), 'source': dict(source or {})}, f, indent=2)
+    json.dump({**_model_spec(module, preset), 'source': dict(source or {})}, f, indent=2)
   mngr = ocp.CheckpointManager(out_dir)
   mngr.save(0, args=ocp.args.StandardSave({'params': params}), force=True)
   mngr.wait_until_finished()
@@ -580,7 +585,8 @@ def default_diffusion(module: nn.Module) -> dict[str, Any]:
 
 def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[int, int, int], *,
               diffusion: Mapping[str, Any] | None = None,
-              source: Mapping[str, Any] | None = None) -> None:
+              source: Mapping[str, Any] | None = None,
+              autoencoder_dir: str | None = None) -> None:
   """Write `out_dir` as a run workdir that `experiments.sample` and `load_for_sampling` read.
 
   `config.json`: `experiments/configs/default.py` with the model (closest preset and the fields
@@ -590,8 +596,20 @@ def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[i
   `ema_params` (the published weights under the config's EMA decay too, since releases publish
   EMA weights; no optimizer state, so the directory is for sampling and evaluation);
   `source.json`: where the weights came from.
+  autoencoder_dir: for a latent model (DiT-XL/2 on SD-VAE latents), the autoencoder directory
+  (`save_checkpoint`) whose decoder turns its samples into images: written as
+  `autoencoder.workdir` (absolute), with `sample.clip_denoised=False` (latents are unbounded).
   """
   out_dir = os.path.abspath(out_dir)
+  if autoencoder_dir is not None:
+    autoencoder_dir = os.path.abspath(autoencoder_dir)
+    with open(os.path.join(autoencoder_dir, 'model.json')) as f:
+      spec_ae = json.load(f)
+    vae = _preset(spec_ae['name'], **spec_ae['overrides'])
+    if not isinstance(vae, autoencoder.AutoencoderKL) or vae.latent_channels != image_shape[-1]:
+      raise ValueError(f'autoencoder_dir={autoencoder_dir} must hold an autoencoder with '
+                       f'latent_channels={image_shape[-1]} (the model\'s input channels), got '
+                       f'{type(vae).__name__} {getattr(vae, "latent_channels", None)}')
   spec = _model_spec(module)
   config = default_config.get_config()
   config.model.name = spec['name']
@@ -601,6 +619,9 @@ def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[i
     config.diffusion[key] = value
   config.data.name = str((source or {}).get('dataset') or 'unknown')
   config.data.image_size = int(image_shape[0])
+  if autoencoder_dir is not None:
+    config.autoencoder.workdir = autoencoder_dir
+    config.sample.clip_denoised = False
   # The schedule the readers will build (a ValueError now, before anything is written, rather
   # than a workdir that no sampler can load).
   components.build_schedule(config.diffusion)
@@ -660,6 +681,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--prediction', help='diffusion.prediction (default eps)')
   parser.add_argument('--variance', help='diffusion.variance (default learned_range for a '
                       'learned-sigma model, else fixed_large)')
+  parser.add_argument('--autoencoder', help='a latent model\'s autoencoder directory (converted '
+                      'with --format diffusers_vae / ldm_vae): samples are decoded by it')
   args = parser.parse_args(argv)
   image_size = args.image_size
   sd = load_state_dict(args.weights)
@@ -702,7 +725,7 @@ def main(argv: list[str] | None = None) -> None:
   diffusion = {k: getattr(args, k) for k in ('schedule', 'num_timesteps', 'prediction', 'variance')
                if getattr(args, k) is not None}
   write_run(args.out, module, params, _image_shape(module, image_size), diffusion=diffusion,
-            source={**source, 'dataset': args.dataset})
+            source={**source, 'dataset': args.dataset}, autoencoder_dir=args.autoencoder)
   print(f'wrote {args.out}: {type(module).__name__} {_model_spec(module)["name"]}, {n:,} params; '
         f'sample with: python -m experiments.sample --workdir={args.out} --out=samples.npz')
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import _checks
+from diffusion_jax import rng as rng_lib
 
 RawFn = Callable[[jax.Array, jax.Array], jax.Array]   # (c_in x [B, ...], c_noise [B]) -> F [B, ...]
 PRECONDITIONINGS = ("edm", "ve", "vp")
@@ -88,17 +89,31 @@ def training_sigmas(rng: jax.Array, batch_size: int, *, p_mean: float = P_MEAN,
   return jnp.exp(p_mean + p_std * jax.random.normal(rng, (batch_size,)))
 
 
-def training_loss(raw_fn: RawFn, x0: jax.Array, rng: jax.Array, *, precond: str = "edm",
+def training_loss(raw_fn: RawFn, x0: jax.Array, rng: jax.Array | None, *, precond: str = "edm",
                   sigma_data: float = SIGMA_DATA, p_mean: float = P_MEAN,
-                  p_std: float = P_STD, sigma: jax.Array | None = None) -> jax.Array:
+                  p_std: float = P_STD, sigma: jax.Array | None = None,
+                  noise: jax.Array | None = None) -> jax.Array:
   """Per-example loss [B]: lambda(sigma) * mean over dimensions of (D(x0 + sigma n; sigma) - x0)^2.
 
+  rng: one key, or per-example keys [B] (example b's sigma and noise from its own key); may be
+    None when both `sigma` and `noise` are given.
   sigma: [B] noise levels; default drawn log-normally (`training_sigmas`).
+  noise: [B, ...] standard normal noise n; default drawn from rng.
   """
-  key_sigma, key_noise = jax.random.split(rng)
-  if sigma is None:
-    sigma = training_sigmas(key_sigma, x0.shape[0], p_mean=p_mean, p_std=p_std)
-  noise = jax.random.normal(key_noise, x0.shape)
+  batch = x0.shape[0]
+  if sigma is None or noise is None:
+    if rng is None:
+      raise ValueError("rng may be None only when both sigma and noise are given.")
+    if rng_lib.is_single_key(rng):
+      key_sigma, key_noise = jax.random.split(rng)
+      draw_sigma = lambda: training_sigmas(key_sigma, batch, p_mean=p_mean, p_std=p_std)
+      draw_noise = lambda: jax.random.normal(key_noise, x0.shape)
+    else:
+      draw_sigma = lambda: jnp.exp(p_mean + p_std * jax.vmap(
+          lambda k: jax.random.normal(k, ()))(rng_lib.fold_in_all(rng, 0)))
+      draw_noise = lambda: rng_lib.normal(rng_lib.fold_in_all(rng, 1), x0.shape[1:])
+    sigma = draw_sigma() if sigma is None else sigma
+    noise = draw_noise() if noise is None else noise
   noisy = x0 + sigma.reshape((-1,) + (1,) * (x0.ndim - 1)) * noise
   denoised = denoiser(raw_fn, noisy, sigma, precond=precond, sigma_data=sigma_data)
   per_dim = jnp.square(denoised - x0)

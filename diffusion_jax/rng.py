@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _is_single_key(rng: jax.Array) -> bool:
+def is_single_key(rng: jax.Array) -> bool:
+  """True for one key (typed scalar or raw uint32 [2]), False for a batch of keys [B]."""
   if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     return rng.ndim == 0
   return rng.ndim == 1  # a raw uint32 key of shape [2]
@@ -32,7 +33,7 @@ def example_keys(rng: jax.Array, batch_size: int, offset: int | jax.Array = 0) -
   Returns:
     Keys [B] (typed keys or raw uint32 [B, 2], matching `rng`).
   """
-  if _is_single_key(rng):
+  if is_single_key(rng):
     return keys_for_indices(rng, jnp.arange(batch_size) + offset)
   if rng.shape[0] != batch_size:
     raise ValueError(f"rng holds {rng.shape[0]} per-example keys but the batch has {batch_size} "

@@ -30,6 +30,7 @@ from absl import logging
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
+from ml_collections import config_dict
 from ml_collections import config_flags
 import numpy as np
 
@@ -45,10 +46,12 @@ FLAGS = flags.FLAGS
 
 
 def _default_data() -> ml_collections.ConfigDict:
-  # None: the data pipeline's default (diffusion_jax.data.DataOptions); any type may override it.
-  return ml_collections.ConfigDict(dict(name='digits', split='train', image_size=None,
-                                        data_dir=None, folder=None, crop=None, channels=None,
-                                        resize_method=None))
+  # None (typed placeholders, so that --data.image_size=256 parses): the data pipeline's default
+  # (diffusion_jax.data.DataOptions).
+  ph = config_dict.placeholder
+  return ml_collections.ConfigDict(dict(name='digits', split='train', image_size=ph(int),
+                                        data_dir=ph(str), folder=ph(str), crop=ph(str),
+                                        channels=ph(int), resize_method=ph(str)))
 
 
 def define_flags() -> None:

@@ -180,7 +180,7 @@ def run_shards(sample_fn: Callable[[int, int], np.ndarray],
 
 
 def make_sample_fn(loaded: Any, *, seed: int, labels: Optional[np.ndarray],
-                   devices: Sequence[jax.Device], per_device_batch: int,
+                   devices: Sequence[jax.Device], per_device_batch: int, decoder: Any = None,
                    **sampler_kw) -> Callable[[int, int], np.ndarray]:
   """sample_fn(start, count) for `run_shards` from a restored run (`restore.load_for_sampling`).
 
@@ -188,9 +188,11 @@ def make_sample_fn(loaded: Any, *, seed: int, labels: Optional[np.ndarray],
   every shard. Every call runs whole batches of per_device_batch x devices (padded with
   examples beyond count, dropped), so the per-device shape and hence the numerics never depend
   on count or on the device count. sampler_kw: sampler, steps, timesteps, eta, s_churn,
-  guidance_scale, thresholding, variance (as `make_generator`).
+  guidance_scale, thresholding, variance (as `make_generator`). decoder: a latent run's
+  `latent_decoder.load_decoder(loaded.config)`, which decodes the samples to pixels (None: a
+  pixel-space run).
   """
-  from diffusion_jax.training import sampling  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import latent_decoder  # pylint: disable=g-import-not-at-top
   from experiments import sampling_lib  # pylint: disable=g-import-not-at-top
   per_call = per_device_batch * len(devices)
   draw = sampling_lib.make_run_generator(loaded, seed=seed, batch_size=per_call,
@@ -199,7 +201,7 @@ def make_sample_fn(loaded: Any, *, seed: int, labels: Optional[np.ndarray],
   def sample(start: int, count: int) -> np.ndarray:
     padded = -(-count // per_call) * per_call
     y = None if labels is None else np.resize(labels[start:start + count], padded)
-    return sampling.to_uint8(draw(padded, y, first_index=start)[:count])
+    return latent_decoder.to_images(draw(padded, y, first_index=start)[:count], decoder)
 
   return sample
 
@@ -256,7 +258,7 @@ def evaluate(workdir: str, *, num_samples: int, ref: str = "digits", ref_split: 
              which: Sequence[str] = metrics.ALL_METRICS, seed: int = 0, use_ema: bool = True,
              per_device_batch: int = 32, shard_size: int = 1000, sampler: str = "ddpm",
              steps: Optional[str] = None, timesteps: Optional[str] = None, eta: float = 0.0,
-             s_churn: float = 0.0, guidance_scale: float = 1.0,
+             s_churn: float = 0.0, guidance_scale: Optional[float] = None,
              thresholding: Optional[str] = None, labels: Optional[str] = None,
              checkpoint: str | int | None = None, save_ref: Optional[str] = None,
              devices: Optional[Sequence[jax.Device]] = None,
@@ -264,21 +266,27 @@ def evaluate(workdir: str, *, num_samples: int, ref: str = "digits", ref_split: 
   """Evaluates a run (see the module docstring); writes and returns the results dict.
 
   checkpoint: None or 'latest' (the newest readable), 'best' (the in-training evaluation's
-  best, `restore.best_checkpoint`) or a step number.
+  best, `restore.best_checkpoint`) or a step number. steps / guidance_scale None: the run's
+  sample.steps / sample.guidance_scale. A latent run's samples are decoded to pixels first.
   """
-  from diffusion_jax.training import restore, sampling  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import latent_decoder, restore, sampling  # pylint: disable=g-import-not-at-top
   from experiments import paths, sampling_lib  # pylint: disable=g-import-not-at-top
   started = time.time()
   workdir = paths.absolute(workdir)
   devices = list(devices or jax.local_devices())
   loaded = restore.load_for_sampling(workdir, use_ema=use_ema,
                                      step=sampling_lib.parse_checkpoint(checkpoint))
+  decoder = latent_decoder.load_decoder(loaded.config, devices)   # None: pixel samples
+  image_shape = (tuple(loaded.image_shape) if decoder is None
+                 else decoder.image_shape(loaded.image_shape))
+  steps, guidance_scale = sampling_lib.run_defaults(loaded.config, steps, timesteps,
+                                                    guidance_scale)
   if features == "auto":
-    features = "digits" if tuple(loaded.image_shape) == (8, 8, 1) else "inception"
+    features = "digits" if image_shape == (8, 8, 1) else "inception"
   net = features_lib.get_feature_net(features, inception_weights)
-  if net.image_shape is not None and tuple(loaded.image_shape) != net.image_shape:
+  if net.image_shape is not None and image_shape != net.image_shape:
     raise ValueError(f"features={features!r} takes {net.image_shape} images; the run makes "
-                     f"{tuple(loaded.image_shape)}: use features='inception'.")
+                     f"{image_shape}: use features='inception'.")
   label_array = sampling_lib.parse_labels(labels, num_samples, loaded.num_classes)
   shard_settings = {
       "step": int(loaded.step), "use_ema": use_ema, "seed": seed, "sampler": sampler,
@@ -292,13 +300,17 @@ def evaluate(workdir: str, *, num_samples: int, ref: str = "digits", ref_split: 
   shard_dir = os.path.join(eval_dir, f"shards-{settings_key(shard_settings)}")
   feature_fn = make_feature_fn(net, devices, per_device_batch)
   sample_fn = make_sample_fn(loaded, seed=seed, labels=label_array, devices=devices,
-                             per_device_batch=per_device_batch, sampler=sampler, steps=steps,
-                             timesteps=timesteps, eta=eta, s_churn=s_churn,
+                             per_device_batch=per_device_batch, decoder=decoder, sampler=sampler,
+                             steps=steps, timesteps=timesteps, eta=eta, s_churn=s_churn,
                              guidance_scale=guidance_scale, thresholding=thresholding)
   out = run_shards(sample_fn, feature_fn, num_samples=num_samples, shard_size=shard_size,
                    shard_dir=shard_dir, shard_settings=shard_settings, progress=progress,
                    process_index=jax.process_index(), process_count=jax.process_count())
-  reference, ref_info = build_reference(ref, feature_fn, features, loaded.config.data, ref_split,
+  data_config = loaded.config.data
+  if data_config.get("name", None) == "latents" and ref == "dataset":
+    from diffusion_jax.data import latents  # pylint: disable=g-import-not-at-top
+    data_config = latents.read_meta(data_config.latents_dir).data   # the images it encoded
+  reference, ref_info = build_reference(ref, feature_fn, features, data_config, ref_split,
                                         eval_dir)
   if save_ref:
     reference_lib.save_statistics(paths.absolute(save_ref), reference.mu, reference.sigma)

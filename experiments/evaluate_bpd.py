@@ -5,7 +5,7 @@ probability-flow ODE likelihood.
   python -m experiments.evaluate_bpd --workdir=runs/digits --method=ode --ode_steps=100
 
 The VLB is `losses.bits_per_dim` (prior + all T terms + discretised decoder, one lax.scan over
-t); the ODE value is -log2 p of uniformly dequantised data (`samplers.likelihood`, Hutchinson
+t), or for a VDM run its own bound (continuous time or its T steps, one time per example); the ODE value is -log2 p of uniformly dequantised data (`samplers.likelihood`, Hutchinson
 trace), an upper bound on the discrete bits/dim in expectation. Both are averaged over every test
 example once (padding masked out), pmapped over the local devices; example i's noise comes
 from fold_in(PRNGKey(seed), i), so the figure does not depend on the device count.
@@ -16,7 +16,7 @@ appendix D.2.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,8 @@ def evaluate_bits_per_dim(apply_fn, params: Any, schedule: Schedule,
                           batches: Iterable[dict[str, np.ndarray]], *, method: str = "vlb",
                           prediction: str = "eps", variance: str = "fixed_small",
                           clip_denoised: bool = True, ode_steps: int = 100, seed: int = 0,
-                          num_batches: int | None = None) -> tuple[float, int]:
+                          num_batches: int | None = None,
+                          vlb_fn: Callable[..., jax.Array] | None = None) -> tuple[float, int]:
   """Mean bits/dim over the masked-in examples of `batches`.
 
   Args:
@@ -51,6 +52,9 @@ def evaluate_bits_per_dim(apply_fn, params: Any, schedule: Schedule,
     ode_steps: Heun steps of the ODE likelihood.
     seed: example i's key is fold_in(PRNGKey(seed), i) (i counts examples in batch order).
     num_batches: stop after this many batches (None: all).
+    vlb_fn: `(params, x [b, H, W, C], keys [b]) -> bits/dim [b]`, the bound of a run whose family
+      is not a discrete DDPM (`families.vlb_bits_fn`: VDM's continuous-time VLB); None: the
+      T-step bound `losses.bits_per_dim`.
 
   Returns:
     (mean bits/dim, number of examples).
@@ -60,6 +64,8 @@ def evaluate_bits_per_dim(apply_fn, params: Any, schedule: Schedule,
 
   def per_device(params, x, keys):
     model_fn = lambda x_t, t: apply_fn(params, x_t, t, None)
+    if method == "vlb" and vlb_fn is not None:
+      return vlb_fn(params, x, keys)
     if method == "vlb":
       return losses.bits_per_dim(model_fn, schedule, x, keys, prediction=prediction,
                                  variance=variance, clip_denoised=clip_denoised).total
@@ -95,6 +101,7 @@ def main(argv):
   from absl import flags
   from diffusion_jax import compile_cache, data
   from diffusion_jax.training import restore   # the training package's run loader
+  from diffusion_jax.training import families
   from diffusion_jax.training import sampling
 
   flags_ = flags.FLAGS
@@ -107,12 +114,13 @@ def main(argv):
                                     split=flags_.split)
   diffusion = loaded.config.diffusion
   apply_fn = lambda p, x, t, y: loaded.model.apply({"params": p}, x, t, y, train=False)
+  vlb_fn = families.vlb_bits_fn(loaded.config, loaded.model) if flags_.method == "vlb" else None
   bpd, count = evaluate_bits_per_dim(
       apply_fn, loaded.params, loaded.schedule, batches, method=flags_.method,
       prediction=diffusion.prediction,
       variance=sampling.sampling_variance(loaded.config, flags_.variance),
       ode_steps=flags_.ode_steps,
-      seed=flags_.seed, num_batches=flags_.num_batches)
+      seed=flags_.seed, num_batches=flags_.num_batches, vlb_fn=vlb_fn)
   print(f"step {loaded.step}: {flags_.method} bits/dim = {bpd:.4f} over {count} examples "
         f"({'EMA' if flags_.use_ema else 'raw'} params)")
 

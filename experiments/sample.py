@@ -27,6 +27,7 @@ import numpy as np
 from diffusion_jax import compile_cache
 from diffusion_jax import reverse
 from diffusion_jax.training import console
+from diffusion_jax.training import latent_decoder
 from diffusion_jax.training import restore
 from diffusion_jax.training import sampling
 from diffusion_jax.training import text_run
@@ -59,12 +60,16 @@ def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_siz
 
   variance: the reverse variance; None follows the run (`sampling.sampling_variance`).
   progress: show a bar over the batches (tqdm, on stderr).
+  steps / guidance_scale left out (or None) follow the run's sample.steps / guidance_scale.
+  A latent run's samples are decoded by its autoencoder (`latent_decoder`), so the images are
+  pixels either way.
   """
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
   draw = sampling_lib.make_run_generator(loaded, variance=variance, seed=seed,
                                          batch_size=min(batch_size, num_samples), **sampler_kw)
-  return sampling.to_uint8(draw(num_samples, labels, progress=progress))
+  decoder = latent_decoder.load_decoder(loaded.config)   # None: a pixel-space run
+  return latent_decoder.to_images(draw(num_samples, labels, progress=progress), decoder)
 
 
 def main(argv):

@@ -43,8 +43,8 @@ def define_flags() -> None:
     return
   flags.DEFINE_enum("sampler", "ddpm", sorted(samplers.SAMPLERS), "Sampler.")
   flags.DEFINE_integer("steps", None, "Number of steps on the sampler's default grid (default: "
-                       "all T for ddpm/ddim/dpm_solver++, 50 for euler/heun). Heun spends 2N-1 "
-                       "network evaluations, the others N.")
+                       "the run's sample.steps, else all T for ddpm/ddim/dpm_solver++, 50 for "
+                       "euler/heun). Heun spends 2N-1 network evaluations, the others N.")
   flags.DEFINE_string("timesteps", None, "Instead of --steps, an explicit respacing spec for "
                       "ddpm/ddim/dpm_solver++ ('50,50', 'ddim50', 'linspace20').")
   flags.DEFINE_enum("thresholding", None, list(samplers.thresholding.THRESHOLDINGS),
@@ -53,8 +53,9 @@ def define_flags() -> None:
   flags.DEFINE_float("eta", 0.0, "DDIM eta (0 deterministic, 1 ancestral).")
   flags.DEFINE_float("s_churn", 0.0, "Euler/Heun: EDM's S_churn (0: the deterministic ODE "
                      "sampler; > 0: EDM's stochastic sampler, algorithm 2).")
-  flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance scale (class-conditional "
-                     "models; 1 = plain conditional sampling).")
+  flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (class-conditional "
+                     "models; 1 = plain conditional sampling); default: the run's "
+                     "sample.guidance_scale.")
   flags.DEFINE_string("labels", None, "Class labels: one class ('3'), a list cycled over the "
                       "samples ('0,1,2'), or unset for 0, 1, ..., K-1, 0, ...")
   flags.DEFINE_string("checkpoint", "latest", "Which checkpoint: 'latest' (the newest readable), "
@@ -78,6 +79,18 @@ def parse_labels(spec: str | None, num_samples: int, num_classes: int) -> np.nda
     if classes.size == 0 or classes.min() < 0 or classes.max() >= num_classes:
       raise ValueError(f"labels must lie in [0, {num_classes}), got {spec!r}.")
   return np.resize(classes, num_samples).astype(np.int32)
+
+
+def run_defaults(config: Any, steps: str | int | None, timesteps: str | None,
+                 guidance_scale: float | None) -> tuple[str | int | None, float]:
+  """(steps, guidance_scale) of a command line, unset ones taken from the run's `sample.steps`
+  (when no --timesteps is given either) and `sample.guidance_scale`."""
+  sample = config.get("sample", {})
+  if steps in (None, "") and timesteps in (None, ""):
+    steps = sample.get("steps", None)
+  if guidance_scale is None:
+    guidance_scale = float(sample.get("guidance_scale", 1.0))
+  return steps, guidance_scale
 
 
 def parse_checkpoint(spec: str | int | None) -> str | int | None:
@@ -211,9 +224,13 @@ def make_run_generator(loaded: Any, *, variance: str | None = None,
                        **settings) -> Callable[..., np.ndarray]:
   """`make_generator` for a restored run (`training.restore.load_for_sampling`): its model,
   params, schedule, classes, prediction, reverse variance (`variance`, else the run's own by
-  `training.sampling.sampling_variance`) and x0 clipping; `settings` as make_generator's."""
+  `training.sampling.sampling_variance`) and x0 clipping; `settings` as make_generator's
+  (steps / guidance_scale left out or None take the run's `sample.steps` /
+  `sample.guidance_scale`: `run_defaults`)."""
   from diffusion_jax.training import sampling  # pylint: disable=g-import-not-at-top
   config = loaded.config
+  settings["steps"], settings["guidance_scale"] = run_defaults(
+      config, settings.get("steps"), settings.get("timesteps"), settings.get("guidance_scale"))
   apply_fn = lambda p, x, t, y: loaded.model.apply({"params": p}, x, t, y, train=False)
   settings.setdefault("clip_denoised", config.sample.clip_denoised)
   return make_generator(apply_fn, loaded.params, loaded.schedule, loaded.image_shape,

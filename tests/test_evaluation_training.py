@@ -145,7 +145,7 @@ def test_readme_training_command_sets_declared_eval_keys():
   from experiments.configs import digits as digits_config
   from experiments.configs import overrides
   readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-  pairs = re.findall(r"--config\.(eval\.\w+)=(\S+)", readme)
+  pairs = re.findall(r"--config\.(eval\.\w+)=([^\s`]+)", readme)
   assert ("eval.every", "500") in pairs
   config = digits_config.get_config()
   for path, value in pairs:

@@ -128,3 +128,54 @@ class LatentSource:
 
   def read(self, indices: Sequence[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return from_records(self.meta, self._source.__getitems__([int(i) for i in indices]))
+
+
+# Salt of the posterior-sample noise stream (distinct from the pipeline's flip stream).
+_NOISE_SALT = 0x1A7E_17
+
+
+class LatentTrainSource:
+  """A latent directory as the training pipeline reads it: float32 latents instead of pixels.
+
+  `info` is a `DatasetInfo` whose image_shape is the latent shape (h, w, L). `read_float(indices,
+  positions, flips, seed)` -> (float32 [B, h, w, L], int32 [B]): the posterior mean, or with
+  `sample=True` the sample mean + std * eps whose eps [h, w, L] is drawn from (seed, stream
+  position) alone, so batches do not depend on hosts, threads or resumption; `flips` [B] bool
+  picks the latents of the flipped image (a directory encoded with flips).
+  """
+
+  def __init__(self, directory: str, *, split: str, sample: bool, random_flip: bool):
+    from diffusion_jax.data.sources import DatasetInfo  # pylint: disable=g-import-not-at-top
+    self._latents = LatentSource(directory)
+    meta = self.meta = self._latents.meta
+    if split != meta.split:
+      raise ValueError(f'data_config.split={split!r} but {directory} holds the latents of split '
+                       f'{meta.split!r}; encode that split into its own directory')
+    if random_flip and not meta.flip:
+      raise ValueError(f'data_config.random_flip=True needs latents of flipped images: '
+                       f'{directory} was encoded without --flip (flipping latents is not '
+                       f'flipping images)')
+    self.sample = bool(sample)
+    self.info = DatasetInfo(tuple(meta.latent_shape), int(meta.num_classes), meta.num_examples)
+
+  def __len__(self) -> int:
+    return self.meta.num_examples
+
+  def read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    raise TypeError('latents are float32, not uint8 images: use read_float (load_split_as_numpy '
+                    'and in-memory decoding apply to image datasets only)')
+
+  def read_float(self, indices: Sequence[int], positions: np.ndarray | None = None,
+                 flips: np.ndarray | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    arrays, labels = self._latents.read(indices)
+    mean, std = arrays['mean'], arrays['std']
+    if flips is not None and np.any(flips):
+      mean = np.where(flips[:, None, None, None], arrays['mean_flip'], mean)
+      std = np.where(flips[:, None, None, None], arrays['std_flip'], std)
+    if not self.sample:
+      return np.ascontiguousarray(mean, np.float32), labels
+    if positions is None:
+      raise ValueError('positions are needed to draw posterior samples (sample=True)')
+    eps = np.stack([np.random.default_rng([int(seed), _NOISE_SALT, int(p)]).standard_normal(
+        self.meta.latent_shape, np.float32) for p in positions])
+    return (mean + std * eps).astype(np.float32), labels

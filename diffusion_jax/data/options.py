@@ -29,7 +29,7 @@ def default_data_dir() -> str:
 class DataOptions:
   """Resolved data options.
 
-  name: 'digits', 'folder', or a TFDS dataset name (e.g. 'cifar10', 'mnist', 'celeb_a').
+  name: 'digits', 'folder', 'latents', or a TFDS dataset name (e.g. 'cifar10', 'mnist').
   data_dir: TFDS data dir (where prepared datasets live).
   split: the training split (TFDS split syntax, e.g. 'train[:90%]'); eval_split: the test split.
   image_size: side of the square output; None/0 keeps the native size.
@@ -47,6 +47,10 @@ class DataOptions:
   num_workers: > 0 makes training batches in that many processes (grain mp_prefetch), for
     datasets streamed from disk whose decoding one process cannot keep up with.
   image_key, label_key: TFDS feature names.
+  latents_dir: name == 'latents': a directory written by `experiments.encode_latents`; the
+    'images' are then float32 latents (h, w, L) in diffusion space, not pixels.
+  latent_sample: latents only: train on a posterior sample z = mean + std * eps (eps drawn from
+    the seed and the stream position) instead of the posterior mean.
   text_dir, seq_len, tokenizer: text runs (name 'text'), read by `training.text_run`.
   """
   name: str
@@ -68,6 +72,8 @@ class DataOptions:
   num_workers: int = 0
   image_key: str = "image"
   label_key: str = "label"
+  latents_dir: Optional[str] = None
+  latent_sample: bool = True
   text_dir: Optional[str] = None
   seq_len: int = 256
   tokenizer: str = "char"
@@ -83,7 +89,7 @@ class DataOptions:
     _checks.check_keys("the data config", given, [f.name for f in dataclasses.fields(cls)])
     name = given.get("name")
     if not isinstance(name, str) or not name:
-      raise ValueError(f"data_config.name must be 'digits', 'folder' or a TFDS name, got {name!r}.")
+      raise ValueError(f"data_config.name must be 'digits', 'folder', 'latents' or a TFDS name, got {name!r}.")
     given["data_dir"] = os.path.expanduser(str(given.get("data_dir") or default_data_dir()))
     options = cls(**given)
     options.validate()
@@ -99,6 +105,9 @@ class DataOptions:
       raise ValueError(f"in_memory must be one of {IN_MEMORY}, got {self.in_memory!r}.")
     if self.image_size and (int(self.image_size) != self.image_size or self.image_size < 1):
       raise ValueError(f"image_size must be a positive int or None, got {self.image_size!r}.")
+    if self.name == "latents" and not self.latents_dir:
+      raise ValueError("data_config.latents_dir must be set when data_config.name == 'latents' "
+                       "(a directory written by experiments.encode_latents).")
     if self.name == "folder" and not self.folder:
       raise ValueError("data_config.folder must be set when data_config.name == 'folder'.")
     for key in ("num_threads", "prefetch", "num_workers"):

@@ -92,6 +92,18 @@ def to_float(pixels: np.ndarray) -> np.ndarray:
   return out
 
 
+def read_float(source: ImageSource, indices: np.ndarray, positions: np.ndarray | None = None,
+               flips: np.ndarray | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(float32 [B, H, W, C], int32 [B]) of examples `indices`: pixels in [-1, 1], flipped where
+  `flips` [B] is True, or a latent source's latents (`latents.LatentTrainSource.read_float`)."""
+  if hasattr(source, "read_float"):
+    return source.read_float(indices, positions, flips, seed)
+  pixels, labels = source.read(indices)
+  if flips is not None:
+    pixels[flips] = pixels[flips, :, ::-1]
+  return to_float(pixels), labels
+
+
 def check_batch_layout(global_batch_size: int, process_index: int, process_count: int,
                        num_local_devices: int) -> tuple[int, int]:
   """Validates the batch layout -> (per_host_batch, per_device_batch)."""
@@ -152,12 +164,10 @@ class _TrainBatch:
 
   def __call__(self, k: int) -> dict[str, np.ndarray]:
     positions = self.positions(k)
-    pixels, labels = self.source.read(self.stream.indices(positions))
-    if self.random_flip:
-      flips = flip_mask(self.seed, positions)
-      pixels[flips] = pixels[flips, :, ::-1]
-    return _shape({"image": to_float(pixels), "label": labels.astype(np.int32)},
-                  self.num_local_devices)
+    flips = flip_mask(self.seed, positions) if self.random_flip else None
+    x, labels = read_float(self.source, self.stream.indices(positions), positions, flips,
+                           self.seed)
+    return _shape({"image": x, "label": labels.astype(np.int32)}, self.num_local_devices)
 
 
 def _close(iterator) -> None:
@@ -280,9 +290,8 @@ class EvalIterable:
     mask[:len(indices)] = True
     padded = np.zeros((self._per_host,), np.int64)
     padded[:len(indices)] = indices
-    pixels, labels = self.source.read(padded)
-    return _shape({"image": to_float(pixels), "label": labels.astype(np.int32), "mask": mask},
-                  self._devices)
+    x, labels = read_float(self.source, padded, padded)
+    return _shape({"image": x, "label": labels.astype(np.int32), "mask": mask}, self._devices)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     dataset = grain.MapDataset.source(range(self.num_batches)).map(self._batch)

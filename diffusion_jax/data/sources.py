@@ -206,11 +206,17 @@ class TfdsSource:
 
 
 def open_source(options: DataOptions, split: str, *, in_memory: bool = True) -> ImageSource:
-  """The source of options.name ('folder' or a TFDS name, 'digits' included) for a split.
+  """The source of options.name ('folder', 'latents' or a TFDS name, 'digits' included) for a
+  split ('latents': a `latents.LatentTrainSource`, float32 latents through `read_float`).
 
   A folder has no splits: `split` is ignored for it (the whole folder is read).
   in_memory=False ignores options.in_memory and streams (used by `get_dataset_info`).
   """
+  if options.name == "latents":
+    from diffusion_jax.data import latents  # pylint: disable=g-import-not-at-top
+    return latents.LatentTrainSource(options.latents_dir, split=split,
+                                     sample=options.latent_sample,
+                                     random_flip=options.random_flip)
   if options.name == "folder":
     from diffusion_jax.data import folder  # pylint: disable=g-import-not-at-top
     return folder.open_folder(options, in_memory=None if in_memory else False)

@@ -129,7 +129,7 @@ def nelbo(model_fn: ModelFn, schedule: MaskSchedule, x: jax.Array, rng: jax.Arra
   keys = rng_lib.example_keys(rng, batch)
   if t is None:
     if antithetic:
-      if not rng_lib._is_single_key(rng):  # pylint: disable=protected-access
+      if not rng_lib.is_single_key(rng):
         raise ValueError("antithetic=True needs one key (antithetic times couple the batch); "
                          "with per-example keys [B] pass antithetic=False.")
       t = antithetic_times(jax.random.fold_in(rng, 0), batch, t_min=t_min)

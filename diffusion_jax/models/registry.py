@@ -71,6 +71,11 @@ AUTOENCODER_PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     'vae_tiny': (AutoencoderKL, dict(in_channels=3, out_channels=3, block_out_channels=(32, 64),
                                      layers_per_block=1, latent_channels=4, norm_num_groups=8,
                                      scaling_factor=1.0, shift_factor=None)),
+    # The CPU latent-diffusion path: 8x8x1 digits -> 4x4x2 latents (f=2, half the numbers of the
+    # image). Its scaling factor is set by `experiments.train_autoencoder` after training.
+    'vae_digits': (AutoencoderKL, dict(in_channels=1, out_channels=1, block_out_channels=(32, 64),
+                                       layers_per_block=1, latent_channels=2, norm_num_groups=8,
+                                       scaling_factor=1.0, shift_factor=None)),
 }
 
 

@@ -5,7 +5,8 @@ the model and the schedule only).
 This is where the diffusion math and the network meet, through `model_fn(x_t, t)`. Every key
 read here is declared, with its default, in `experiments/configs/default.py`.
 
-References: Ho et al. 2020 (the DDPM training objective); ARCHITECTURE.md (config keys).
+References: Ho et al. 2020 (the DDPM training objective); `families` (VDM, EDM);
+ARCHITECTURE.md (config keys).
 """
 import dataclasses
 import inspect
@@ -17,18 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import _checks
-from diffusion_jax import losses
 from diffusion_jax import models
 from diffusion_jax import schedules
+from diffusion_jax.training import families
 from diffusion_jax.training import optim
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training import text_run
 
 PyTree = Any
 
-# The config keys of `diffusion.*` passed to `losses.training_loss`.
-LOSS_KEYS = ("prediction", "loss_type", "weighting", "variance", "min_snr_gamma", "p2_gamma",
-             "p2_k", "vlb_weight")
+# The config keys of `diffusion.*` passed to `losses.training_loss` (the 'ddpm' family).
+LOSS_KEYS = families.DDPM_LOSS_KEYS
 
 
 class Components(NamedTuple):
@@ -86,14 +86,26 @@ def build_schedule(diffusion_config: Any) -> schedules.Schedule:
                                 **kwargs)
 
 
-def make_loss_fn(diffusion_config: Any, schedule: schedules.Schedule
+def build_network(config: Any, image_shape: Sequence[int]):
+  """The module a run trains and samples: `build_model`'s backbone inside its family's wrapper
+  (`families.wrap_backbone`; the backbone itself for 'ddpm')."""
+  return families.wrap_backbone(config, build_model(config.model, image_shape))
+
+
+def run_schedule(config: Any) -> schedules.Schedule:
+  """The run's T-step schedule: the beta schedule ('ddpm', `build_schedule`) or the family's
+  (`families.base_schedule`)."""
+  if families.family(config) == "ddpm":
+    return build_schedule(config.diffusion)
+  return families.base_schedule(config)
+
+
+def make_loss_fn(config: Any, schedule: schedules.Schedule
                  ) -> Callable[[Callable, jax.Array, jax.Array], jax.Array]:
-  """loss_fn(model_fn, x0 [B, ...], rng) -> [B]: `losses.training_loss` with the config's
-  prediction, loss type, weighting (and its parameters) and variance."""
-  kw = {k: diffusion_config[k] for k in LOSS_KEYS}
-  def loss_fn(model_fn, x0, rng):
-    return losses.training_loss(model_fn, schedule, x0, rng, **kw)
-  return loss_fn
+  """loss_fn(model_fn, x0 [B, ...], keys [B]) -> [B] of the run's family (`families.make_loss_fn`:
+  for 'ddpm' `losses.training_loss` with the config's prediction, loss type, weighting and
+  variance)."""
+  return families.make_loss_fn(config, schedule)
 
 
 def run_loss_fn(config: Any, comp: Components) -> Callable[[Callable, jax.Array, jax.Array],
@@ -102,7 +114,7 @@ def run_loss_fn(config: Any, comp: Components) -> Callable[[Callable, jax.Array,
   (bits per token) for text."""
   if comp.vocab_size:
     return text_run.make_loss_fn(config, comp.vocab_size)
-  return make_loss_fn(config.diffusion, comp.schedule)
+  return make_loss_fn(config, comp.schedule)
 
 
 def model_num_classes(model: Any) -> int:
@@ -121,12 +133,12 @@ def build(config: Any, image_shape: tuple[int, ...], vocab_size: int = 0) -> Com
     return Components(model=model, schedule=build_schedule(config.diffusion),
                       image_shape=tuple(int(s) for s in image_shape), num_classes=0, tx=tx,
                       lr_fn=lr_fn, vocab_size=int(vocab_size))
-  model = build_model(config.model, image_shape)
+  model = build_network(config, image_shape)
   if model.in_channels != image_shape[-1]:
     raise ValueError(f"model.in_channels={model.in_channels} but the data has {image_shape[-1]} "
                      f"channels (image shape {tuple(image_shape)}); leave model.in_channels "
                      f"unset to follow the data")
-  return Components(model=model, schedule=build_schedule(config.diffusion),
+  return Components(model=model, schedule=run_schedule(config),
                     image_shape=tuple(int(s) for s in image_shape),
                     num_classes=model_num_classes(model), tx=tx, lr_fn=lr_fn)
 

@@ -23,6 +23,7 @@ from diffusion_jax import schedules
 from diffusion_jax.data import text as text_lib
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
+from diffusion_jax.training import families
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training import text_run
 from experiments.configs import default as default_config
@@ -163,7 +164,7 @@ def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
     model = components.build_model(text_run.model_config(config, vocab_size), image_shape)
     tokenizer = text_lib.load_tokenizer(str(workdir / info["tokenizer"]))
   else:
-    model = components.build_model(config.model, image_shape)
+    model = components.build_network(config, image_shape)
   num_classes = 0 if tokenizer is not None else components.model_num_classes(model)
   target = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0), image_shape,
                                                      num_classes > 0))
@@ -177,8 +178,11 @@ def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
   if best and at != step:
     raise FileNotFoundError(f"the best checkpoint (step {step} in {workdir}/eval/best.json) is "
                             f"not readable in {directory}.")
-  return Loaded(config, model, components.build_schedule(config.diffusion), params, image_shape,
-                num_classes, at, tokenizer)
+  if tokenizer is not None:   # a text run: the beta schedule is unused
+    return Loaded(config, model, components.build_schedule(config.diffusion), params,
+                  image_shape, num_classes, at, tokenizer)
+  schedule = families.sampling_schedule(config, model, params, components.run_schedule(config))
+  return Loaded(config, model, schedule, params, image_shape, num_classes, at)
 
 
 def _skip_unreadable(error: Exception, directory, step: int) -> None:

@@ -27,7 +27,10 @@ MUST_MATCH = (
     "seed",               # the data order and the per-step noise keys
     "model.*",            # the parameters' structure and meaning
     "diffusion.*",        # schedule, T, prediction target, loss: what the network learned
+    "vdm.*", "edm.*",     # the family's schedule, loss and preconditioning
     "data.name", "data.image_size", "data.channels", "data.folder", "data.split",
+    "data.latents_dir", "data.latent_sample",
+    "autoencoder.workdir",  # the latent space the model learned
     "train.batch_size",   # examples per step: the data iterator's position and the step count
     "train.ema_decays",   # the EMA copies kept in the state
     "optim.name",         # the optimizer state's structure
@@ -42,7 +45,7 @@ MAY_CHANGE = (
     "train.compute_dtype", "train.label_dropout",
     "optim.lr", "optim.warmup_steps", "optim.decay", "optim.grad_clip", "optim.weight_decay",
     "optim.b1", "optim.b2", "optim.eps", "optim.min_lr*", "optim.schedule*",
-    "sample.*",
+    "sample.*", "autoencoder.decode_batch_size",
     "eval.*",             # a record of other eval settings is replaced (evaluation.hook)
     "data.data_dir", "data.text_dir", "data.download", "data.on_corrupt", "data.random_flip",
     "data.num_workers", "data.prefetch*", "data.shuffle_buffer*",

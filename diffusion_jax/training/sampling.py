@@ -37,30 +37,53 @@ def sampling_variance(config: Any, override: str | None = None) -> str:
   return reverse.resolve_variance(chosen, config.diffusion.loss_type)
 
 
-def generate(config: Any, model: Any, schedule: Any, params: PyTree, rng: jax.Array,
-             num_samples: int, image_shape: tuple[int, ...],
-             labels: jax.Array | None = None, sampler: str | None = None,
-             steps: int | None = None) -> jax.Array:
-  """Samples [N, H, W, C] in [-1, 1] with the config's sampler over the training schedule.
+def plan_sampling(config: Any, schedule: Any, sampler: str | None = None,
+                  steps: int | None = None) -> tuple[Callable[..., jax.Array], Any, dict]:
+  """(sample_fn, schedule to run on, per-call arrays) of the config's sampler (eager).
 
-  `sampler` (default `config.sample.sampler`) names a sampler of `samplers.get_sampler`
-  ('ddpm': the T-step ancestral loop in one lax.scan) with the variance of
-  `sampling_variance(config)`; `config.sample.kwargs` adds static settings. `steps`: that many
-  steps on the sampler's default grid (`samplers.plan`); None runs the sampler on its own default
-  (all T steps for ddpm / ddim). Pure: the caller jits it.
+  `sampler` (default `config.sample.sampler`) names a sampler of `samplers.get_sampler` with the
+  variance of `sampling_variance(config)` and `config.sample.kwargs` as static settings. `steps`
+  (default `config.sample.steps`): that many steps on the sampler's default grid
+  (`samplers.plan`, which respaces `schedule`, so it must be concrete); None runs the sampler on
+  its own default (all T steps for ddpm / ddim).
+  `sample_fn(model_fn, schedule, shape, rng, **per_call)` is pure: the caller jits it.
   """
   name = sampler or config.sample.sampler
   static = {"prediction": config.diffusion.prediction, "variance": sampling_variance(config)}
   static["clip_denoised"] = config.sample.clip_denoised   # every sampler's x0 policy
   per_call: dict[str, Any] = {}
+  if steps is None:
+    steps = config.sample.get("steps", None)
   if steps is not None:
     plan = samplers.plan(name, schedule, int(steps))
     static.update(plan.static)
-    schedule, per_call = plan.schedule, plan.per_call
+    schedule, per_call = plan.schedule, dict(plan.per_call)
   static.update(dict(config.sample.kwargs))
+  return samplers.get_sampler(name, **static), schedule, per_call
+
+
+def guided_model_fn(config: Any, model: Any, params: PyTree, labels: jax.Array | None):
+  """model_fn(x_t, t) of a run: `config.sample.guidance_scale` != 1 guides a class-conditional
+  model (`labels` given; null label `model.num_classes`), else the plain `make_model_fn`."""
+  scale = float(config.sample.get("guidance_scale", 1.0))
+  if labels is not None and scale != 1.0:
+    return samplers.classifier_free_guidance(
+        lambda x, t, y: model.apply({"params": params}, x, t, y, train=False), labels, scale,
+        null_label=int(model.num_classes))
+  return make_model_fn(model, params, labels)
+
+
+def generate(config: Any, model: Any, schedule: Any, params: PyTree, rng: jax.Array,
+             num_samples: int, image_shape: tuple[int, ...],
+             labels: jax.Array | None = None, sampler: str | None = None,
+             steps: int | None = None) -> jax.Array:
+  """Samples [N, H, W, C] in [-1, 1] with the config's sampler (`plan_sampling`) over
+  `schedule` (concrete when steps are set), guided per `guided_model_fn`. Pure: the caller
+  jits it."""
+  sample_fn, schedule, per_call = plan_sampling(config, schedule, sampler, steps)
   shape = (num_samples,) + tuple(image_shape)
-  sample_fn = samplers.get_sampler(name, **static)
-  return sample_fn(make_model_fn(model, params, labels), schedule, shape, rng, **per_call)
+  return sample_fn(guided_model_fn(config, model, params, labels), schedule, shape, rng,
+                   **per_call)
 
 
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:

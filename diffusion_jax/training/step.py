@@ -26,9 +26,35 @@ from diffusion_jax import rng as rng_lib
 from diffusion_jax.training import state as state_lib
 
 PyTree = Any
-# loss_fn(model_fn, x0 [B, H, W, C], rng) -> per-example loss [B]; model_fn(x_t, t) -> output.
-LossFn = Callable[[Callable[[jax.Array, jax.Array], jax.Array], jax.Array, jax.Array], jax.Array]
+# loss_fn(model_fn, x0 [B, H, W, C], keys [B]) -> per-example loss [B]; model_fn: a `ModelFn`.
+LossFn = Callable[..., jax.Array]
 COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+class ModelFn:
+  """The network as a loss sees it, closed over the (cast) params, labels and dropout key.
+
+  `model_fn(x_t, t)`: the module's `__call__(x_t, t, y, train=True)`, output float32;
+  `model_fn(x, s, method=name)`: another method of the same signature (e.g. EDM's raw network);
+  `model_fn.apply(name, *args)`: a method without labels or dropout, on the float32 params
+    (e.g. VDM's schedule gamma, which bfloat16 would round).
+  """
+
+  def __init__(self, apply_fn: Callable[..., jax.Array], params: PyTree, cast_params: PyTree,
+               y: jax.Array | None, dropout_key: jax.Array, dtype: Any):
+    self._apply_fn, self._params, self._cast_params, self._y = apply_fn, params, cast_params, y
+    self._dropout_key, self._dtype = dropout_key, dtype
+
+  def __call__(self, x_t: jax.Array, t: jax.Array, method: str | None = None) -> jax.Array:
+    kw = {} if method is None else {"method": method}
+    # Integer inputs (text tokens) are ids, never cast to the compute dtype.
+    x_in = x_t.astype(self._dtype) if jnp.issubdtype(x_t.dtype, jnp.floating) else x_t
+    out = self._apply_fn({"params": self._cast_params}, x_in, t, self._y,
+                         train=True, rngs={"dropout": self._dropout_key}, **kw)
+    return out.astype(jnp.float32)
+
+  def apply(self, method: str, *args) -> jax.Array:
+    return self._apply_fn({"params": self._params}, *args, method=method)
 
 
 class StepConfig(NamedTuple):
@@ -105,14 +131,8 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
     if conditional and config.label_dropout > 0:
       drop = jax.vmap(lambda k: jax.random.bernoulli(k, config.label_dropout))(label_keys)
       y = jnp.where(drop, config.num_classes, y)
-    cparams = cast(params)
-
-    def model_fn(x_t, t):
-      x_in = x_t.astype(cdtype) if jnp.issubdtype(x_t.dtype, jnp.floating) else x_t
-      out = apply_fn({"params": cparams}, x_in, t, y if conditional else None,
-                     train=True, rngs={"dropout": dropout_key})
-      return out.astype(jnp.float32)
-
+    model_fn = ModelFn(apply_fn, params, cast(params), y if conditional else None, dropout_key,
+                       cdtype)
     return jnp.mean(loss_fn(model_fn, x0, loss_keys))
 
   def pmean(x):

@@ -31,8 +31,9 @@ from diffusion_jax import _checks
 from diffusion_jax import autoregressive
 from diffusion_jax import masked
 from diffusion_jax.data import text as text_lib
+from diffusion_jax.training import families
 
-FAMILIES = ("masked", "autoregressive")
+FAMILIES = families.TEXT_FAMILIES
 TOKENIZERS = ("char", "byte")
 TOKENIZER_FILE = "tokenizer.json"
 # Placeholder character for a still-masked position when a sample is decoded.
@@ -40,8 +41,8 @@ MASK_CHAR = "_"
 
 
 def family(config: Any) -> str:
-  """`diffusion.family` of the run ('ddpm' and the other image families pass through)."""
-  return str(config.diffusion.get("family", "ddpm"))
+  """`diffusion.family` of the run, checked (`families.family`)."""
+  return families.family(config)
 
 
 def is_text(config: Any) -> bool:

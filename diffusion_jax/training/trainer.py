@@ -37,6 +37,8 @@ from etils import epath
 from diffusion_jax.evaluation import hook as hook_lib
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
+from diffusion_jax.training import families
+from diffusion_jax.training import latent_decoder
 from diffusion_jax.training import metric_writer
 from diffusion_jax.training import parallel
 from diffusion_jax.training import progress
@@ -255,6 +257,8 @@ class _Hooks:
     num_samples = int(config.sample.num_samples)
     make = _make_text_sample_fn if comp.vocab_size else _make_sample_fn
     self.sample_fn = make(config, comp, num_samples) if host0 and num_samples > 0 else None
+    # A latent run's previews are decoded to pixels (None: a pixel-space run).
+    self.decoder = latent_decoder.load_decoder(config) if self.sample_fn is not None else None
     self.every = {"log": sched.log_every, "checkpoint": sched.checkpoint_every,
                   "samples": sched.sample_every if self.sample_fn is not None else -1,
                   "eval": eval_hook.every if eval_hook is not None else -1}
@@ -362,7 +366,8 @@ class _Hooks:
       logging.info("Wrote %d text samples (%s params) to %s (%.1f s).", len(texts), which, path,
                    time.perf_counter() - t0)
       return
-    images = sampling.to_uint8(self.sample_fn(params, jax.random.fold_in(self.sample_rng, step)))
+    images = latent_decoder.to_images(
+        self.sample_fn(params, jax.random.fold_in(self.sample_rng, step)), self.decoder)
     path = self.workdir / "samples" / f"step_{step:07d}.png"
     sampling.save_grid(images, str(path))
     logging.info("Wrote %d samples (%s params) to %s (%.1f s).", images.shape[0], which, path,
@@ -444,14 +449,21 @@ def _stack(batches: list[dict]) -> dict:
 
 def _make_sample_fn(config: Any, comp: components.Components, num: int,
                     sampler: str | None = None, steps: int | None = None):
-  """jitted sample_fn(params, rng) -> [num, H, W, C] in [-1, 1] (`sampling.generate`): the grids'
-  sampler, or `sampler` / `steps` (None: config.sample's)."""
+  """sample_fn(params, rng) -> [num, H, W, C] in [-1, 1]: the grids' sampler, or `sampler` /
+  `steps` (None: config.sample's), on the params' sampling schedule. The schedule (a learned VDM
+  schedule is read from the params) and its respacing are computed eagerly; the sampler runs
+  jitted, compiled once (the plan's static settings do not depend on the schedule's values)."""
   labels = sampling.default_labels(num, comp.num_classes)
+  shape = (num,) + tuple(comp.image_shape)
+  compiled = {}
 
-  @jax.jit
   def sample_fn(params, rng):
-    return sampling.generate(config, comp.model, comp.schedule, params, rng, num,
-                             comp.image_shape, labels, sampler=sampler, steps=steps)
+    schedule = families.sampling_schedule(config, comp.model, params, comp.schedule)
+    run, schedule, per_call = sampling.plan_sampling(config, schedule, sampler, steps)
+    if "draw" not in compiled:
+      compiled["draw"] = jax.jit(lambda p, s, c, r: run(
+          sampling.guided_model_fn(config, comp.model, p, labels), s, shape, r, **c))
+    return compiled["draw"](params, schedule, per_call, rng)
   return sample_fn
 
 

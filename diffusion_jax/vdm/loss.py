@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import _checks
+from diffusion_jax import rng as rng_lib
 from diffusion_jax.vdm import gamma as gamma_lib
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -122,19 +123,33 @@ def reconstruction_loss(gamma_0: jax.Array, x: jax.Array, eps: jax.Array, *,
 
 
 def vlb_terms(eps_fn: EpsFn, gamma_fn: gamma_lib.GammaFn, x: jax.Array, rng: jax.Array, *,
-              num_steps: int | None = None, decoder: str = "8bit") -> VLBTerms:
-  """One-sample estimate of every term of the bound for x [B, ...] (antithetic times).
+              num_steps: int | None = None, decoder: str = "8bit",
+              antithetic: bool = True) -> VLBTerms:
+  """One-sample estimate of every term of the bound for x [B, ...].
+
+  rng: one key (times, diffusion noise and decoder noise each drawn for the whole batch), or
+    per-example keys [B] (example b's noises from its own key, as the trainer and the
+    evaluation pass them; the antithetic offset then comes from the first key).
+  antithetic: low-discrepancy times (`antithetic_times`) instead of independent U(0, 1) times.
 
   Returns VLBTerms of [B] arrays; `bpd` = (diffusion + prior + reconstruction) / (D ln 2) with D
   the number of dimensions of one example.
   """
-  key_t, key_eps, key_0 = jax.random.split(rng, 3)
-  t = antithetic_times(key_t, x.shape[0])
-  diffusion = diffusion_loss(eps_fn, gamma_fn, x, t, jax.random.normal(key_eps, x.shape),
-                             num_steps=num_steps)
+  batch = x.shape[0]
+  if rng_lib.is_single_key(rng):
+    key_t, key_eps, key_0 = jax.random.split(rng, 3)
+    eps, eps_0 = jax.random.normal(key_eps, x.shape), jax.random.normal(key_0, x.shape)
+    t = (antithetic_times(key_t, batch) if antithetic
+         else jax.random.uniform(key_t, (batch,)))
+  else:
+    eps = rng_lib.normal(rng_lib.fold_in_all(rng, 1), x.shape[1:])
+    eps_0 = rng_lib.normal(rng_lib.fold_in_all(rng, 2), x.shape[1:])
+    t = (antithetic_times(jax.random.fold_in(rng[0], 3), batch) if antithetic
+         else jax.vmap(jax.random.uniform)(rng_lib.fold_in_all(rng, 3)))
+  diffusion = diffusion_loss(eps_fn, gamma_fn, x, t, eps, num_steps=num_steps)
   ends = gamma_fn(jnp.array([0.0, 1.0], jnp.float32))
   prior = prior_loss(ends[1], x)
-  recon = reconstruction_loss(ends[0], x, jax.random.normal(key_0, x.shape), decoder=decoder)
+  recon = reconstruction_loss(ends[0], x, eps_0, decoder=decoder)
   dims = math.prod(x.shape[1:])
   return VLBTerms(diffusion, prior, recon, (diffusion + prior + recon) / (dims * math.log(2.0)))
 

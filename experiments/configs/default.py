@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Data (`diffusion_jax.data.DataOptions` documents each key; it accepts exactly these).
   c.data = d = ml_collections.ConfigDict()
-  d.name = "digits"                   # 'digits', 'folder', or a TFDS name ('cifar10', 'mnist')
+  d.name = "digits"                   # 'digits', 'folder', 'latents', or a TFDS name ('cifar10')
   d.data_dir = _ph(str)               # TFDS data dir; None: $DIFFUSION_JAX_DATA_DIR or ~/tensorflow_datasets
   d.split = "train"                   # training split (TFDS split syntax, e.g. 'train[:90%]')
   d.eval_split = "test"               # evaluation split (experiments.evaluate_bpd)
@@ -50,10 +50,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.num_workers = 0                   # > 0: make batches in that many processes
   d.image_key = "image"               # TFDS feature holding the image
   d.label_key = "label"               # TFDS feature holding the label
+  d.latents_dir = _ph(str)            # name == 'latents': a directory of experiments.encode_latents
+  d.latent_sample = True              # latents: train on posterior samples (False: the means)
   # Text (name 'text', diffusion.family 'masked' or 'autoregressive'; `training.text_run`).
   d.text_dir = _ph(str)               # prepared corpus: train.txt, valid.txt, tokenizer.json (experiments.prepare_text)
   d.seq_len = 256                     # tokens per packed training sequence
   d.tokenizer = "char"                # 'char' (text_dir/tokenizer.json) or 'byte' (UTF-8 bytes, V = 256)
+
+  # The autoencoder of a latent-diffusion run: samples are decoded by it before they are written
+  # (trainer previews, experiments.sample) or measured (experiments.evaluate).
+  c.autoencoder = a = ml_collections.ConfigDict()
+  a.workdir = _ph(str)                # directory of experiments.train_autoencoder / convert; None: pixels
+  a.decode_batch_size = 64            # latents decoded per compiled call (over the local devices)
 
   # Model: a preset of `diffusion_jax.models.get_model` and its constructor arguments.
   c.model = m = ml_collections.ConfigDict()
@@ -98,9 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Diffusion: the schedule and the training objective.
   c.diffusion = f = ml_collections.ConfigDict()
-  f.family = "ddpm"                   # 'ddpm' (beta schedule below); text: 'masked' (c.masked) or 'autoregressive'
+  f.family = "ddpm"                   # 'ddpm' (beta schedule below), 'vdm' (c.vdm), 'edm' (c.edm); text: 'masked' (c.masked), 'autoregressive'
   f.schedule = "cosine"               # beta schedule: 'linear', 'scaled_linear', 'cosine', 'sigmoid'
-  f.num_timesteps = 250               # T
+  f.num_timesteps = 250               # T (vdm, edm: the steps of the schedule the samplers see)
   f.zero_terminal_snr = False         # rescale so that alpha_bar_{T-1} = 0 (pair with v prediction)
   f.prediction = "eps"                # the network's target: 'eps', 'x0' or 'v'
   f.loss_type = "mse"                 # 'mse', 'l1', 'kl' (the VLB) or 'hybrid' (mse + VLB)
@@ -120,6 +128,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.start = _ph(float)                # 'sigmoid': start of the sigmoid range
   s.end = _ph(float)                  # 'sigmoid': end of the sigmoid range
   s.tau = _ph(float)                  # 'sigmoid': temperature
+
+  # VDM (diffusion.family = 'vdm'; diffusion.prediction must be 'eps'): the continuous-time VLB
+  # in the log-SNR gamma(t), trained in bits/dim (`training.families`, `diffusion_jax.vdm`).
+  c.vdm = v = ml_collections.ConfigDict()
+  v.gamma = "learned"                 # 'learned' (monotonic network, learned end points), 'linear', 'cosine'
+  v.gamma_min = -13.3                 # gamma(0) (the learned schedule's initial value)
+  v.gamma_max = 5.0                   # gamma(1) (the learned schedule's initial value)
+  v.num_features = 1024               # hidden width of the learned schedule's monotonic network
+  v.antithetic = True                 # low-discrepancy times over the batch
+  v.num_steps = 0                     # 0: continuous-time bound; T > 0: the T-step discrete bound
+  v.decoder = "8bit"                  # reconstruction term: '8bit' (256-level softmax) or 'gaussian'
+
+  # EDM (diffusion.family = 'edm'; diffusion.prediction must be 'x0'): the preconditioned
+  # denoiser and its loss (`diffusion_jax.edm`); sampled on the rho = 7 grid (sampler 'heun').
+  c.edm = e = ml_collections.ConfigDict()
+  e.precond = "edm"                   # preconditioning: 'edm', 've' or 'vp' (EDM table 1)
+  e.sigma_data = 0.5                  # data standard deviation in c_skip, c_out, c_in
+  e.p_mean = -1.2                     # training ln(sigma) ~ N(p_mean, p_std^2)
+  e.p_std = 1.2
+  e.sigma_min = 0.002                 # the sampling table's (and Karras grid's) smallest sigma
+  e.sigma_max = 80.0                  # and largest
 
   # Masked diffusion (diffusion.family = 'masked'; `diffusion_jax.masked`): the training NELBO.
   c.masked = k = ml_collections.ConfigDict()
@@ -164,6 +193,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.variance = _ph(str)               # None: the run's diffusion.variance
   p.clip_denoised = True              # clip predicted x0 to [-1, 1] (ddpm, ddim)
   p.ema_decay = _ph(float)            # EMA params used; None: the first of train.ema_decays
+  p.steps = _ph(int)                  # steps on the sampler's default grid; None: all T (ddpm)
+  p.guidance_scale = 1.0              # classifier-free guidance (class-conditional models)
   p.kwargs = ml_collections.ConfigDict()  # further settings of the sampler (from a config file)
   # Text runs: the previews are `num_samples` texts in samples/step_N.txt.
   p.text_steps = _ph(int)             # masked diffusion sampler steps; None: data.seq_len
