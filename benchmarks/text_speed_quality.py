@@ -69,19 +69,22 @@ def main():
   parser.add_argument("--eval_sequences", type=int, default=128)
   parser.add_argument("--time_samples", type=int, default=8)
   parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--use_ema", action="store_true", help="EMA params (default: the raw "
+                      "params: an EMA of decay 0.999 still remembers the initialisation after a "
+                      "few hundred steps)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step of both runs "
                       "(default: each run's latest)")
   args = parser.parse_args()
   before = protocol.print_load("before")
-  mdlm = restore.load_for_sampling(args.mdlm, step=args.step)
-  ar = restore.load_for_sampling(args.ar, step=args.step)
+  mdlm = restore.load_for_sampling(args.mdlm, use_ema=args.use_ema, step=args.step)
+  ar = restore.load_for_sampling(args.ar, use_ema=args.use_ema, step=args.step)
   length = int(mdlm.image_shape[0])
   valid_path = os.path.join(protocol.ROOT, mdlm.config.data.text_dir, "valid.txt")
   seqs = text_lib.pack(mdlm.tokenizer.encode(text_lib.read_text(valid_path)), length)
   seqs = seqs[:args.eval_sequences]
   result = {"machine": protocol.machine_line(), "mdlm_step": int(mdlm.step),
             "ar_step": int(ar.step), "seq_len": length, "num_samples": args.num_samples,
-            "eval_sequences": int(len(seqs))}
+            "eval_sequences": int(len(seqs)), "use_ema": bool(args.use_ema)}
   result["heldout"] = {
       "mdlm_bound": text_run.heldout_bits(mdlm, seqs, num_time_samples=args.time_samples),
       "ar_exact": text_run.heldout_bits(ar, seqs)}

@@ -8,7 +8,7 @@ import os
 import chex
 import numpy as np
 import pytest
-import training_testlib  # noqa: F401  (the persistent compilation cache of the trainer tests)
+import training_testlib  # also: the persistent compilation cache of the trainer tests
 
 from diffusion_jax.data import text as text_lib
 from diffusion_jax.training import restore
@@ -149,3 +149,33 @@ def test_text_config_errors(tmp_path, corpus):
     trainer.train_and_evaluate(config, str(tmp_path / "d"))
   with pytest.raises(ValueError, match="variant"):
     text_shakespeare.get_config("gpt")
+
+
+@pytest.mark.slow
+def test_text_commands_end_to_end(tmp_path, corpus):
+  """experiments.train (masked, tiny) -> experiments.sample --infill -> experiments.evaluate_text,
+  as a user runs them (subprocesses, one device)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  env = training_testlib.subprocess_env(num_devices=1)
+  workdir = str(tmp_path / "run")
+  flags = [f"--config.{k}={v}" for k, v in TINY.items()] + [f"--config.data.text_dir={corpus}"]
+  run = lambda *args: subprocess.run([sys.executable, "-m", *args], env=env, cwd=str(tmp_path),
+                                     capture_output=True, text=True, check=False)
+  out = run("experiments.train", f"--config={training_testlib.REPO}/experiments/configs/"
+            "text_shakespeare.py", f"--workdir={workdir}", *flags)
+  assert out.returncode == 0, out.stderr[-2000:]
+  template = "to be ____ not"
+  out = run("experiments.sample", f"--workdir={workdir}", "--num_samples=2", "--steps=4",
+            f"--infill={template}", f"--out={tmp_path / 's.txt'}")
+  assert out.returncode == 0, out.stderr[-2000:]
+  texts = [line for line in open(tmp_path / "s.txt").read().split("\n")
+           if line and not line.startswith("=== sample")]
+  assert len(texts) == 2 and all(len(t) == 16 and "_" not in t for t in texts)
+  assert all(t[:6] == "to be " and t[10:14] == " not" for t in texts)
+  out = run("experiments.evaluate_text", f"--workdir={workdir}", "--num_time_samples=2",
+            f"--out={tmp_path / 'bpc.json'}")
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.load(open(tmp_path / "bpc.json"))
+  assert result["family"] == "masked" and result["bound"] == "continuous"
+  assert np.isfinite(result["bits_per_token"]) and result["step"] == 4
