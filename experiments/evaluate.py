@@ -9,9 +9,13 @@
       --inception_weights=pt_inception-2015-12-05-6726825d.pth
   # Against published statistics (pytorch-fid / clean-fid .npz, or an ADM reference batch):
   python -m experiments.evaluate --workdir=DIR --ref=cifar10_train_stats.npz --features=inception ...
+  # Several hosts: the same command in every process (--distributed alone on a TPU pod), e.g.
+  python -m experiments.evaluate --workdir=DIR ... --coordinator_address=HOST0:PORT \
+      --num_processes=2 --process_id=I [--cpu_collectives=gloo]
 
 Samples are drawn over every local device (and host: shard i belongs to process
-i % process_count) with one `sampling_lib.make_run_generator` for all shards; example i uses fold_in(PRNGKey(seed), i) and
+i % process_count; all processes must share DIR) with one `sampling_lib.make_run_generator` for
+all shards; example i uses fold_in(PRNGKey(seed), i) and
 every device runs the same per-device batch (--per_device_batch), so the images and features do
 not depend on the device count. Shards of --shard_size samples (images and features) are
 committed to DIR/eval/shards-<key>/ as they finish: a killed run, rerun, continues where it
@@ -44,7 +48,7 @@ GRID_SAMPLES = 64
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program, never at import)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from experiments import sampling_lib  # pylint: disable=g-import-not-at-top
+  from experiments import multihost, sampling_lib  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "Workdir of a training run.", required=True)
   flags.DEFINE_integer("num_samples", 1000, "Number of samples to evaluate.")
   flags.DEFINE_string("ref", "digits", "Reference: 'digits' (held-out digits), 'dataset' (the "
@@ -63,6 +67,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("shard_size", 1000, "Samples per committed shard.")
   flags.DEFINE_string("save_ref", None, "Also write the reference mu/sigma here (pytorch-fid .npz).")
   sampling_lib.define_flags()
+  multihost.define_flags()
 
 
 def _atomic_savez(path: str, **arrays: np.ndarray) -> None:
@@ -153,8 +158,10 @@ def run_shards(sample_fn: Callable[[int, int], np.ndarray],
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
     done = sum(bounds[i][1] - bounds[i][0] for i in mine if i not in todo)
+    desc = "sample+features" + (f" (process {process_index}/{process_count})"
+                                 if process_count > 1 else "")
     bar = tqdm.tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in mine), initial=done,
-                    unit="img", desc="sample+features", smoothing=0.1)
+                    unit="img", desc=desc, smoothing=0.1)
   for i in todo:
     start, stop = bounds[i]
     images = sample_fn(start, stop - start)
@@ -167,6 +174,10 @@ def run_shards(sample_fn: Callable[[int, int], np.ndarray],
   if process_count > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("evaluate_shards")
+    missing = [i for i in range(num_shards) if not complete(i)]
+    if missing:   # e.g. a workdir that is not on a file system every process shares
+      raise RuntimeError(f"shards {missing} of {shard_dir} are missing after every process "
+                         "finished its own: the shard directory must be shared by all processes.")
   parts: dict[str, list[np.ndarray]] = {"pool": [], "logits": []}
   grid: list[np.ndarray] = []
   for i in range(num_shards):
@@ -325,7 +336,8 @@ def evaluate(workdir: str, *, num_samples: int, ref: str = "digits", ref_split: 
                    "ref": ref, "ref_split": ref_split, "metrics": list(which),
                    "inception_weights": inception_weights},
       "shards": shard_dir,
-      "num_devices": len(devices),
+      "num_devices": len(devices) * jax.process_count(),
+      "local_devices": len(devices),
       "process_count": jax.process_count(),
       "seconds": time.time() - started,
   }
@@ -348,8 +360,10 @@ def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from diffusion_jax import compile_cache  # pylint: disable=g-import-not-at-top
+  from experiments import multihost  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   compile_cache.enable(f.compile_cache)
+  multihost.initialize(f)
   results = evaluate(f.workdir, num_samples=f.num_samples, ref=f.ref, ref_split=f.ref_split,
                      features=f.features, inception_weights=f.inception_weights,
                      which=f.metrics, seed=f.seed, use_ema=f.use_ema,
@@ -358,6 +372,10 @@ def main(argv: Sequence[str]) -> None:
                      s_churn=f.s_churn, guidance_scale=f.guidance_scale,
                      thresholding=f.thresholding, labels=f.labels, checkpoint=f.checkpoint,
                      save_ref=f.save_ref)
+  if jax.process_index() != 0:
+    print(f"process {jax.process_index()}/{jax.process_count()}: done; process 0 writes "
+          f"{results['path']}")
+    return
   for key, value in sorted(results["metrics"].items()):
     print(f"{key}: {value:.6g}")
   if "real_floor" in results["reference"]:

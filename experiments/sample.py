@@ -85,7 +85,9 @@ def main(argv):
   images = sample_images(loaded, FLAGS.num_samples, FLAGS.seed, FLAGS.batch_size, labels,
                          progress=True, sampler=FLAGS.sampler, steps=FLAGS.steps,
                          timesteps=FLAGS.timesteps, thresholding=FLAGS.thresholding, eta=FLAGS.eta,
-                         s_churn=FLAGS.s_churn, guidance_scale=FLAGS.guidance_scale, variance=FLAGS.variance)
+                         s_churn=FLAGS.s_churn, snr=FLAGS.snr,
+                         corrector_steps=FLAGS.corrector_steps,
+                         guidance_scale=FLAGS.guidance_scale, variance=FLAGS.variance)
   out = paths.absolute(FLAGS.out if FLAGS.out.endswith(".npz") else FLAGS.out + ".npz")
   np.savez(out, images=images,
            labels=np.full((len(images),), -1, np.int32) if labels is None else np.asarray(labels))

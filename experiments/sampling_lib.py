@@ -8,7 +8,8 @@
 
 `--steps=N` is N steps on the sampler's default grid (`samplers.grids`: the authors' grid for
 each sampler), for every sampler; `--timesteps` gives an explicit respacing spec instead
-(ddpm / ddim / dpm_solver++). Network evaluations: N for every sampler but heun (2N - 1).
+(ddpm / ddim / dpm_solver++ / pc). Network evaluations: N for every sampler but heun (2N - 1)
+and pc ((1 + corrector_steps) N).
 
 Example i of a run (over all batches) uses the key fold_in(PRNGKey(seed), i), whatever the batch
 size or the number of devices; the samplers draw every random number from that key, so the
@@ -36,15 +37,16 @@ PyTree = Any
 
 
 def define_flags() -> None:
-  """Defines --sampler, --steps, --timesteps, --thresholding, --eta, --s_churn, --guidance_scale,
-  --labels, --checkpoint (absl), once."""
+  """Defines --sampler, --steps, --timesteps, --thresholding, --eta, --s_churn, --snr,
+  --corrector_steps, --guidance_scale, --labels, --checkpoint (absl), once."""
   from absl import flags
   if "sampler" in flags.FLAGS:
     return
   flags.DEFINE_enum("sampler", "ddpm", sorted(samplers.SAMPLERS), "Sampler.")
   flags.DEFINE_integer("steps", None, "Number of steps on the sampler's default grid (default: "
-                       "the run's sample.steps, else all T for ddpm/ddim/dpm_solver++, 50 for "
-                       "euler/heun). Heun spends 2N-1 network evaluations, the others N.")
+                       "the run's sample.steps, else all T for ddpm/ddim/dpm_solver++/pc, 50 for "
+                       "euler/heun). Heun spends 2N-1 network evaluations, pc (1 + "
+                       "corrector_steps) N, the others N.")
   flags.DEFINE_string("timesteps", None, "Instead of --steps, an explicit respacing spec for "
                       "ddpm/ddim/dpm_solver++ ('50,50', 'ddim50', 'linspace20').")
   flags.DEFINE_enum("thresholding", None, list(samplers.thresholding.THRESHOLDINGS),
@@ -53,6 +55,10 @@ def define_flags() -> None:
   flags.DEFINE_float("eta", 0.0, "DDIM eta (0 deterministic, 1 ancestral).")
   flags.DEFINE_float("s_churn", 0.0, "Euler/Heun: EDM's S_churn (0: the deterministic ODE "
                      "sampler; > 0: EDM's stochastic sampler, algorithm 2).")
+  flags.DEFINE_float("snr", samplers.pc.DEFAULT_SNR, "pc: the Langevin corrector's "
+                     "signal-to-noise ratio (score_sde's 0.16).")
+  flags.DEFINE_integer("corrector_steps", 1, "pc: Langevin corrector steps per step (each one "
+                       "more network evaluation: (1 + corrector_steps) N in all).", lower_bound=1)
   flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (class-conditional "
                      "models; 1 = plain conditional sampling); default: the run's "
                      "sample.guidance_scale.")
@@ -119,10 +125,12 @@ def parse_steps(steps: str | int | None) -> int | None:
 def make_generator(apply_fn, params: PyTree, schedule: Schedule, image_shape: Sequence[int], *,
                    seed: int = 0, batch_size: int = 256, sampler: str = "ddpm",
                    steps: str | int | None = None, timesteps: str | None = None,
-                   eta: float = 0.0, s_churn: float = 0.0, guidance_scale: float = 1.0,
-                   num_classes: int = 0, prediction: str = "eps", variance: str = "fixed_small",
-                   thresholding: str | None = None, clip_denoised: bool = True,
-                   devices: Sequence[jax.Device] | None = None) -> Callable[..., np.ndarray]:
+                   eta: float = 0.0, s_churn: float = 0.0,
+                   snr: float = samplers.pc.DEFAULT_SNR, corrector_steps: int = 1,
+                   guidance_scale: float = 1.0, num_classes: int = 0, prediction: str = "eps",
+                   variance: str = "fixed_small", thresholding: str | None = None,
+                   clip_denoised: bool = True, devices: Sequence[jax.Device] | None = None,
+                   static: dict[str, Any] | None = None) -> Callable[..., np.ndarray]:
   """A sampler pmapped over `devices`, built once: `draw(num_samples, labels=None,
   first_index=0, progress=False) -> float32 [num_samples, H, W, C]`.
 
@@ -137,7 +145,8 @@ def make_generator(apply_fn, params: PyTree, schedule: Schedule, image_shape: Se
     image_shape: (H, W, C).
     seed, batch_size: the root key; examples per call over all devices (rounded up to a
       multiple of the device count).
-    sampler, steps, timesteps, eta, s_churn: see `define_flags`.
+    sampler, steps, timesteps, eta, s_churn, snr, corrector_steps: see `define_flags` (snr
+      is traced, corrector_steps static).
     guidance_scale: classifier-free guidance (class-conditional models, null label num_classes);
       at 1 the model runs once per step without the unconditional half.
     num_classes: the model's number of classes (0: unconditional).
@@ -145,6 +154,8 @@ def make_generator(apply_fn, params: PyTree, schedule: Schedule, image_shape: Se
     thresholding: the x0 policy ('clip', 'dynamic', 'none'); None: 'clip' if clip_denoised
       else 'none'.
     devices: devices to pmap over (default: all local devices).
+    static: further static settings of the sampler (`get_sampler`, as a config's
+      `sample.kwargs`), e.g. {'predictor': 'ancestral', 'corrector': 'none'} for pc.
 
   draw's labels: int32 [num_samples] for a class-conditional model (see `parse_labels`; None:
   0, 1, ..., K-1, 0, ...); first_index: global index of the call's first example (shards,
@@ -157,13 +168,16 @@ def make_generator(apply_fn, params: PyTree, schedule: Schedule, image_shape: Se
   if thresholding is None:
     thresholding = "clip" if clip_denoised else "none"
   plan = samplers.plan(sampler, schedule, parse_steps(steps), timesteps)
+  static = dict(plan.static, **(static or {}))
+  if sampler == "pc":
+    static["corrector_steps"] = corrector_steps
   sample_fn = samplers.get_sampler(sampler, prediction=prediction, variance=variance,
-                                   thresholding=thresholding, **plan.static)
+                                   thresholding=thresholding, **static)
   conditional = num_classes > 0
   guided = conditional and guidance_scale != 1.0
   shape = (per_device,) + tuple(image_shape)
 
-  def one_batch(params, run_schedule, per_call_args, eta, churn, scale, keys, y):
+  def one_batch(params, run_schedule, per_call_args, eta, churn, corrector_snr, scale, keys, y):
     if guided:
       model_fn = samplers.classifier_free_guidance(
           lambda x, t, yy: apply_fn(params, x, t, yy), y, scale, null_label=num_classes)
@@ -173,12 +187,14 @@ def make_generator(apply_fn, params: PyTree, schedule: Schedule, image_shape: Se
       per_call_args = dict(per_call_args, eta=eta)
     if sampler in samplers.grids.ODE_SAMPLERS:
       per_call_args = dict(per_call_args, s_churn=churn)
+    if sampler == "pc":
+      per_call_args = dict(per_call_args, snr=corrector_snr)
     return sample_fn(model_fn, run_schedule, shape, keys, **per_call_args)
 
-  pmapped = jax.pmap(one_batch, in_axes=(0, None, None, None, None, None, 0, 0), devices=devices)
+  pmapped = jax.pmap(one_batch, in_axes=(0, None, None, None, None, None, None, 0, 0), devices=devices)
   replicated = jax_utils.replicate(params, devices)
   root = jax.random.PRNGKey(seed)
-  traced = (jnp.float32(eta), jnp.float32(s_churn), jnp.float32(guidance_scale))
+  traced = (jnp.float32(eta), jnp.float32(s_churn), jnp.float32(snr), jnp.float32(guidance_scale))
 
   def draw(num_samples: int, labels: np.ndarray | None = None, first_index: int = 0,
            progress: bool = False) -> np.ndarray:

@@ -26,17 +26,14 @@ from diffusion_jax.training import console
 from diffusion_jax.training import run_config
 from diffusion_jax.training import trainer
 from diffusion_jax.training import workdir_lock
+from experiments import multihost
 from experiments import paths
 from experiments.configs import overrides
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.DEFINE_string("cpu_collectives", None, "CPU collectives implementation, e.g. 'gloo'.")
+multihost.define_flags()
 compile_cache.define_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -50,11 +47,7 @@ def main(argv):
   del argv
   console.quiet_libraries(FLAGS.verbosity)
   compile_cache.enable(FLAGS.compile_cache)
-  if FLAGS.cpu_collectives:
-    jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
-  if FLAGS.distributed or FLAGS.coordinator_address:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  multihost.initialize(FLAGS)
   logging.info("JAX process %d/%d, %d local devices of %d: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)

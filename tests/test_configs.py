@@ -30,7 +30,8 @@ from experiments.configs import overrides
 
 # Every experiment config, as `--config=experiments/configs/<file>.py[:arg]` names it.
 CONFIGS = ("digits", "ddpm_cifar10", "dit_cifar10", "dit_cifar10:DiT-B/4", "tpu:digits",
-           "tpu:ddpm_cifar10", "tpu:dit_cifar10")
+           "tpu:ddpm_cifar10", "tpu:dit_cifar10", "vdm_digits", "edm_digits", "vdm_cifar10",
+           "edm_cifar10")
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,33 @@ def test_dit_cifar10_is_the_dit_recipe_on_cifar():
       ("adamw", 1e-4, 0.0, 0)
   assert (c.train.batch_size, tuple(c.train.ema_decays)) == (256, (0.9999,))
   assert (c.diffusion.loss_type, sampling.sampling_variance(c)) == ("hybrid", "learned_range")
+
+
+def test_vdm_and_edm_cifar10_are_the_authors_recipes():
+  """google-research/vdm configs/cifar10.py and NVlabs/edm train.py (docs/likelihood_table.md
+  lists the values): the family, its schedule / preconditioning, the optimizer and run length."""
+  c = load("vdm_cifar10")
+  assert (c.diffusion.family, c.diffusion.prediction, c.vdm.gamma_min, c.vdm.gamma_max,
+          c.vdm.antithetic, c.vdm.num_steps) == ("vdm", "eps", -13.3, 5.0, True, 0)
+  assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks, c.model.dropout,
+          tuple(c.model.attention_levels), c.model.mid_attention) == (128, (1,), 32, 0.1, (),
+                                                                      True)
+  assert (c.optim.name, c.optim.lr, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay,
+          c.optim.warmup_steps, c.optim.decay) == ("adamw", 2e-4, 0.9, 0.99, 1e-8, 0.01, 100,
+                                                   "constant")
+  assert (c.train.batch_size, c.train.num_steps, tuple(c.train.ema_decays)) == \
+      (128, 10_000_000, (0.9999,))
+  c = load("edm_cifar10")
+  assert (c.diffusion.family, c.diffusion.prediction, c.edm.precond, c.edm.sigma_data,
+          c.edm.p_mean, c.edm.p_std, c.edm.sigma_min, c.edm.sigma_max) == \
+      ("edm", "x0", "edm", 0.5, -1.2, 1.2, 0.002, 80.0)
+  assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks, c.model.dropout) == \
+      (128, (2, 2, 2), 4, 0.13)
+  # 200 Mimg at batch 512; lr ramp-up over 10 Mimg; EMA half-life 0.5 Mimg per step of 512.
+  assert (c.optim.lr, c.optim.warmup_steps, c.optim.grad_clip, c.train.batch_size,
+          c.train.num_steps) == (1e-3, 10_000_000 // 512, 0.0, 512, 200_000_000 // 512)
+  assert c.train.ema_decays[0] == pytest.approx(0.5 ** (512 / 500_000), abs=5e-6)
+  assert (c.sample.sampler, c.sample.kwargs.num_steps) == ("heun", 18)
 
 
 # Overrides that make any config train one step on the offline digits in seconds.

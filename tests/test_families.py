@@ -123,6 +123,54 @@ def test_vdm_bits_per_dim_of_evaluate_bpd():
   np.testing.assert_allclose(mean, float(np.mean(want)), rtol=1e-5)
 
 
+def test_vdm_variance_minimising_update_equals_pure_function():
+  """With vdm.variance_minimising the trainer's loss gives the schedule's shape parameters the
+  gradient of mean(L^2) and every other parameter that of mean(L): the same gradients as the
+  pure `vdm.variance_minimising_grads` (two separate gradient passes)."""
+  plain, varmin = _config("vdm_digits"), _config("vdm_digits")
+  varmin.vdm.variance_minimising = True
+  comp = components.build(plain, SHAPE)
+  params = components.init_params(comp, jax.random.PRNGKey(0))
+  # A curved schedule (larger sigmoid bumps): at the near-linear initialisation d gamma / d slope
+  # is a difference of nearly equal terms, t (h(1) - h(0)) - (h(t) - h(0)), whose cancellation
+  # would make the rounding bound below meaningless for the slope.
+  params["gamma"]["shape"]["c"] = params["gamma"]["shape"]["c"] + 4.0
+  x0 = _batch(8)["image"]
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(3), i))(jnp.arange(8))
+  net = lambda p: step_lib.ModelFn(comp.model.apply, p, p, None, jax.random.PRNGKey(0),
+                                   jnp.float32)
+  per_example = lambda p: components.make_loss_fn(plain, comp.schedule)(net(p), x0, keys)
+  trainer_loss = lambda p: jnp.mean(components.make_loss_fn(varmin, comp.schedule)(net(p), x0,
+                                                                                   keys))
+  value, got = jax.jit(jax.value_and_grad(trainer_loss))(params)
+  want_value, want = jax.jit(lambda p: vdm.variance_minimising_grads(
+      per_example, p, families.is_shape_param))(params)
+  plain_grads = jax.jit(jax.grad(lambda p: jnp.mean(per_example(p))))(params)
+  assert float(value) == pytest.approx(float(want_value), rel=1e-6)   # the value is unchanged
+  # Both sum the per-example terms w_b dL_b/dtheta / B (w_b = 2 L_b for the shape, 1 for the
+  # rest) in another order, and the shape's terms have both signs (the shape leaves the mean
+  # bound unchanged): the rounding scales with mean_b |w_b dL_b/dtheta|, ~250 float32 ops deep
+  # (3e-5 ~ 250 x 1.2e-7).
+  losses_b = per_example(params)
+  jac = jax.jit(jax.jacrev(per_example))(params)
+  for path, g in jax.tree_util.tree_flatten_with_path(got)[0]:
+    names = tuple(k.key for k in path)
+    w, j = want, jac
+    for k in names:
+      w, j = w[k], j[k]
+    weight = 2.0 * losses_b if families.is_shape_param(names) else jnp.ones_like(losses_b)
+    scale = np.mean(np.abs(np.asarray(weight).reshape((-1,) + (1,) * (j.ndim - 1)) * j), axis=0)
+    # Plus the rounding of the cotangent the leaf's entries share (upstream of the 1024
+    # features), relative to the leaf's largest terms.
+    excess = np.abs(np.asarray(g) - np.asarray(w)) - (3e-5 * scale + 1e-6 * np.max(scale))
+    assert np.all(excess <= 0), (jax.tree_util.keystr(path), float(np.max(excess)))
+  shape_got, shape_plain = got["gamma"]["shape"]["w"], plain_grads["gamma"]["shape"]["w"]
+  assert not np.allclose(shape_got, shape_plain, rtol=0.1), "the shape gradients did not change"
+  with pytest.raises(ValueError, match="variance_minimising"):
+    varmin.vdm.num_steps = 10
+    families.family(varmin)
+
+
 def test_family_config_errors():
   c = _config("edm_digits", prediction="eps")
   with pytest.raises(ValueError, match="diffusion.prediction"):

@@ -202,7 +202,7 @@ def test_latent_configs_declare_only_default_keys():
 
 
 def test_preview_sampling_follows_sample_steps_and_guidance_scale():
-  """The trainer's previews (`sampling.generate`) honour sample.steps (respaced on the sampler's
+  """The trainer's previews (`sampling.sample_from_config`) honour sample.steps (respaced on the sampler's
   grid) and sample.guidance_scale (classifier-free guidance with the null label num_classes)."""
   from diffusion_jax import samplers
   from diffusion_jax.models import get_model, init_params
@@ -217,7 +217,7 @@ def test_preview_sampling_follows_sample_steps_and_guidance_scale():
   schedule = components.build_schedule(config.diffusion)
   labels = np.array([1, 4, 9], np.int32)
   key = jax.random.key(3)
-  got = sampling.generate(config, model, schedule, params, key, 3, (4, 4, 2), labels)
+  got = sampling.sample_from_config(config, model, schedule, params, key, 3, (4, 4, 2), labels)
   plan = samplers.plan('ddpm', schedule, 5)
   sampler = samplers.get_sampler('ddpm', prediction='eps', variance='learned_range',
                                  clip_denoised=True, **plan.static)
@@ -227,7 +227,7 @@ def test_preview_sampling_follows_sample_steps_and_guidance_scale():
   want = sampler(guided, plan.schedule, (3, 4, 4, 2), key, **plan.per_call)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   config.sample.guidance_scale = 1.0
-  plain = sampling.generate(config, model, schedule, params, key, 3, (4, 4, 2), labels)
+  plain = sampling.sample_from_config(config, model, schedule, params, key, 3, (4, 4, 2), labels)
   assert np.abs(np.asarray(plain) - np.asarray(got)).max() > 1e-3
 
 

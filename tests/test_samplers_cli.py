@@ -104,6 +104,22 @@ def test_steps_is_a_count_on_the_default_grid():
                                 dj.samplers.space_timesteps(50, "linspace20"))
 
 
+def test_pc_through_the_command_line_library():
+  kw = dict(num_samples=6, seed=1, steps="8", progress=False, batch_size=6,
+            devices=jax.local_devices()[:1])
+  # The ancestral predictor without corrector is DDPM's step (tests/test_samplers_pc.py): the
+  # static settings reach the sampler, and pc's grid for --steps is ddpm's. Rounding of ~10
+  # operations per step x 8 steps.
+  ancestral = sampling_lib.generate(apply_fn, PARAMS, SCHEDULE, IMAGE, sampler="pc",
+                                    static={"predictor": "ancestral", "corrector": "none"}, **kw)
+  ddpm = sampling_lib.generate(apply_fn, PARAMS, SCHEDULE, IMAGE, sampler="ddpm", **kw)
+  assert_f32_close(ancestral, ddpm, ops=10 * 8)
+  # The corrector's snr reaches it.
+  corrected = [sampling_lib.generate(apply_fn, PARAMS, SCHEDULE, IMAGE, sampler="pc", snr=snr,
+                                     **kw) for snr in (0.16, 0.3)]
+  assert not np.allclose(*corrected)
+
+
 def test_generator_is_built_once_and_matches_generate():
   # make_generator traces (and compiles) its pmapped sampler once: later calls, other sizes and
   # first indices included, reuse it. Its draws are generate's (same keys fold_in(seed, index),

@@ -16,7 +16,7 @@ from numerics_testlib import assert_f32_close
 T = 100
 SCHEDULE = dj.get_schedule("linear", T)
 SHAPE = (8, 4, 4, 3)
-ALL = ["ddpm", "ddim", "dpm_solver++", "euler", "heun"]
+ALL = ["ddpm", "ddim", "dpm_solver++", "euler", "heun", "pc"]
 
 
 def toy_model(x, t):
@@ -47,7 +47,7 @@ def test_inpainting_keeps_known_pixels(name):
   assert np.abs(out[mask == 0] - np.asarray(free)[mask == 0]).max() > 1e-3
   # ... and an empty mask is no inpainting at all (same noise streams): the same arithmetic in
   # another compiled program, so equal up to rounding of ~10 float32 operations per step x 10
-  # steps (x2 network calls for Heun) of the largest state. A fixed 1e-6 failed on another
+  # steps (x2 network calls for Heun and pc) of the largest state. A fixed 1e-6 failed on another
   # machine (issue 9: 4.3e-6 on values up to 140); see tests/README.md.
   assert_f32_close(inpainting(jnp.zeros(SHAPE)), free, ops=10 * 10 * 2)
 
@@ -161,7 +161,7 @@ def test_default_grids_are_the_authors():
     p = dj.samplers.plan(name, cosine, 7)
     assert p.schedule.num_timesteps == 7 and p.per_call["timesteps"].shape == (7,)
   assert dj.samplers.plan("heun", cosine, 7).static == {"num_steps": 7}
-  assert [dj.samplers.network_evaluations(n, 10) for n in ALL] == [10, 10, 10, 10, 19]
+  assert [dj.samplers.network_evaluations(n, 10) for n in ALL] == [10, 10, 10, 10, 19, 20]
   assert grids.steps_within("heun", 20) == 10 and grids.steps_within("ddim", 20) == 20
   with pytest.raises(ValueError, match="num_steps"):
     grids.default_timesteps("ddim", 250, 251)

@@ -30,15 +30,16 @@ ABAR = np.cumprod(1.0 - BETAS64)
 LOG_SIGMA64 = 0.5 * np.log((1.0 - ABAR) / ABAR)             # [T] increasing
 
 
-def exact_model(prediction="eps", mean=MU, rotation=None):
-  """The optimal network for N(MU, SIGMA): (x_vp [B, 2], t [B] int or float) -> prediction.
+def exact_model(prediction="eps", mean=MU, rotation=None, eigenvalues=LAMBDA):
+  """The optimal network for N(MU, SIGMA) (or N(mean, rotation diag(eigenvalues) rotation^T),
+  any dimension D): (x_vp [B, D], t [B] int or float) -> prediction.
 
   Written in sigma = sqrt((1 - abar) / abar) (from the float64-built table, log-interpolated at
   fractional t), in Sigma's eigenbasis: x = x_vp sqrt(1 + sigma^2), x0 = mu + lam / (lam +
   sigma^2) (x - mu), eps = sigma / (lam + sigma^2) (x - mu), without cancellation at small sigma.
   """
   rot = jnp.asarray(ROT if rotation is None else rotation, jnp.float32)
-  lam = jnp.asarray(LAMBDA, jnp.float32)
+  lam = jnp.asarray(eigenvalues, jnp.float32)
   mu = jnp.asarray(mean, jnp.float32)
 
   log_sigma = jnp.asarray(LOG_SIGMA64, jnp.float32)

@@ -36,7 +36,7 @@ def run(name, model_fn=toy_model, shape=SHAPE, rng=None, steps=10, **kw):
   return jax.jit(lambda s, k: sampler(model_fn, s, shape, k))(SCHEDULE, rng)
 
 
-ALL = ["ddpm", "ddim", "dpm_solver++", "euler", "heun"]
+ALL = ["ddpm", "ddim", "dpm_solver++", "euler", "heun", "pc"]
 
 
 def scan_lengths(jaxpr):
@@ -137,17 +137,21 @@ def test_guidance_scale_and_timestep_subset_do_not_recompile():
   assert counter.count >= 1 and len(traces) == 2
 
 
-@pytest.mark.parametrize("name", ["ddpm", "dpm_solver++", "heun"])
-def test_one_device_and_eight_devices_give_the_same_samples(name):
+# pc with the per-example corrector norms (its default batch norms tie a sample to the batch).
+@pytest.mark.parametrize("name,kw", [("ddpm", {}), ("dpm_solver++", {}), ("heun", {}),
+                                     ("pc", {"langevin_norms": "example"})])
+def test_one_device_and_eight_devices_give_the_same_samples(name, kw):
   assert jax.local_device_count() == 8
   key = jax.random.key(42)
-  single = jax.jit(lambda k: run(name, rng=k))(key)
+  single = jax.jit(lambda k: run(name, rng=k, **kw))(key)
   # Eight devices, two examples each: per-example keys from global example indices.
   keys = rng_lib.example_keys(key, SHAPE[0]).reshape(8, SHAPE[0] // 8)
-  sharded = jax.pmap(lambda k: run(name, shape=(SHAPE[0] // 8,) + SHAPE[1:], rng=k))(keys)
+  sharded = jax.pmap(lambda k: run(name, shape=(SHAPE[0] // 8,) + SHAPE[1:], rng=k, **kw))(keys)
   # Same keys and formulas, another compiled program (pmap): rounding only, up to ~10 float32
-  # operations per step for 10 steps, on the largest state.
-  assert_f32_close(np.asarray(sharded).reshape(SHAPE), single, ops=10 * 10)
+  # operations per network evaluation (2 per step for heun and pc) for 10 steps, on the largest
+  # state.
+  assert_f32_close(np.asarray(sharded).reshape(SHAPE), single,
+                   ops=10 * 10 * dj.samplers.grids.EVALUATIONS_PER_STEP[name])
 
 
 @pytest.mark.parametrize("thresholding", ["none", "clip", "dynamic"])

@@ -12,6 +12,9 @@ default for pixel data; 'dynamic'; 'none' for latents), and is guided by wrappin
                              N)` gives the sampler's default grid, `respace(schedule, 'ddim50')`
                              any other.
   euler, heun              : run on the training schedule; `num_steps` is static.
+  pc                       : score_sde's predictor-corrector on the VP or VE SDE, over a
+                             (respaced) schedule like ddpm; `snr` per call, `corrector_steps`
+                             static.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from diffusion_jax.samplers import guidance
 from diffusion_jax.samplers import inpainting
 from diffusion_jax.samplers import likelihood
 from diffusion_jax.samplers import ode
+from diffusion_jax.samplers import pc
 from diffusion_jax.samplers import respacing
 from diffusion_jax.samplers import thresholding
 from diffusion_jax.samplers.ancestral import sample
@@ -51,6 +55,7 @@ SAMPLERS: dict[str, Callable] = {
     "dpm_solver++": dpm_solver.sample,
     "euler": functools.partial(ode.sample, method="euler"),
     "heun": functools.partial(ode.sample, method="heun"),
+    "pc": pc.sample,
 }
 
 
@@ -58,9 +63,9 @@ def get_sampler(name: str, **static) -> Callable:
   """The named sampler with its static settings bound.
 
   Args:
-    name: one of `SAMPLERS` ('ddpm', 'ddim', 'dpm_solver++', 'euler', 'heun').
+    name: one of `SAMPLERS` ('ddpm', 'ddim', 'dpm_solver++', 'euler', 'heun', 'pc').
     **static: keyword settings of that sampler (e.g. `prediction='v'`, `variance='learned_range'`,
-      `num_steps=18` for euler/heun, `thresholding='none'`).
+      `num_steps=18` for euler/heun, `corrector_steps=2` for pc, `thresholding='none'`).
 
   Returns:
     `sampler(model_fn, schedule, shape, rng, **per_call) -> samples [B, ...]`.

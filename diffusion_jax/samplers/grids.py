@@ -11,9 +11,12 @@
                 their discrete-time wrapper; diffusers' default).
   euler, heun   the Karras grid, rho = 7, from min(80, largest training sigma) to the smallest
                 (Karras et al. 2022, eq. 5; see `samplers.ode`).
+  pc            as ddpm: the SDE discretised on N evenly spaced levels of the training schedule
+                (Song et al. 2021 discretise theirs uniformly in time; N = T is the model's own).
 
 Network evaluations per step: 1 for ddpm, ddim, dpm_solver++ and euler; 2 for heun, whose last
-step (to sigma = 0) is an Euler step, so N Heun steps cost 2N - 1.
+step (to sigma = 0) is an Euler step, so N Heun steps cost 2N - 1; 1 + C for pc with C
+Langevin corrector steps (the default C = 1: 2N; C = 0 stands for corrector='none').
 
 References: the papers above.
 """
@@ -30,9 +33,9 @@ from diffusion_jax import _checks
 from diffusion_jax.samplers import respacing
 from diffusion_jax.schedules import Schedule
 
-SCHEDULE_SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
+SCHEDULE_SAMPLERS = ("ddpm", "ddim", "dpm_solver++", "pc")
 ODE_SAMPLERS = ("euler", "heun")
-EVALUATIONS_PER_STEP = {"ddpm": 1, "ddim": 1, "dpm_solver++": 1, "euler": 1, "heun": 2}
+EVALUATIONS_PER_STEP = {"ddpm": 1, "ddim": 1, "dpm_solver++": 1, "euler": 1, "heun": 2, "pc": 2}
 
 
 def _check(name: str, num_steps: int) -> None:
@@ -45,7 +48,7 @@ def default_timesteps(name: str, num_timesteps: int, num_steps: int) -> np.ndarr
   """The default respacing subset of a schedule sampler: int32 [N] increasing, within [0, T).
 
   Args:
-    name: 'ddpm', 'ddim' or 'dpm_solver++'.
+    name: 'ddpm', 'ddim', 'dpm_solver++' or 'pc'.
     num_timesteps: T of the training schedule.
     num_steps: N, 1 <= N <= T.
   """
@@ -57,25 +60,31 @@ def default_timesteps(name: str, num_timesteps: int, num_steps: int) -> np.ndarr
     raise ValueError(f"num_steps={num_steps} exceeds the T={num_timesteps} training timesteps.")
   if num_steps == num_timesteps:
     return np.arange(num_timesteps, dtype=np.int32)
-  if name == "ddpm":
+  if name in ("ddpm", "pc"):
     return respacing.space_timesteps(num_timesteps, str(num_steps))
   if name == "ddim":
     return (np.arange(num_steps) * num_timesteps // num_steps).astype(np.int32)
   return respacing.space_timesteps(num_timesteps, f"linspace{num_steps}")
 
 
-def network_evaluations(name: str, num_steps: int) -> int:
-  """Network evaluations of N steps of the named sampler (per sample, without guidance)."""
+def network_evaluations(name: str, num_steps: int, corrector_steps: int = 1) -> int:
+  """Network evaluations of N steps of the named sampler (per sample, without guidance);
+  `corrector_steps` C is pc's (1 + C per step; 0 for corrector='none')."""
   _check(name, num_steps)
+  if name == "pc":
+    if int(corrector_steps) < 0:
+      raise ValueError(f"corrector_steps must be >= 0, got {corrector_steps}.")
+    return (1 + int(corrector_steps)) * int(num_steps)
   return EVALUATIONS_PER_STEP[name] * int(num_steps) - (1 if name == "heun" else 0)
 
 
 def steps_within(name: str, evaluations: int) -> int:
-  """The most steps whose network evaluations stay within `evaluations` (>= 1 step)."""
+  """The most steps whose network evaluations stay within `evaluations` (>= 1 step; pc with
+  its default single corrector step)."""
   _check(name, 1)
   if name == "heun":
     return max(1, (int(evaluations) + 1) // 2)
-  return max(1, int(evaluations))
+  return max(1, int(evaluations) // EVALUATIONS_PER_STEP[name])
 
 
 class Plan(NamedTuple):

@@ -75,6 +75,11 @@ def family(config: Any) -> str:
     if int(config.vdm.num_steps) < 0:
       raise ValueError(f"vdm.num_steps must be >= 0 (0: continuous time), got "
                        f"{config.vdm.num_steps}.")
+    if config.vdm.variance_minimising and (config.vdm.gamma != "learned"
+                                           or int(config.vdm.num_steps) > 0):
+      raise ValueError("vdm.variance_minimising=True needs vdm.gamma='learned' and "
+                       "vdm.num_steps=0 (only the continuous bound is independent of the "
+                       "schedule's shape in expectation).")
   else:
     _checks.check_choice("edm.precond", config.edm.precond, edm.PRECONDITIONINGS)
     if not 0.0 < config.edm.sigma_min < config.edm.sigma_max:
@@ -246,6 +251,19 @@ def vdm_vlb(config: Any, model_fn: Callable[..., jax.Array],
                        antithetic=bool(v.antithetic if antithetic is None else antithetic)).bpd
 
 
+def is_shape_param(path: tuple) -> bool:
+  """Whether a params path (tuple of names) is a shape parameter of the learned VDM schedule
+  (`VDMNetwork`'s 'gamma/shape/...': it moves the curve, not its end points)."""
+  return tuple(path[:2]) == ("gamma", "shape")
+
+
+def _stop_all_but_shape(params: PyTree) -> PyTree:
+  def keep(path, leaf):
+    names = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
+    return leaf if is_shape_param(names) else jax.lax.stop_gradient(leaf)
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
 def vlb_bits_fn(config: Any, model: nn.Module) -> Callable[..., jax.Array] | None:
   """`(params, x0 [B, ...], keys [B]) -> bits/dim [B]`: the bound of a VDM run (independent times,
   so example b's value depends on its key alone), None for a 'ddpm' run (its T-step bound is
@@ -271,14 +289,26 @@ def make_loss_fn(config: Any, schedule: schedules.Schedule) -> Callable[..., jax
   `__call__`, `model_fn(x, t, method=name)` another method with labels and dropout, and
   `model_fn.apply(name, *args)` a method without them (the learned schedule).
     ddpm: `losses.training_loss` with the config's prediction, loss type, weighting, variance.
-    vdm:  the VLB in bits/dim (`vdm_vlb`) with the module's gamma.
+    vdm:  the VLB in bits/dim (`vdm_vlb`) with the module's gamma; with
+          `vdm.variance_minimising` the schedule's shape parameters follow the gradient of the
+          mean squared bound instead (VDM sec. 5.2; `vdm.variance_minimising_grads`).
     edm:  `edm.training_loss` on the module's raw backbone.
   """
   name = family(config)
   if name == "vdm":
-    def vdm_loss(model_fn, x0, keys):
+    def bound(model_fn, x0, keys):
       gamma_fn = lambda t: model_fn.apply("gamma", t)
       return vdm_vlb(config, lambda z, g: model_fn(z, g, method="eps"), gamma_fn, x0, keys)
+    if not config.vdm.variance_minimising:
+      return bound
+    def vdm_loss(model_fn, x0, keys):
+      loss = bound(model_fn, x0, keys)
+      # Shape parameters get the gradient of mean(L^2) = mean(2 L dL), the others that of
+      # mean(L): a zero-valued term whose gradient reaches the shape parameters only, adding
+      # (2 L - 1) dL to their plain dL (one more forward and backward pass of the network).
+      shape_only = bound(model_fn.with_params(_stop_all_but_shape), x0, keys)
+      extra = jax.lax.stop_gradient(2.0 * loss - 1.0) * shape_only
+      return loss + extra - jax.lax.stop_gradient(extra)
     return vdm_loss
   if name == "edm":
     e = config.edm

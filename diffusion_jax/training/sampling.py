@@ -73,7 +73,7 @@ def guided_model_fn(config: Any, model: Any, params: PyTree, labels: jax.Array |
   return make_model_fn(model, params, labels)
 
 
-def generate(config: Any, model: Any, schedule: Any, params: PyTree, rng: jax.Array,
+def sample_from_config(config: Any, model: Any, schedule: Any, params: PyTree, rng: jax.Array,
              num_samples: int, image_shape: tuple[int, ...],
              labels: jax.Array | None = None, sampler: str | None = None,
              steps: int | None = None) -> jax.Array:

@@ -56,6 +56,11 @@ class ModelFn:
   def apply(self, method: str, *args) -> jax.Array:
     return self._apply_fn({"params": self._params}, *args, method=method)
 
+  def with_params(self, fn: Callable[[PyTree], PyTree]) -> "ModelFn":
+    """The same network on `fn(params)` (e.g. params with some gradients stopped)."""
+    return ModelFn(self._apply_fn, fn(self._params), fn(self._cast_params), self._y,
+                   self._dropout_key, self._dtype)
+
 
 class StepConfig(NamedTuple):
   """Static settings of the step.

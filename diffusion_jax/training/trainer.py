@@ -381,16 +381,23 @@ class _Hooks:
     """Scores `config.eval.num_samples` samples, logs eval/<metric>, keeps the best checkpoint."""
     t0 = time.perf_counter()
     hook, key = self.eval_hook, f"eval/{self.eval_hook.metric}"
-    value, which = float("nan"), ""
+    value, which, failure = float("nan"), "", None
     if self.host0:
-      params, which = self._sampling_params(host_state)
-      params = jax.device_put(params)
-      num = int(self.config.eval.num_samples)
-      images = np.concatenate([
-          sampling.to_uint8(self.eval_sample_fn(params, jax.random.fold_in(self.eval_rng, i)))
-          for i in range(-(-num // self.eval_batch))])[:num]
-      value = hook(images)[key]
-    value = _from_host0(value)
+      try:
+        params, which = self._sampling_params(host_state)
+        params = jax.device_put(params)
+        num = int(self.config.eval.num_samples)
+        images = np.concatenate([
+            sampling.to_uint8(self.eval_sample_fn(params, jax.random.fold_in(self.eval_rng, i)))
+            for i in range(-(-num // self.eval_batch))])[:num]
+        value = hook(images)[key]
+      except Exception as e:  # pylint: disable=broad-except
+        failure = e           # raised below, after the other hosts have heard of it
+    value, failed = _from_host0(value, failure is not None)
+    if failure is not None:
+      raise failure
+    if failed:   # else the other hosts would wait for host 0 at their next collective forever
+      raise RuntimeError(f"The evaluation at step {step} failed on host 0 (see its log).")
     self.writer.write_scalars(step, {key: value})
     new_best = bool(np.isfinite(value)) and hook_lib.is_new_best(self.best, value, hook.settings)
     if not np.isfinite(value) and self.host0:
@@ -413,12 +420,14 @@ class _Hooks:
     self.chrono.mark(step)   # the next log's steps/s measures training, not this evaluation
 
 
-def _from_host0(value: float) -> float:
-  """Host 0's value on every host (the evaluation runs on host 0 only)."""
+def _from_host0(value: float, failed: bool) -> tuple[float, bool]:
+  """Host 0's (value, whether its evaluation raised) on every host (the evaluation runs on host
+  0 only)."""
   if jax.process_count() == 1:
-    return float(value)
+    return float(value), failed
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  return float(multihost_utils.broadcast_one_to_all(np.float64(value)))
+  value, failed = multihost_utils.broadcast_one_to_all((np.float64(value), np.int32(failed)))
+  return float(value), bool(failed)
 
 
 def _log_header(config, comp: components.Components, state: state_lib.TrainState,

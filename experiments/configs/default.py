@@ -137,6 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   v.gamma_max = 5.0                   # gamma(1) (the learned schedule's initial value)
   v.num_features = 1024               # hidden width of the learned schedule's monotonic network
   v.antithetic = True                 # low-discrepancy times over the batch
+  v.variance_minimising = False       # learned shape follows grad of E[L^2] (VDM sec. 5.2; 2x the step's cost)
   v.num_steps = 0                     # 0: continuous-time bound; T > 0: the T-step discrete bound
   v.decoder = "8bit"                  # reconstruction term: '8bit' (256-level softmax) or 'gaussian'
 
