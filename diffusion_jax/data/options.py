@@ -51,6 +51,7 @@ class DataOptions:
     'images' are then float32 latents (h, w, L) in diffusion space, not pixels.
   latent_sample: latents only: train on a posterior sample z = mean + std * eps (eps drawn from
     the seed and the stream position) instead of the posterior mean.
+  text_dir, seq_len, tokenizer: text runs (name 'text'), read by `training.text_run`.
   """
   name: str
   data_dir: str
@@ -73,6 +74,9 @@ class DataOptions:
   label_key: str = "label"
   latents_dir: Optional[str] = None
   latent_sample: bool = True
+  text_dir: Optional[str] = None
+  seq_len: int = 256
+  tokenizer: str = "char"
 
   @classmethod
   def from_config(cls, config: Any) -> "DataOptions":

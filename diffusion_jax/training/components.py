@@ -23,6 +23,7 @@ from diffusion_jax import schedules
 from diffusion_jax.training import families
 from diffusion_jax.training import optim
 from diffusion_jax.training import state as state_lib
+from diffusion_jax.training import text_run
 
 PyTree = Any
 
@@ -37,6 +38,7 @@ class Components(NamedTuple):
   num_classes: int                 # of the model: > 0 means class-conditional
   tx: Any                          # optax.GradientTransformation
   lr_fn: Callable[[Any], Any]
+  vocab_size: int = 0              # text runs (`text_run`): data tokens V; 0 for images
 
 
 def _fields(cls: type) -> set[str]:
@@ -63,7 +65,8 @@ def build_model(model_config: Any, image_shape: Sequence[int]):
     logging.warning("Model %r (%s) ignores the config keys of another backbone: %s.", name,
                     cls.__name__, ", ".join(f"model.{k}={given[k]!r}" for k in foreign))
   kwargs = {k: v for k, v in given.items() if k in fields}
-  kwargs.setdefault("in_channels", int(image_shape[-1]))
+  if "in_channels" in fields:   # token models have no channels
+    kwargs.setdefault("in_channels", int(image_shape[-1]))
   for key in ("dtype", "param_dtype"):
     if isinstance(kwargs.get(key), str):
       kwargs[key] = jnp.dtype(kwargs[key])
@@ -105,19 +108,36 @@ def make_loss_fn(config: Any, schedule: schedules.Schedule
   return families.make_loss_fn(config, schedule)
 
 
+def run_loss_fn(config: Any, comp: Components) -> Callable[[Callable, jax.Array, jax.Array],
+                                                         jax.Array]:
+  """The train step's loss of the run: `make_loss_fn` for images, `text_run.make_loss_fn`
+  (bits per token) for text."""
+  if comp.vocab_size:
+    return text_run.make_loss_fn(config, comp.vocab_size)
+  return make_loss_fn(config, comp.schedule)
+
+
 def model_num_classes(model: Any) -> int:
   """The model's number of classes (0: unconditional)."""
   return int(model.num_classes)
 
 
-def build(config: Any, image_shape: tuple[int, int, int]) -> Components:
-  """Model, schedule and optimizer of a run whose data has `image_shape` (H, W, C)."""
+def build(config: Any, image_shape: tuple[int, ...], vocab_size: int = 0) -> Components:
+  """Model, schedule and optimizer of a run whose data has `image_shape` (H, W, C), or for a
+  text run (`text_run.is_text`) sequences of shape (L,) over `vocab_size` tokens."""
+  tx, lr_fn = optim.make_optimizer(config.optim, int(config.train.num_steps))
+  if text_run.is_text(config):
+    if vocab_size < 1:
+      raise ValueError(f"a text run needs the tokenizer's vocab_size >= 1, got {vocab_size}.")
+    model = build_model(text_run.model_config(config, vocab_size), image_shape)
+    return Components(model=model, schedule=build_schedule(config.diffusion),
+                      image_shape=tuple(int(s) for s in image_shape), num_classes=0, tx=tx,
+                      lr_fn=lr_fn, vocab_size=int(vocab_size))
   model = build_network(config, image_shape)
   if model.in_channels != image_shape[-1]:
     raise ValueError(f"model.in_channels={model.in_channels} but the data has {image_shape[-1]} "
                      f"channels (image shape {tuple(image_shape)}); leave model.in_channels "
                      f"unset to follow the data")
-  tx, lr_fn = optim.make_optimizer(config.optim, int(config.train.num_steps))
   return Components(model=model, schedule=run_schedule(config),
                     image_shape=tuple(int(s) for s in image_shape),
                     num_classes=model_num_classes(model), tx=tx, lr_fn=lr_fn)

@@ -38,7 +38,10 @@ from diffusion_jax import losses
 from diffusion_jax import schedules
 from diffusion_jax import vdm
 
-FAMILIES = ("ddpm", "vdm", "edm")
+# The text families ('masked', 'autoregressive') are built and trained by `text_run`; none of
+# the image functions below applies to them.
+TEXT_FAMILIES = ("masked", "autoregressive")
+FAMILIES = ("ddpm", "vdm", "edm") + TEXT_FAMILIES
 VDM_GAMMAS = ("learned",) + vdm.gamma.SHAPES
 # The family's required prediction target (what `__call__` returns to the samplers).
 PREDICTIONS = {"vdm": "eps", "edm": "x0"}
@@ -54,7 +57,7 @@ PyTree = Any
 def family(config: Any) -> str:
   """`config.diffusion.family`, checked (with the family's constraints on the other keys)."""
   name = _checks.check_choice("diffusion.family", config.diffusion.family, FAMILIES)
-  if name == "ddpm":
+  if name == "ddpm" or name in TEXT_FAMILIES:
     return name
   want = PREDICTIONS[name]
   if config.diffusion.prediction != want:

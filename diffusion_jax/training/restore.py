@@ -20,10 +20,12 @@ from etils import epath
 
 from diffusion_jax import models
 from diffusion_jax import schedules
+from diffusion_jax.data import text as text_lib
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
 from diffusion_jax.training import families
 from diffusion_jax.training import state as state_lib
+from diffusion_jax.training import text_run
 from experiments.configs import default as default_config
 
 PyTree = Any
@@ -37,6 +39,7 @@ class Loaded(NamedTuple):
   image_shape: tuple[int, int, int]
   num_classes: int   # of the model (> 0: class-conditional, label num_classes is the null class)
   step: int
+  tokenizer: Any = None   # text runs: the run's tokenizer (`<workdir>/tokenizer.json`)
 
 
 def load_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
@@ -155,8 +158,14 @@ def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
   config = load_config(workdir)
   info = json.loads((workdir / "dataset_info.json").read_text())
   image_shape = tuple(int(s) for s in info["image_shape"])
-  model = components.build_network(config, image_shape)
-  num_classes = components.model_num_classes(model)
+  tokenizer = None
+  if text_run.is_text(config):
+    vocab_size = int(info["vocab_size"])
+    model = components.build_model(text_run.model_config(config, vocab_size), image_shape)
+    tokenizer = text_lib.load_tokenizer(str(workdir / info["tokenizer"]))
+  else:
+    model = components.build_network(config, image_shape)
+  num_classes = 0 if tokenizer is not None else components.model_num_classes(model)
   target = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0), image_shape,
                                                      num_classes > 0))
   if ema_decay is None:
@@ -169,6 +178,9 @@ def load_for_sampling(workdir: str | epath.Path, use_ema: bool = True,
   if best and at != step:
     raise FileNotFoundError(f"the best checkpoint (step {step} in {workdir}/eval/best.json) is "
                             f"not readable in {directory}.")
+  if tokenizer is not None:   # a text run: the beta schedule is unused
+    return Loaded(config, model, components.build_schedule(config.diffusion), params,
+                  image_shape, num_classes, at, tokenizer)
   schedule = families.sampling_schedule(config, model, params, components.run_schedule(config))
   return Loaded(config, model, schedule, params, image_shape, num_classes, at)
 

@@ -47,7 +47,9 @@ class ModelFn:
 
   def __call__(self, x_t: jax.Array, t: jax.Array, method: str | None = None) -> jax.Array:
     kw = {} if method is None else {"method": method}
-    out = self._apply_fn({"params": self._cast_params}, x_t.astype(self._dtype), t, self._y,
+    # Integer inputs (text tokens) are ids, never cast to the compute dtype.
+    x_in = x_t.astype(self._dtype) if jnp.issubdtype(x_t.dtype, jnp.floating) else x_t
+    out = self._apply_fn({"params": self._cast_params}, x_in, t, self._y,
                          train=True, rngs={"dropout": self._dropout_key}, **kw)
     return out.astype(jnp.float32)
 
@@ -93,6 +95,11 @@ def example_keys(rng: jax.Array, step: jax.Array, batch_size: int, axis_name: st
   return rng_lib.keys_for_indices(step_key, positions)
 
 
+def data_of(batch: dict) -> jax.Array:
+  """The examples of a batch: 'tokens' (int [B, L], text runs) or 'image' (float [B, H, W, C])."""
+  return batch["tokens"] if "tokens" in batch else batch["image"]
+
+
 def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
                     tx: optax.GradientTransformation, lr_fn: Callable[[Any], Any],
                     config: StepConfig = StepConfig(), axis_name: str | None = "batch"
@@ -101,7 +108,8 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
   """Builds `step(state, batch, rng) -> (state, metrics)` for one device.
 
   apply_fn: `module.apply` with the models contract `(variables, x, t, y, train=, rngs=)`.
-  batch: {'image': float [B, H, W, C] in [-1, 1], 'label': int32 [B]} (this device's share).
+  batch: {'image': float [B, H, W, C] in [-1, 1], 'label': int32 [B]} (this device's share), or
+    {'tokens': int32 [B, L]} for a text run (integer inputs are never cast to compute_dtype).
   rng: the run's base key (identical on every device).
   metrics: loss, grad_norm, param_norm, update_norm, lr, nonfinite (1.0 when the loss or a
     gradient is not finite), all averaged over `axis_name`.
@@ -119,8 +127,10 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
                         else a, tree)
 
   def loss_and_aux(params, batch, keys, dropout_key):
-    x0 = batch["image"].astype(jnp.float32)
-    y = batch["label"]
+    x0 = data_of(batch)
+    if jnp.issubdtype(x0.dtype, jnp.floating):
+      x0 = x0.astype(jnp.float32)
+    y = batch.get("label")
     split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
     loss_keys, label_keys = split[:, 0], split[:, 1]
     if conditional and config.label_dropout > 0:
@@ -135,7 +145,7 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
 
   def step(state: state_lib.TrainState, batch: dict, rng: jax.Array):
     example_rng, device_rng = jax.random.split(rng)
-    keys = example_keys(example_rng, state.step, batch["image"].shape[0], axis_name,
+    keys = example_keys(example_rng, state.step, data_of(batch).shape[0], axis_name,
                         config.process_count)
     device = 0 if axis_name is None else lax.axis_index(axis_name)
     dropout_key = jax.random.fold_in(jax.random.fold_in(device_rng, device), state.step)

@@ -46,6 +46,7 @@ from diffusion_jax.training import run_config
 from diffusion_jax.training import sampling
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training import step as step_lib
+from diffusion_jax.training import text_run
 from diffusion_jax.training import workdir_lock
 
 PyTree = Any
@@ -133,9 +134,16 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
     Preempted: SIGTERM arrived; a checkpoint was written first.
   """
   from diffusion_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.data import text as text_lib  # pylint: disable=import-outside-toplevel
   workdir = epath.Path(workdir)
   host0 = jax.process_index() == 0
   sched = _Schedule(config.train, int(config.eval.every))
+  text = text_run.is_text(config)
+  if text:
+    text_run.check_sampling(config)
+    if int(config.eval.every) > 0:
+      raise ValueError("config.eval.every > 0 scores image samples; a text run has no sample "
+                       "metric in training: set eval.every=0 and use experiments.evaluate_text.")
   eval_hook = hook_lib.EvalHook(config.eval, config.eval.sampler or config.sample.sampler) \
       if int(config.eval.every) > 0 else None   # checks config.eval before anything is written
   batch_size = int(config.train.batch_size)
@@ -146,14 +154,24 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
     sigterm = stack.enter_context(_SigtermFlag())
     run_config.check_resume(config, workdir)
 
-    info = data_lib.get_dataset_info(config.data)
-    comp = components.build(config, tuple(info.image_shape))
+    hosts = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+                 num_local_devices=jax.local_device_count())
+    if text:
+      corpus = text_run.load_text_data(config.data, splits=("train",))
+      comp = components.build(config, (int(corpus.train.shape[1]),),
+                              vocab_size=corpus.tokenizer.vocab_size)
+      it = text_lib.make_text_train_iterator(
+          corpus.train, global_batch_size=batch_size, seed=int(config.seed),
+          shuffle=bool(config.data.shuffle), num_threads=int(config.data.num_threads),
+          prefetch=int(config.data.prefetch), **hosts)
+      info = it.info
+    else:
+      info = data_lib.get_dataset_info(config.data)
+      comp = components.build(config, tuple(info.image_shape))
+      it = data_lib.make_train_iterator(config.data, global_batch_size=batch_size,
+                                        seed=int(config.seed), **hosts)
     init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)), 3)
     state = components.init_state(config, comp, init_rng)
-    it = data_lib.make_train_iterator(
-        config.data, global_batch_size=batch_size, seed=int(config.seed),
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        num_local_devices=jax.local_device_count())
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                  keep_latest=int(config.train.keep_latest),
                                  snapshot_every=int(config.train.snapshot_every))
@@ -166,15 +184,18 @@ def train_and_evaluate(config: Any, workdir: str) -> state_lib.TrainState:
     start = int(state.step)
     if host0:
       run_config.record(config, workdir)
-      (workdir / "dataset_info.json").write_text(json.dumps(
-          {"image_shape": list(comp.image_shape), "num_classes": int(info.num_classes)}))
+      dataset_info = {"image_shape": list(comp.image_shape), "num_classes": int(info.num_classes)}
+      if text:
+        dataset_info.update(vocab_size=comp.vocab_size, tokenizer=text_run.TOKENIZER_FILE)
+        text_lib.save_tokenizer(corpus.tokenizer, str(workdir / text_run.TOKENIZER_FILE))
+      (workdir / "dataset_info.json").write_text(json.dumps(dataset_info))
     writer = stack.enter_context(contextlib.closing(
         metric_writer.MetricWriter(workdir, start, active=host0)))
     _log_header(config, comp, state, workdir, start, restored is not None, writer.dropped)
 
     pstep = _make_parallel_step(config, comp, sched.k)
     hooks = _Hooks(config, comp, sched, pstep, ckpt, writer, workdir, sample_rng, host0,
-                   eval_hook)
+                   eval_hook, tokenizer=corpus.tokenizer if text else None)
     stack.callback(hooks.close)
     hooks.last_saved = start if restored is not None else None
 
@@ -213,8 +234,8 @@ def _make_parallel_step(config: Any, comp: components.Components, k: int
       compute_dtype=train_cfg.compute_dtype,
       accumulate=int(config.optim.accumulate), process_count=jax.process_count())
   mode = parallel.resolve_mode(train_cfg.parallel)
-  step_fn = step_lib.make_train_step(comp.model.apply, components.make_loss_fn(
-      config, comp.schedule), comp.tx, comp.lr_fn, step_cfg,
+  step_fn = step_lib.make_train_step(comp.model.apply, components.run_loss_fn(config, comp),
+      comp.tx, comp.lr_fn, step_cfg,
       axis_name=None if mode == "jit" else parallel.AXIS)
   return parallel.make_parallel_step(step_fn, mode, steps_per_call=k)
 
@@ -226,15 +247,16 @@ class _Hooks:
   def __init__(self, config, comp, sched: _Schedule, pstep: parallel.ParallelStep,
                ckpt: ckpt_lib.Checkpointer, writer: metric_writer.MetricWriter,
                workdir: epath.Path, sample_rng, host0: bool,
-               eval_hook: hook_lib.EvalHook | None = None):
+               eval_hook: hook_lib.EvalHook | None = None, tokenizer: Any = None):
     self.config, self.comp, self.sched, self.pstep, self.ckpt = config, comp, sched, pstep, ckpt
     self.writer, self.workdir, self.sample_rng, self.host0 = writer, workdir, sample_rng, host0
     self.meter = metric_writer.MeanAccumulator()
     self.chrono = progress.Chrono(sched.num_steps)
     self.last_saved: int | None = None
+    self.tokenizer = tokenizer
     num_samples = int(config.sample.num_samples)
-    self.sample_fn = _make_sample_fn(config, comp, num_samples) if host0 and num_samples > 0 \
-        else None
+    make = _make_text_sample_fn if comp.vocab_size else _make_sample_fn
+    self.sample_fn = make(config, comp, num_samples) if host0 and num_samples > 0 else None
     # A latent run's previews are decoded to pixels (None: a pixel-space run).
     self.decoder = latent_decoder.load_decoder(config) if self.sample_fn is not None else None
     self.every = {"log": sched.log_every, "checkpoint": sched.checkpoint_every,
@@ -335,9 +357,17 @@ class _Hooks:
   def samples(self, step: int, host_state: state_lib.TrainState) -> None:
     t0 = time.perf_counter()
     params, which = self._sampling_params(host_state)
+    (self.workdir / "samples").mkdir(exist_ok=True)
+    if self.comp.vocab_size:
+      tokens = self.sample_fn(params, jax.random.fold_in(self.sample_rng, step))
+      texts = text_run.decode(self.tokenizer, np.asarray(tokens))
+      path = self.workdir / "samples" / f"step_{step:07d}.txt"
+      path.write_text("".join(f"=== sample {i} ===\n{t}\n" for i, t in enumerate(texts)))
+      logging.info("Wrote %d text samples (%s params) to %s (%.1f s).", len(texts), which, path,
+                   time.perf_counter() - t0)
+      return
     images = latent_decoder.to_images(
         self.sample_fn(params, jax.random.fold_in(self.sample_rng, step)), self.decoder)
-    (self.workdir / "samples").mkdir(exist_ok=True)
     path = self.workdir / "samples" / f"step_{step:07d}.png"
     sampling.save_grid(images, str(path))
     logging.info("Wrote %d samples (%s params) to %s (%.1f s).", images.shape[0], which, path,
@@ -421,7 +451,9 @@ def _log_header(config, comp: components.Components, state: state_lib.TrainState
 
 
 def _stack(batches: list[dict]) -> dict:
-  return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in ("image", "label")}
+  """The k batches of one call stacked on a new leading axis (image and label, or tokens)."""
+  keys = [k for k in ("image", "label", "tokens") if k in batches[0]]
+  return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in keys}
 
 
 def _make_sample_fn(config: Any, comp: components.Components, num: int,
@@ -441,4 +473,16 @@ def _make_sample_fn(config: Any, comp: components.Components, num: int,
       compiled["draw"] = jax.jit(lambda p, s, c, r: run(
           sampling.guided_model_fn(config, comp.model, p, labels), s, shape, r, **c))
     return compiled["draw"](params, schedule, per_call, rng)
+  return sample_fn
+
+
+def _make_text_sample_fn(config: Any, comp: components.Components, num: int):
+  """jitted sample_fn(params, rng) -> tokens [num, L] (`text_run.generate` with `sample.*`)."""
+  steps = config.sample.text_steps
+
+  @jax.jit
+  def sample_fn(params, rng):
+    return text_run.generate(config, comp.model, params, rng, num, comp.image_shape[0],
+                             comp.vocab_size, steps=steps, temperature=config.sample.temperature,
+                             top_p=config.sample.top_p)[0]
   return sample_fn

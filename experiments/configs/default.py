@@ -52,6 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.label_key = "label"               # TFDS feature holding the label
   d.latents_dir = _ph(str)            # name == 'latents': a directory of experiments.encode_latents
   d.latent_sample = True              # latents: train on posterior samples (False: the means)
+  # Text (name 'text', diffusion.family 'masked' or 'autoregressive'; `training.text_run`).
+  d.text_dir = _ph(str)               # prepared corpus: train.txt, valid.txt, tokenizer.json (experiments.prepare_text)
+  d.seq_len = 256                     # tokens per packed training sequence
+  d.tokenizer = "char"                # 'char' (text_dir/tokenizer.json) or 'byte' (UTF-8 bytes, V = 256)
 
   # The autoencoder of a latent-diffusion run: samples are decoded by it before they are written
   # (trainer previews, experiments.sample) or measured (experiments.evaluate).
@@ -102,7 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Diffusion: the schedule and the training objective.
   c.diffusion = f = ml_collections.ConfigDict()
-  f.family = "ddpm"                   # 'ddpm' (beta schedule below), 'vdm' (c.vdm) or 'edm' (c.edm)
+  f.family = "ddpm"                   # 'ddpm' (beta schedule below), 'vdm' (c.vdm), 'edm' (c.edm); text: 'masked' (c.masked), 'autoregressive'
   f.schedule = "cosine"               # beta schedule: 'linear', 'scaled_linear', 'cosine', 'sigmoid'
   f.num_timesteps = 250               # T (vdm, edm: the steps of the schedule the samplers see)
   f.zero_terminal_snr = False         # rescale so that alpha_bar_{T-1} = 0 (pair with v prediction)
@@ -147,6 +151,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.sigma_min = 0.002                 # the sampling table's (and Karras grid's) smallest sigma
   e.sigma_max = 80.0                  # and largest
 
+  # Masked diffusion (diffusion.family = 'masked'; `diffusion_jax.masked`): the training NELBO.
+  c.masked = k = ml_collections.ConfigDict()
+  k.schedule = "linear"               # mask schedule: 'linear', 'cosine', 'polynomial'
+  k.schedule_kwargs = ml_collections.ConfigDict({"exponent": _ph(float)})  # 'polynomial': exponent
+  k.num_steps = 0                     # 0: continuous-time bound; T > 0: the T-step bound
+  k.t_min = 0.0                       # times drawn in (t_min, 1] (> 0 lowers the variance; then not a bound)
+
   # Optimizer: clip, Adam / AdamW, warmup then decay.
   c.optim = o = ml_collections.ConfigDict()
   o.name = "adam"                     # 'adam' or 'adamw'
@@ -186,6 +197,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.steps = _ph(int)                  # steps on the sampler's default grid; None: all T (ddpm)
   p.guidance_scale = 1.0              # classifier-free guidance (class-conditional models)
   p.kwargs = ml_collections.ConfigDict()  # further settings of the sampler (from a config file)
+  # Text runs: the previews are `num_samples` texts in samples/step_N.txt.
+  p.text_steps = _ph(int)             # masked diffusion sampler steps; None: data.seq_len
+  p.temperature = 1.0                 # text: divides the log-probabilities
+  p.top_p = 1.0                       # text: nucleus mass (1: off)
 
   # In-training evaluation (`diffusion_jax.evaluation.hook`): a metric of samples every
   # `every` steps, logged as eval/<metric>; the best step's checkpoint is kept in DIR/best/.
