@@ -154,3 +154,23 @@ def test_bad_input_raises(kwargs, x_shape, y, match):
   t = jnp.zeros((2,), jnp.int32)
   with pytest.raises(ValueError, match=match):
     jax.eval_shape(lambda: module.init(jax.random.key(0), x, t, y))
+
+
+def test_fourier_features_match_the_closed_form_and_widen_only_the_first_conv():
+  from diffusion_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), minval=-1.0, maxval=1.0)
+  feats = np.asarray(layers.base2_fourier_features(x, (6, 7)))
+  x64 = np.asarray(x, np.float64)
+  expected = np.concatenate([f(2.0 ** n * 2 * np.pi * x64) for n in (6, 7) for f in (np.sin, np.cos)],
+                            axis=-1)
+  # |argument| <= 2^7 * 2 pi ~ 804: float32 rounding of the argument, 804 * 2^-24 ~ 5e-5, bounds
+  # the error of sin / cos (derivative <= 1); 2e-4 leaves room for the argument's two products.
+  np.testing.assert_allclose(feats, expected, atol=2e-4)
+  plain = get_model('unet_tiny')
+  fourier = get_model('unet_tiny', fourier_exponents=(6, 7))
+  p_plain, p_fourier = random_params(plain, (8, 8, 3)), random_params(fourier, (8, 8, 3))
+  extra = 3 * 3 * (3 * 4) * plain.ch   # conv_in sees 3 + 12 channels instead of 3
+  n = lambda p: sum(int(np.size(a)) for a in jax.tree.leaves(p))
+  assert n(p_fourier) - n(p_plain) == extra
+  out = fourier.apply({'params': p_fourier}, x, jnp.array([3, 7]))
+  assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))

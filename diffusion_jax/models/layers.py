@@ -261,6 +261,21 @@ class Upsample(nn.Module):
                    name='conv')(_resample(x, 'up'))
 
 
+def base2_fourier_features(x: jax.Array, exponents: tuple[int, ...]) -> jax.Array:
+  """VDM's Fourier features of the input: [B, ..., C] -> [B, ..., 2 K C] for K exponents.
+
+  For each exponent n (in order) the channels of sin(2^n 2 pi x), then of cos(2^n 2 pi x); with
+  data on a 1/255 grid (x in [-1, 1]) exponents 6 and 7 resolve the finest intensity steps.
+
+  References: Kingma et al. 2021 (VDM), appendix C; google-research/vdm `Base2FourierFeatures`.
+  """
+  parts = []
+  for n in exponents:
+    h = (2.0 ** n) * 2.0 * jnp.pi * x.astype(jnp.float32)
+    parts += [jnp.sin(h), jnp.cos(h)]
+  return jnp.concatenate(parts, axis=-1).astype(x.dtype)
+
+
 def check_inputs(x: jax.Array, t: jax.Array, y: jax.Array | None, *, in_channels: int,
                  num_classes: int) -> jax.Array:
   """Validate static shapes of a model call; returns t broadcast to [B].

@@ -57,6 +57,9 @@ class UNet(nn.Module):
       ADM: True, 0); see `layers.timestep_embedding`.
     num_classes: 0 for unconditional; else labels 0..num_classes-1 plus the null class.
     learn_sigma: double the output channels for a learned variance.
+    fourier_exponents: VDM's Fourier features of the input (`layers.base2_fourier_features`,
+      e.g. (6, 7)) concatenated to x before the first convolution; () for none. The output keeps
+      `out_channels`.
     remat: rematerialise each residual / attention block in the backward pass.
     dtype: computation dtype; param_dtype: parameter dtype (float32).
   """
@@ -78,6 +81,7 @@ class UNet(nn.Module):
   time_freq_shift: float = 1.0
   num_classes: int = 0
   learn_sigma: bool = False
+  fourier_exponents: tuple[int, ...] = ()
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -128,6 +132,9 @@ class UNet(nn.Module):
                            name='class_embed', **kw)(y)
 
     # Down.
+    if self.fourier_exponents:
+      x = jnp.concatenate([x, layers.base2_fourier_features(x, tuple(self.fourier_exponents))],
+                          axis=-1)
     h = nn.Conv(self.ch, (3, 3), padding='SAME', kernel_init=layers.default_kernel_init,
                 name='conv_in', **kw)(x.astype(self.dtype))
     skips = [h]

@@ -89,6 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.time_embed_dim = _ph(int)         # time-embedding width (None in the preset: 4 * ch)
   m.time_flip_sin_to_cos = _ph(bool)  # [cos, sin] order of the sinusoidal time embedding
   m.time_freq_shift = _ph(float)      # denominator shift of the time-embedding frequencies
+  m.fourier_exponents = _ph(tuple)    # VDM's Fourier features of the input, e.g. (6, 7); () none
   # DiT only.
   m.patch_size = _ph(int)             # side of the square patches
   m.hidden_size = _ph(int)            # transformer width

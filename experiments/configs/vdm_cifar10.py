@@ -11,8 +11,7 @@ here the U-Net with ch_mult=(1,) and 32 blocks. AdamW lr 2e-4 (100 warmup steps,
 b2 0.99, weight decay 0.01, batch 128, EMA 0.9999, 10M steps, antithetic times, gamma from
 -13.3 to 5. Differences: the authors' CIFAR-10 config learns only the end points
 ('learnable_scalar'; the paper's learned network is `vdm.gamma = 'learned'` here, the default);
-their network adds Fourier features of z (exponents 6, 7) to its input, which this library's
-backbones do not take yet.
+their network's Fourier features of z (exponents 6, 7) are the U-Net's `fourier_exponents`.
 """
 import ml_collections
 
@@ -32,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.attention_levels = ()
   c.model.mid_attention = True
   c.model.dropout = 0.1
+  c.model.fourier_exponents = (6, 7)
 
   c.diffusion.family = "vdm"
   c.diffusion.prediction = "eps"
