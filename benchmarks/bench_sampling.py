@@ -17,19 +17,19 @@ import protocol
 
 
 def main() -> None:
-  parser = protocol.common_args(argparse.ArgumentParser(description=__doc__), 'ddpm_cifar10',
+  parser = protocol.common_args(argparse.ArgumentParser(description=__doc__), "ddpm_cifar10",
                                 rounds=2, iters=1, batch=2)
-  parser.add_argument('--ddpm_steps', type=int, default=100)
-  parser.add_argument('--ddim_steps', type=int, default=50)
+  parser.add_argument("--ddpm_steps", type=int, default=100)
+  parser.add_argument("--ddim_steps", type=int, default=50)
   a = parser.parse_args()
-  for task, steps, target in (('ddpm', a.ddpm_steps, 1000), ('ddim', a.ddim_steps, a.ddim_steps)):
+  for task, steps, target in (("ddpm", a.ddpm_steps, 1000), ("ddim", a.ddim_steps, a.ddim_steps)):
     scale = target / steps / a.batch
-    per = (f'image at {target} steps' + (f' (extrapolated from {steps} steps)'
-                                        if steps != target else ''))
-    protocol.compare(task, a.models.split(','), batch=a.batch, iters=a.iters, rounds=a.rounds,
-                     steps=steps, extra_jax=[f'--dtype={a.dtype}'], torch_side=not a.no_torch,
+    per = (f"image at {target} steps" + (f" (extrapolated from {steps} steps)"
+                                        if steps != target else ""))
+    protocol.compare(task, a.models.split(","), batch=a.batch, iters=a.iters, rounds=a.rounds,
+                     steps=steps, extra_jax=[f"--dtype={a.dtype}"], torch_side=not a.no_torch,
                      force_ratio=a.force_ratio, per=per, scale=scale)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

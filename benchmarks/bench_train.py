@@ -18,12 +18,12 @@ import protocol
 
 def main() -> None:
   parser = protocol.common_args(argparse.ArgumentParser(description=__doc__),
-                                'ddpm_cifar10,DiT-S/2')
+                                "ddpm_cifar10,DiT-S/2")
   a = parser.parse_args()
-  protocol.compare('train', a.models.split(','), batch=a.batch, iters=a.iters, rounds=a.rounds,
-                   extra_jax=[f'--dtype={a.dtype}'], torch_side=not a.no_torch,
+  protocol.compare("train", a.models.split(","), batch=a.batch, iters=a.iters, rounds=a.rounds,
+                   extra_jax=[f"--dtype={a.dtype}"], torch_side=not a.no_torch,
                    force_ratio=a.force_ratio)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

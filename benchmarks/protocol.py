@@ -28,7 +28,7 @@ MAX_LOAD_CHANGE = 0.5
 
 
 def cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def loadavg() -> tuple[float, float, float]:
@@ -39,32 +39,32 @@ def machine_line() -> str:
   import jax  # pylint: disable=g-import-not-at-top
   cpu = platform.processor() or platform.machine()
   try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
+    with open("/proc/cpuinfo") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
   except OSError:
     pass
   devs = jax.devices()
-  return (f'machine: {cpu!r}, {cores()} cores, jax {jax.__version__}, backend '
-          f'{jax.default_backend()}, {len(devs)} x {devs[0].device_kind}, python '
-          f'{platform.python_version()}')
+  return (f"machine: {cpu!r}, {cores()} cores, jax {jax.__version__}, backend "
+          f"{jax.default_backend()}, {len(devs)} x {devs[0].device_kind}, python "
+          f"{platform.python_version()}")
 
 
 def emit(result: dict[str, Any]) -> None:
   """Print the child's result line (the parent parses the last one)."""
-  print('RESULT ' + json.dumps(result), flush=True)
+  print("RESULT " + json.dumps(result), flush=True)
 
 
 def run_child(argv: Sequence[str], env: dict[str, str] | None = None) -> dict[str, Any]:
   """Run `python argv...` from the repository root and return its RESULT dict."""
   full_env = dict(os.environ, **(env or {}))
-  full_env['PYTHONPATH'] = ROOT + os.pathsep + full_env.get('PYTHONPATH', '')
+  full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
   proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=full_env, capture_output=True,
                         text=True, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode or not lines:
-    raise RuntimeError(f'child {argv} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n'
-                       f'{proc.stderr[-4000:]}')
-  return json.loads(lines[-1][len('RESULT '):])
+    raise RuntimeError(f"child {argv} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                       f"{proc.stderr[-4000:]}")
+  return json.loads(lines[-1][len("RESULT "):])
 
 
 def alternate(sides: dict[str, list[str]], rounds: int, verbose: bool = True,
@@ -76,8 +76,8 @@ def alternate(sides: dict[str, list[str]], rounds: int, verbose: bool = True,
       res = run_child(argv, (env or {}).get(name))
       out[name].append(res)
       if verbose:
-        ts = res.get('times_s', [])
-        what = 'compile' if name == 'jax' else 'first call'
+        ts = res.get("times_s", [])
+        what = "compile" if name == "jax" else "first call"
         print(f'    round {r + 1} {name:8s}: {what} {res.get("compile_s", float("nan")):6.2f} s, '
               f'calls {", ".join(f"{t * 1e3:.0f}" for t in ts)} ms  (load '
               f'{loadavg()[0]:.2f})', flush=True)
@@ -90,7 +90,7 @@ def spread(values: Sequence[float]) -> tuple[float, float, float]:
 
 def fmt_ms(values: Sequence[float]) -> str:
   lo, med, hi = spread(values)
-  return f'{med * 1e3:8.1f} ms (min {lo * 1e3:.1f}, max {hi * 1e3:.1f})'
+  return f"{med * 1e3:8.1f} ms (min {lo * 1e3:.1f}, max {hi * 1e3:.1f})"
 
 
 def load_verdict(before: Sequence[float], after: Sequence[float]) -> str | None:
@@ -98,15 +98,15 @@ def load_verdict(before: Sequence[float], after: Sequence[float]) -> str | None:
   limit = MAX_LOAD_PER_CORE * cores()
   worst = max(before[0], after[0])
   if worst > limit:
-    return f'1-min load reached {worst:.2f} > {limit:.2f} (0.5 x {cores()} cores)'
+    return f"1-min load reached {worst:.2f} > {limit:.2f} (0.5 x {cores()} cores)"
   if abs(after[0] - before[0]) > MAX_LOAD_CHANGE:
-    return f'1-min load moved {before[0]:.2f} -> {after[0]:.2f} (more than {MAX_LOAD_CHANGE})'
+    return f"1-min load moved {before[0]:.2f} -> {after[0]:.2f} (more than {MAX_LOAD_CHANGE})"
   return None
 
 
 def print_load(tag: str) -> tuple[float, float, float]:
   la = loadavg()
-  print(f'load average {tag}: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} ({cores()} cores)', flush=True)
+  print(f"load average {tag}: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} ({cores()} cores)", flush=True)
   return la
 
 
@@ -114,69 +114,69 @@ def ratio_line(label: str, ours: Sequence[float], peer: Sequence[float],
                verdict: str | None, force: bool = False) -> str:
   """'speed-up peer_time / our_time' from medians (and mins), or the refusal."""
   if verdict and not force:
-    return f'  {label}: NO RATIO: {verdict}; rerun on an idle machine (or --force_ratio)'
+    return f"  {label}: NO RATIO: {verdict}; rerun on an idle machine (or --force_ratio)"
   med = statistics.median(peer) / statistics.median(ours)
   best = min(peer) / min(ours)
-  note = f'  [UNDER LOAD: {verdict}]' if verdict else ''
-  return f'  {label}: speed-up {med:.2f}x (medians), {best:.2f}x (best of each){note}'
+  note = f"  [UNDER LOAD: {verdict}]" if verdict else ""
+  return f"  {label}: speed-up {med:.2f}x (medians), {best:.2f}x (best of each){note}"
 
 
-def all_times(results: Sequence[dict[str, Any]], key: str = 'times_s') -> list[float]:
+def all_times(results: Sequence[dict[str, Any]], key: str = "times_s") -> list[float]:
   return [t for r in results for t in r[key]]
 
 
 def compare(task: str, models: Sequence[str], *, batch: int, iters: int, rounds: int,
             steps: int = 50, extra_jax: Sequence[str] = (), torch_side: bool = True,
-            force_ratio: bool = False, per: str = 'call', scale: float = 1.0) -> None:
+            force_ratio: bool = False, per: str = "call", scale: float = 1.0) -> None:
   """Time `task` of each model on the JAX and PyTorch sides, alternated, each in its own process,
   and print spreads, compile times and (when the load allows) the speed-up.
 
   `scale` multiplies per-call times for the reported per-`per` figure (e.g. extrapolation from
   the steps run to 1000 steps per image); ratios do not depend on it.
   """
-  script = os.path.join('benchmarks', 'workloads.py')
+  script = os.path.join("benchmarks", "workloads.py")
   print(machine_line(), flush=True)
   if torch_side:
     import torch  # pylint: disable=g-import-not-at-top
-    print(f'torch {torch.__version__}, torch.set_num_threads({cores()})', flush=True)
+    print(f"torch {torch.__version__}, torch.set_num_threads({cores()})", flush=True)
   for model in models:
-    base = [script, '--task', task, '--model', model, f'--batch={batch}', f'--iters={iters}',
-            f'--steps={steps}']
-    sides = {'jax': base + ['--side', 'jax', *extra_jax]}
+    base = [script, "--task", task, "--model", model, f"--batch={batch}", f"--iters={iters}",
+            f"--steps={steps}"]
+    sides = {"jax": base + ["--side", "jax", *extra_jax]}
     if torch_side:
-      sides['pytorch'] = base + ['--side', 'torch']
-    print(f'\n{model} {task}, batch {batch}' + (f', {steps} steps' if task in ('ddpm', 'ddim')
-                                                 else '') + f', {rounds} alternated rounds x '
-          f'{iters} timed calls', flush=True)
-    before = print_load('before')
+      sides["pytorch"] = base + ["--side", "torch"]
+    print(f"\n{model} {task}, batch {batch}" + (f", {steps} steps" if task in ("ddpm", "ddim")
+                                                 else "") + f", {rounds} alternated rounds x "
+          f"{iters} timed calls", flush=True)
+    before = print_load("before")
     res = alternate(sides, rounds)
-    after = print_load('after')
+    after = print_load("after")
     verdict = load_verdict(before, after)
     for name, rs in res.items():
       ts = all_times(rs)
-      comp = [r['compile_s'] for r in rs]
-      what = 'compile' if name == 'jax' else 'first call'
-      line = (f'  {name:8s} {fmt_ms(ts)} per call; {what} {statistics.median(comp):.2f} s '
-              f'(min {min(comp):.2f}, max {max(comp):.2f})')
-      if scale != 1.0 or per != 'call':
-        line += f'; {statistics.median(ts) * scale:.2f} s per {per}'
+      comp = [r["compile_s"] for r in rs]
+      what = "compile" if name == "jax" else "first call"
+      line = (f"  {name:8s} {fmt_ms(ts)} per call; {what} {statistics.median(comp):.2f} s "
+              f"(min {min(comp):.2f}, max {max(comp):.2f})")
+      if scale != 1.0 or per != "call":
+        line += f"; {statistics.median(ts) * scale:.2f} s per {per}"
       print(line, flush=True)
     if torch_side:
-      print(ratio_line(f'{model} {task} JAX vs PyTorch (PyTorch time / JAX time)',
-                       all_times(res['jax']), all_times(res['pytorch']), verdict, force_ratio),
+      print(ratio_line(f"{model} {task} JAX vs PyTorch (PyTorch time / JAX time)",
+                       all_times(res["jax"]), all_times(res["pytorch"]), verdict, force_ratio),
             flush=True)
     elif verdict:
-      print(f'  [UNDER LOAD: {verdict}]')
+      print(f"  [UNDER LOAD: {verdict}]")
 
 
 def common_args(parser, models: str, rounds: int = 3, iters: int = 3, batch: int = 8):
-  parser.add_argument('--models', default=models)
-  parser.add_argument('--batch', type=int, default=batch)
-  parser.add_argument('--rounds', type=int, default=rounds, help='alternated rounds per side')
-  parser.add_argument('--iters', type=int, default=iters, help='timed calls per round')
-  parser.add_argument('--no_torch', action='store_true', help='JAX side only (accelerators)')
-  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
-                      help='JAX compute dtype')
-  parser.add_argument('--force_ratio', action='store_true',
-                      help='print the ratio even when the load check fails (marked UNDER LOAD)')
+  parser.add_argument("--models", default=models)
+  parser.add_argument("--batch", type=int, default=batch)
+  parser.add_argument("--rounds", type=int, default=rounds, help="alternated rounds per side")
+  parser.add_argument("--iters", type=int, default=iters, help="timed calls per round")
+  parser.add_argument("--no_torch", action="store_true", help="JAX side only (accelerators)")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="JAX compute dtype")
+  parser.add_argument("--force_ratio", action="store_true",
+                      help="print the ratio even when the load check fails (marked UNDER LOAD)")
   return parser

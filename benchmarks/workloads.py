@@ -33,18 +33,18 @@ import numpy as np
 import protocol
 
 UNET_DIFFUSERS = {
-    'sample_size': 32, 'in_channels': 3, 'out_channels': 3, 'attention_head_dim': None,
-    'block_out_channels': (128, 256, 256, 256), 'layers_per_block': 2, 'norm_eps': 1e-6,
-    'norm_num_groups': 32, 'down_block_types': ('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D',
-                                          'DownBlock2D'),
-    'up_block_types': ('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
-    'downsample_padding': 0, 'flip_sin_to_cos': False, 'freq_shift': 1, 'dropout': 0.0}
-DIT_SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
+    "sample_size": 32, "in_channels": 3, "out_channels": 3, "attention_head_dim": None,
+    "block_out_channels": (128, 256, 256, 256), "layers_per_block": 2, "norm_eps": 1e-6,
+    "norm_num_groups": 32, "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+                                          "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "dropout": 0.0}
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
 
 def _shape(model: str) -> tuple[int, int, int, int]:
   """(size, channels, num_classes, learn_sigma-free out channels) of the benchmarked input."""
-  if model.startswith('DiT-'):
+  if model.startswith("DiT-"):
     return 32, 4, 1000, 4
   return 32, 3, 0, 3
 
@@ -69,22 +69,22 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
   from diffusion_jax.samplers import ancestral, ddim, respacing
 
   size, cin, ncls, _ = _shape(model)
-  kw = {'learn_sigma': False} if model.startswith('DiT-') else {'dropout': 0.0}
-  module = dj.get_model(model, dtype=jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32, **kw)
+  kw = {"learn_sigma": False} if model.startswith("DiT-") else {"dropout": 0.0}
+  module = dj.get_model(model, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, **kw)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(-1, 1, (batch, size, size, cin)), jnp.float32)
   t = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
   y = jnp.asarray(rng.integers(0, ncls, batch), jnp.int32) if ncls else None
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, t, y)['params'])
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, t, y)["params"])
   params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype),
                         shapes)
-  schedule = dj.get_schedule('linear', 1000)
-  model_fn = lambda p: (lambda xt, tt: module.apply({'params': p}, xt, tt, y))
+  schedule = dj.get_schedule("linear", 1000)
+  model_fn = lambda p: (lambda xt, tt: module.apply({"params": p}, xt, tt, y))
 
-  if task == 'forward':
-    fn = jax.jit(lambda p, x, t: module.apply({'params': p}, x, t, y))
+  if task == "forward":
+    fn = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t, y))
     args = (params, x, t)
-  elif task == 'train':
+  elif task == "train":
     tx = optax.adam(2e-4)
 
     def step(p, opt, x, key):
@@ -94,9 +94,9 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
       return optax.apply_updates(p, updates), opt, value
     fn = jax.jit(step, donate_argnums=(0, 1))
     args = [params, tx.init(params), x, jax.random.key(1)]
-  elif task in ('ddpm', 'ddim'):
+  elif task in ("ddpm", "ddim"):
     sched, timesteps = respacing.respace(schedule, steps)
-    if task == 'ddpm':
+    if task == "ddpm":
       fn = jax.jit(lambda p, key: ancestral.sample(
           respacing.respaced_model_fn(model_fn(p), timesteps), sched, x.shape, key))
     else:
@@ -104,19 +104,19 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
                                               timesteps=timesteps))
     args = (params, jax.random.key(2))
   else:
-    raise ValueError(f'task must be forward, train, ddpm or ddim, got {task!r}')
+    raise ValueError(f"task must be forward, train, ddpm or ddim, got {task!r}")
 
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t0
 
-  if task == 'train':
+  if task == "train":
     def run():
       args[0], args[1], value = compiled(*args)
       value.block_until_ready()
   else:
     run = lambda: jax.block_until_ready(compiled(*args))
-  return {'compile_s': compile_s, 'times_s': _timed(run, iters)}
+  return {"compile_s": compile_s, "times_s": _timed(run, iters)}
 
 
 # ------------------------------------------------------------------------------------- PyTorch
@@ -125,13 +125,13 @@ def torch_side(task: str, model: str, batch: int, iters: int, steps: int, thread
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   size, cin, ncls, cout = _shape(model)
-  if model.startswith('DiT-'):
+  if model.startswith("DiT-"):
     from diffusers import DiTTransformer2DModel  # pylint: disable=g-import-not-at-top
-    depth, width, heads = DIT_SIZES[model[4:].split('/')[0]]
+    depth, width, heads = DIT_SIZES[model[4:].split("/")[0]]
     net = DiTTransformer2DModel(
         num_attention_heads=heads, attention_head_dim=width // heads, in_channels=cin,
         out_channels=cout, num_layers=depth, sample_size=size,
-        patch_size=int(model.split('/')[1]), num_embeds_ada_norm=ncls, norm_eps=1e-6)
+        patch_size=int(model.split("/")[1]), num_embeds_ada_norm=ncls, norm_eps=1e-6)
   else:
     from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
     net = UNet2DModel(**UNET_DIFFUSERS)
@@ -142,14 +142,14 @@ def torch_side(task: str, model: str, batch: int, iters: int, steps: int, thread
           else (lambda xt, tt: net(xt, tt).sample))
   abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).float()
 
-  if task == 'forward':
+  if task == "forward":
     net.eval()
     tt = torch.randint(0, 1000, (batch,), generator=gen)
 
     def run():
       with torch.inference_mode():
         call(x0, tt)
-  elif task == 'train':
+  elif task == "train":
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=2e-4)
 
@@ -161,12 +161,12 @@ def torch_side(task: str, model: str, batch: int, iters: int, steps: int, thread
       opt.zero_grad(set_to_none=True)
       loss.backward()
       opt.step()
-  elif task in ('ddpm', 'ddim'):
+  elif task in ("ddpm", "ddim"):
     if ncls:
-      raise ValueError('sampling pipelines are benchmarked for the unconditional U-Net only')
+      raise ValueError("sampling pipelines are benchmarked for the unconditional U-Net only")
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler  # pylint: disable=g-import-not-at-top
     net.eval()
-    if task == 'ddpm':
+    if task == "ddpm":
       pipe = DDPMPipeline(unet=net, scheduler=DDPMScheduler(num_train_timesteps=1000))
     else:
       pipe = DDIMPipeline(unet=net, scheduler=DDIMScheduler(num_train_timesteps=1000))
@@ -174,35 +174,35 @@ def torch_side(task: str, model: str, batch: int, iters: int, steps: int, thread
 
     def run():
       with torch.inference_mode():
-        pipe(batch_size=batch, num_inference_steps=steps, output_type='np')
+        pipe(batch_size=batch, num_inference_steps=steps, output_type="np")
   else:
-    raise ValueError(f'task must be forward, train, ddpm or ddim, got {task!r}')
+    raise ValueError(f"task must be forward, train, ddpm or ddim, got {task!r}")
 
   t0 = time.perf_counter()
   run()
   first = time.perf_counter() - t0
-  return {'compile_s': first, 'times_s': _timed(run, iters), 'threads': threads,
-          'torch': torch.__version__}
+  return {"compile_s": first, "times_s": _timed(run, iters), "threads": threads,
+          "torch": torch.__version__}
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--side', choices=('jax', 'torch'), required=True)
-  p.add_argument('--task', choices=('forward', 'train', 'ddpm', 'ddim'), required=True)
-  p.add_argument('--model', default='ddpm_cifar10')
-  p.add_argument('--batch', type=int, default=8)
-  p.add_argument('--iters', type=int, default=3)
-  p.add_argument('--steps', type=int, default=50, help='sampling steps (ddpm / ddim)')
-  p.add_argument('--threads', type=int, default=protocol.cores(), help='PyTorch threads')
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'), help='JAX compute')
+  p.add_argument("--side", choices=("jax", "torch"), required=True)
+  p.add_argument("--task", choices=("forward", "train", "ddpm", "ddim"), required=True)
+  p.add_argument("--model", default="ddpm_cifar10")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--iters", type=int, default=3)
+  p.add_argument("--steps", type=int, default=50, help="sampling steps (ddpm / ddim)")
+  p.add_argument("--threads", type=int, default=protocol.cores(), help="PyTorch threads")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="JAX compute")
   a = p.parse_args()
-  if a.side == 'jax':
+  if a.side == "jax":
     res = jax_side(a.task, a.model, a.batch, a.iters, a.steps, a.dtype)
   else:
     res = torch_side(a.task, a.model, a.batch, a.iters, a.steps, a.threads)
   protocol.emit(res)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -20,7 +20,7 @@ import os
 
 import jax
 
-ENV_VAR = 'DIFFUSION_JAX_CACHE'
+ENV_VAR = "DIFFUSION_JAX_CACHE"
 
 
 def default_cache_dir() -> str:
@@ -28,9 +28,9 @@ def default_cache_dir() -> str:
   classifier) if set (set but empty turns the cache off), else ~/.cache/diffusion_jax/jax_cache
   (under $XDG_CACHE_HOME when that is set)."""
   if ENV_VAR in os.environ:
-    return os.path.join(os.environ[ENV_VAR], 'jax_cache') if os.environ[ENV_VAR] else ''
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'diffusion_jax', 'jax_cache')
+    return os.path.join(os.environ[ENV_VAR], "jax_cache") if os.environ[ENV_VAR] else ""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "diffusion_jax", "jax_cache")
 
 
 def enable(cache_dir: str | None = None, min_compile_time_secs: float = 0.5) -> str | None:
@@ -45,12 +45,12 @@ def enable(cache_dir: str | None = None, min_compile_time_secs: float = 0.5) -> 
   if not cache_dir:
     return None
   if min_compile_time_secs < 0:
-    raise ValueError(f'min_compile_time_secs must be >= 0, got {min_compile_time_secs}')
+    raise ValueError(f"min_compile_time_secs must be >= 0, got {min_compile_time_secs}")
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
   os.makedirs(cache_dir, exist_ok=True)
-  jax.config.update('jax_compilation_cache_dir', cache_dir)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', float(min_compile_time_secs))
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   _forget_cache_decision()
   return cache_dir
 
@@ -68,6 +68,6 @@ def _forget_cache_decision() -> None:
 def define_flag() -> None:
   """Define the absl flag `--compile_cache` (default `default_cache_dir()`, empty: off)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('compile_cache', default_cache_dir(),
-                      'Directory of the persistent JAX compilation cache; empty turns it off '
-                      f'(default: ${ENV_VAR}/jax_cache or ~/.cache/diffusion_jax/jax_cache).')
+  flags.DEFINE_string("compile_cache", default_cache_dir(),
+                      "Directory of the persistent JAX compilation cache; empty turns it off "
+                      f"(default: ${ENV_VAR}/jax_cache or ~/.cache/diffusion_jax/jax_cache).")

@@ -46,43 +46,43 @@ from diffusion_jax.models import registry
 from experiments import paths
 
 FLAGS = flags.FLAGS
-LOSSES = ('l2', 'l1')
+LOSSES = ("l2", "l1")
 
 
 def define_flags() -> None:
   """The command line's flags (defined when run as a program)."""
   ph = config_dict.placeholder
-  config_flags.DEFINE_config_dict('data', ml_collections.ConfigDict(dict(
-      name='digits', image_size=ph(int), split='train', eval_split='test', data_dir=ph(str),
+  config_flags.DEFINE_config_dict("data", ml_collections.ConfigDict(dict(
+      name="digits", image_size=ph(int), split="train", eval_split="test", data_dir=ph(str),
       folder=ph(str), channels=ph(int), random_flip=False)),
-      'Data config (as in the training configs; None: the pipeline default).')
-  flags.DEFINE_string('out', None, 'Output autoencoder directory.', required=True)
-  flags.DEFINE_enum('preset', 'vae_digits', registry.autoencoder_names(), 'Autoencoder preset.')
-  flags.DEFINE_integer('steps', 600, 'Optimizer steps.', lower_bound=1)
-  flags.DEFINE_integer('batch_size', 64, 'Batch size.', lower_bound=1)
-  flags.DEFINE_float('lr', 2e-3, 'Adam learning rate (constant after 50 warmup steps).')
-  flags.DEFINE_float('kl_weight', 1e-3, 'Weight of the KL term (per image, summed over latents).')
-  flags.DEFINE_enum('loss', 'l2', list(LOSSES), 'Reconstruction error summed over pixels.')
-  flags.DEFINE_integer('seed', 0, 'Initialisation, data order and posterior noise.')
+      "Data config (as in the training configs; None: the pipeline default).")
+  flags.DEFINE_string("out", None, "Output autoencoder directory.", required=True)
+  flags.DEFINE_enum("preset", "vae_digits", registry.autoencoder_names(), "Autoencoder preset.")
+  flags.DEFINE_integer("steps", 600, "Optimizer steps.", lower_bound=1)
+  flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
+  flags.DEFINE_float("lr", 2e-3, "Adam learning rate (constant after 50 warmup steps).")
+  flags.DEFINE_float("kl_weight", 1e-3, "Weight of the KL term (per image, summed over latents).")
+  flags.DEFINE_enum("loss", "l2", list(LOSSES), "Reconstruction error summed over pixels.")
+  flags.DEFINE_integer("seed", 0, "Initialisation, data order and posterior noise.")
 
 
 def reconstruction_loss(vae: autoencoder.AutoencoderKL, params: Any, x: jax.Array, key: jax.Array,
-                        kl_weight: float, loss: str = 'l2') -> tuple[jax.Array, dict]:
+                        kl_weight: float, loss: str = "l2") -> tuple[jax.Array, dict]:
   """The objective for a batch x [B, H, W, C] in [-1, 1]: (scalar loss, {'rec', 'kl'} [B] means)."""
   if loss not in LOSSES:
-    raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
-  posterior = vae.apply({'params': params}, x, method=autoencoder.AutoencoderKL.encode)
-  recon = vae.apply({'params': params}, posterior.sample(key),
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+  posterior = vae.apply({"params": params}, x, method=autoencoder.AutoencoderKL.encode)
+  recon = vae.apply({"params": params}, posterior.sample(key),
                     method=autoencoder.AutoencoderKL.decode)
   err = recon - x
-  rec = jnp.sum(jnp.square(err) if loss == 'l2' else jnp.abs(err), axis=(1, 2, 3))
+  rec = jnp.sum(jnp.square(err) if loss == "l2" else jnp.abs(err), axis=(1, 2, 3))
   kl = posterior.kl()
-  return jnp.mean(rec + kl_weight * kl), {'rec': jnp.mean(rec), 'kl': jnp.mean(kl)}
+  return jnp.mean(rec + kl_weight * kl), {"rec": jnp.mean(rec), "kl": jnp.mean(kl)}
 
 
 def _encode_means(vae, params, images_uint8: np.ndarray, batch: int = 256) -> np.ndarray:
   """Posterior means (unscaled) [N, h, w, L] of uint8 images, in batches (one compiled shape)."""
-  fn = jax.jit(lambda p, x: vae.apply({'params': p}, x,
+  fn = jax.jit(lambda p, x: vae.apply({"params": p}, x,
                                       method=autoencoder.AutoencoderKL.encode).mean)
   out = []
   for s in range(0, len(images_uint8), batch):
@@ -106,17 +106,17 @@ def reconstruction_report(vae: autoencoder.AutoencoderKL, params: Any, images: n
     chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
     recon.append(np.asarray(dec(params, enc(params, chunk)))[:batch - pad])
   recon = np.concatenate(recon)
-  report = {'mse': float(np.mean(np.square(recon - to_float(images))))}
+  report = {"mse": float(np.mean(np.square(recon - to_float(images))))}
   recon_u8 = np.rint((np.clip(recon, -1, 1) + 1) * 127.5).astype(np.uint8)
   if images.shape[1:] == (8, 8, 1):
     from diffusion_jax.evaluation import digits  # pylint: disable=g-import-not-at-top
-    report['digits_fd'] = digits.digits_frechet_distance(recon_u8, reference='test')
-    report['digits_real_floor'] = digits.real_floor()
+    report["digits_fd"] = digits.digits_frechet_distance(recon_u8, reference="test")
+    report["digits_real_floor"] = digits.real_floor()
   return report, recon_u8
 
 
-def train(data_config: Any, out: str, *, preset: str = 'vae_digits', steps: int = 600,
-          batch_size: int = 64, lr: float = 2e-3, kl_weight: float = 1e-3, loss: str = 'l2',
+def train(data_config: Any, out: str, *, preset: str = "vae_digits", steps: int = 600,
+          batch_size: int = 64, lr: float = 2e-3, kl_weight: float = 1e-3, loss: str = "l2",
           seed: int = 0, log_every: int = 100) -> dict[str, Any]:
   """Trains `preset` on data_config's split and writes OUT (see the module docstring).
 
@@ -142,22 +142,22 @@ def train(data_config: Any, out: str, *, preset: str = 'vae_digits', steps: int 
   it = data_lib.make_train_iterator(data_config, global_batch_size=batch_size, seed=seed,
                                     process_index=0, process_count=1, num_local_devices=1)
   for i in range(steps):
-    x = next(it)['image'][0]
+    x = next(it)["image"][0]
     params, opt_state, m = step(params, opt_state, x, jax.random.fold_in(noise_key, i))
     if (i + 1) % log_every == 0 or i + 1 == steps:
-      logging.info('step %d/%d | loss %.4f | rec %.4f | kl %.2f', i + 1, steps,
-                   float(m['loss']), float(m['rec']), float(m['kl']))
+      logging.info("step %d/%d | loss %.4f | rec %.4f | kl %.2f", i + 1, steps,
+                   float(m["loss"]), float(m["rec"]), float(m["kl"]))
   it.close()
-  train_images = data_lib.load_split_as_numpy(data_config)['image']
+  train_images = data_lib.load_split_as_numpy(data_config)["image"]
   scaling = 1.0 / float(np.std(_encode_means(vae, params, train_images)))
   vae = vae.clone(scaling_factor=scaling)
-  eval_split = data_config.get('eval_split', None) or 'test'
+  eval_split = data_config.get("eval_split", None) or "test"
   report, _ = reconstruction_report(vae, params, data_lib.load_split_as_numpy(
-      data_config, eval_split)['image'])
-  source = {'trained_by': 'experiments.train_autoencoder', 'preset': preset, 'steps': steps,
-            'batch_size': batch_size, 'lr': lr, 'kl_weight': kl_weight, 'loss': loss, 'seed': seed,
-            'data': dict(data_config), 'eval_split': eval_split,
-            'reconstruction': report, 'seconds': round(time.time() - t0, 1)}
+      data_config, eval_split)["image"])
+  source = {"trained_by": "experiments.train_autoencoder", "preset": preset, "steps": steps,
+            "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight, "loss": loss, "seed": seed,
+            "data": dict(data_config), "eval_split": eval_split,
+            "reconstruction": report, "seconds": round(time.time() - t0, 1)}
   convert.save_checkpoint(out, vae, jax.tree.map(np.asarray, params), source, preset=preset)
   return source
 
@@ -165,15 +165,15 @@ def train(data_config: Any, out: str, *, preset: str = 'vae_digits', steps: int 
 def main(argv):
   del argv
   out = paths.absolute(FLAGS.out)
-  data_config = paths.resolve_config_paths(ml_collections.ConfigDict({'data': FLAGS.data})).data
+  data_config = paths.resolve_config_paths(ml_collections.ConfigDict({"data": FLAGS.data})).data
   source = train(data_config.to_dict(), out, preset=FLAGS.preset, steps=FLAGS.steps,
                  batch_size=FLAGS.batch_size, lr=FLAGS.lr, kl_weight=FLAGS.kl_weight,
                  loss=FLAGS.loss, seed=FLAGS.seed)
-  print(json.dumps(source['reconstruction']))
+  print(json.dumps(source["reconstruction"]))
   print(f"wrote {out} ({os.path.join(out, 'model.json')}): reconstruction of the "
         f"{source['eval_split']} split {source['reconstruction']}")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   define_flags()
   app.run(main)

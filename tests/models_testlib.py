@@ -8,29 +8,29 @@ torch.set_num_threads(2)
 
 # google/ddpm-cifar10-32 config.json (the diffusers port of the DDPM release).
 DDPM_CIFAR10_CONFIG = dict(
-    sample_size=32, in_channels=3, out_channels=3, act_fn='silu', attention_head_dim=None,
+    sample_size=32, in_channels=3, out_channels=3, act_fn="silu", attention_head_dim=None,
     block_out_channels=(128, 256, 256, 256), center_input_sample=False,
-    down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'),
-    up_block_types=('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, layers_per_block=2,
-    mid_block_scale_factor=1, norm_eps=1e-6, norm_num_groups=32, time_embedding_type='positional')
+    mid_block_scale_factor=1, norm_eps=1e-6, norm_num_groups=32, time_embedding_type="positional")
 
 # A small ADM-style config: attention at two levels and in the middle, 2 heads of 16, scale-shift
 # norm, residual up/down-sampling, symmetric padding, cos-first time embedding, 5 classes + null,
 # learned sigma.
 SMALL_UNET_CONFIG = dict(
     sample_size=16, in_channels=3, out_channels=6, block_out_channels=(32, 64, 64),
-    down_block_types=('ResnetDownsampleBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D'),
-    up_block_types=('AttnUpBlock2D', 'AttnUpBlock2D', 'ResnetUpsampleBlock2D'),
-    layers_per_block=2, norm_num_groups=8, attn_norm_num_groups=8, downsample_type='resnet',
-    upsample_type='resnet', attention_head_dim=16, resnet_time_scale_shift='scale_shift',
+    down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    layers_per_block=2, norm_num_groups=8, attn_norm_num_groups=8, downsample_type="resnet",
+    upsample_type="resnet", attention_head_dim=16, resnet_time_scale_shift="scale_shift",
     num_class_embeds=6, flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5)
 
 # The same family without scale-shift / resnet resampling: conv resamplers with (1, 1) padding.
 SMALL_UNET_CONV_CONFIG = dict(
     sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32, 32),
-    down_block_types=('AttnDownBlock2D', 'DownBlock2D', 'AttnDownBlock2D'),
-    up_block_types=('AttnUpBlock2D', 'UpBlock2D', 'AttnUpBlock2D'),
+    down_block_types=("AttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "AttnUpBlock2D"),
     layers_per_block=1, norm_num_groups=4, attention_head_dim=8, downsample_padding=1,
     flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6)
 
@@ -45,7 +45,7 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
   with torch.no_grad():
     for name, p in module.named_parameters():
       noise = torch.randn(p.shape, generator=gen) * std
-      is_norm_scale = p.ndim == 1 and 'norm' in name and name.endswith('weight')
+      is_norm_scale = p.ndim == 1 and "norm" in name and name.endswith("weight")
       p.copy_(1 + noise if is_norm_scale else noise)
   return module.eval()
 

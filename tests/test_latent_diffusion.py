@@ -22,7 +22,7 @@ from experiments.configs import default
 from experiments.configs import dit_xl2_imagenet256
 from experiments.configs import latent_digits
 
-DATA = dict(name='digits', split='train[:200]')
+DATA = dict(name="digits", split="train[:200]")
 
 
 def _random_params(vae, seed=0):
@@ -31,22 +31,22 @@ def _random_params(vae, seed=0):
   return jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def encoded(tmp_path_factory):
   """(vae, params, autoencoder dir, latents dir): random vae_digits weights, 200 digits, flips."""
   from diffusion_jax import convert
-  root = tmp_path_factory.mktemp('latents')
-  vae = get_autoencoder('vae_digits', scaling_factor=0.7)
+  root = tmp_path_factory.mktemp("latents")
+  vae = get_autoencoder("vae_digits", scaling_factor=0.7)
   params = _random_params(vae)
-  convert.save_checkpoint(str(root / 'vae'), vae, params, {'test': True}, preset='vae_digits')
-  spec = json.loads((root / 'vae' / 'model.json').read_text())
-  encode_latents.encode_dataset(vae, params, spec, dict(DATA), str(root / 'lat'), batch_size=32,
+  convert.save_checkpoint(str(root / "vae"), vae, params, {"test": True}, preset="vae_digits")
+  spec = json.loads((root / "vae" / "model.json").read_text())
+  encode_latents.encode_dataset(vae, params, spec, dict(DATA), str(root / "lat"), batch_size=32,
                                 shard_size=64, flip=True, progress=False)
-  return vae, params, str(root / 'vae'), str(root / 'lat')
+  return vae, params, str(root / "vae"), str(root / "lat")
 
 
 def _data_config(lat, **kw):
-  return dict(name='latents', latents_dir=lat, split='train[:200]', **kw)
+  return dict(name="latents", latents_dir=lat, split="train[:200]", **kw)
 
 
 def test_latent_batches_are_the_stored_means_or_posterior_samples(encoded):
@@ -59,14 +59,14 @@ def test_latent_batches_are_the_stored_means_or_posterior_samples(encoded):
                                     global_batch_size=50, seed=3, process_index=0,
                                     process_count=1, num_local_devices=2)
   batch = next(it)
-  assert batch['image'].shape == (2, 25, 4, 4, 2) and batch['image'].dtype == np.float32
-  np.testing.assert_array_equal(batch['image'].reshape(50, 4, 4, 2), stored['mean'][:50])
-  np.testing.assert_array_equal(batch['label'].reshape(50), labels[:50])
+  assert batch["image"].shape == (2, 25, 4, 4, 2) and batch["image"].dtype == np.float32
+  np.testing.assert_array_equal(batch["image"].reshape(50, 4, 4, 2), stored["mean"][:50])
+  np.testing.assert_array_equal(batch["label"].reshape(50), labels[:50])
   # Samples: (z - mean) / std is standard normal over 4 epochs x 200 examples x 32 values:
   # its mean and variance are within 5 standard errors (1 / sqrt(25600), sqrt(2 / 25600)).
   it = data_lib.make_train_iterator(_data_config(lat, shuffle=False), global_batch_size=200,
                                     seed=3, process_index=0, process_count=1, num_local_devices=1)
-  eps = np.stack([(next(it)['image'][0] - stored['mean']) / stored['std'] for _ in range(4)])
+  eps = np.stack([(next(it)["image"][0] - stored["mean"]) / stored["std"] for _ in range(4)])
   n = eps.size
   assert abs(eps.mean()) < 5 / np.sqrt(n) and abs(eps.var() - 1) < 5 * np.sqrt(2 / n)
   assert np.abs(eps[0] - eps[1]).min() > 0   # fresh noise each epoch (stream position)
@@ -80,15 +80,15 @@ def test_latent_samples_depend_on_seed_and_position_only(encoded):
   two = [data_lib.make_train_iterator(cfg, global_batch_size=40, seed=5, process_index=h,
                                       process_count=2, num_local_devices=2) for h in range(2)]
   for _ in range(3):
-    whole = next(one)['image'].reshape(40, 4, 4, 2)
-    parts = [next(t)['image'].reshape(20, 4, 4, 2) for t in two]
+    whole = next(one)["image"].reshape(40, 4, 4, 2)
+    parts = [next(t)["image"].reshape(20, 4, 4, 2) for t in two]
     np.testing.assert_array_equal(whole[0::2], parts[0])   # host h takes positions p % 2 == h
     np.testing.assert_array_equal(whole[1::2], parts[1])
   state = one.get_state()
   resumed = data_lib.make_train_iterator(cfg, global_batch_size=40, seed=5, process_index=0,
                                          process_count=1, num_local_devices=1)
   resumed.set_state(state)
-  np.testing.assert_array_equal(next(resumed)['image'], next(one)['image'])
+  np.testing.assert_array_equal(next(resumed)["image"], next(one)["image"])
 
 
 def test_random_flips_take_the_flipped_images_latents(encoded):
@@ -97,27 +97,27 @@ def test_random_flips_take_the_flipped_images_latents(encoded):
   it = data_lib.make_train_iterator(
       _data_config(lat, random_flip=True, latent_sample=False, shuffle=False),
       global_batch_size=200, seed=1, process_index=0, process_count=1, num_local_devices=1)
-  got = next(it)['image'][0]
+  got = next(it)["image"][0]
   flips = data_lib.pipeline.flip_mask(1, np.arange(200))
   assert 50 < flips.sum() < 150
-  np.testing.assert_array_equal(got[flips], stored['mean_flip'][flips])
-  np.testing.assert_array_equal(got[~flips], stored['mean'][~flips])
+  np.testing.assert_array_equal(got[flips], stored["mean_flip"][flips])
+  np.testing.assert_array_equal(got[~flips], stored["mean"][~flips])
 
 
 def test_latent_data_errors(encoded, tmp_path):
   vae, params, _, lat = encoded
-  with pytest.raises(ValueError, match='latents_dir must be set'):
-    data_lib.get_dataset_info({'name': 'latents'})
+  with pytest.raises(ValueError, match="latents_dir must be set"):
+    data_lib.get_dataset_info({"name": "latents"})
   with pytest.raises(ValueError, match="holds the latents of split 'train\\[:200\\]'"):
-    data_lib.get_dataset_info(dict(name='latents', latents_dir=lat, split='test'))
-  encode_latents.encode_dataset(vae, params, {'name': 'vae_digits'}, dict(DATA),
-                                str(tmp_path / 'noflip'), batch_size=32, shard_size=256,
+    data_lib.get_dataset_info(dict(name="latents", latents_dir=lat, split="test"))
+  encode_latents.encode_dataset(vae, params, {"name": "vae_digits"}, dict(DATA),
+                                str(tmp_path / "noflip"), batch_size=32, shard_size=256,
                                 progress=False)
-  with pytest.raises(ValueError, match='random_flip=True needs latents of flipped images'):
-    data_lib.make_train_iterator(_data_config(str(tmp_path / 'noflip'), random_flip=True),
+  with pytest.raises(ValueError, match="random_flip=True needs latents of flipped images"):
+    data_lib.make_train_iterator(_data_config(str(tmp_path / "noflip"), random_flip=True),
                                  global_batch_size=8, seed=0, process_index=0, process_count=1,
                                  num_local_devices=1)
-  with pytest.raises(TypeError, match='not uint8 images'):
+  with pytest.raises(TypeError, match="not uint8 images"):
     data_lib.load_split_as_numpy(_data_config(lat))
 
 
@@ -141,7 +141,7 @@ def test_decoder_batches_give_the_autoencoders_images(encoded):
   images = latent_decoder.to_images(z, dec)
   assert images.dtype == np.uint8 and images.shape == (19, 8, 8, 1)
   assert latent_decoder.to_images(np.zeros((2, 8, 8, 1)), None).shape == (2, 8, 8, 1)
-  with pytest.raises(ValueError, match='latent_channels=2'):
+  with pytest.raises(ValueError, match="latent_channels=2"):
     dec(np.zeros((2, 4, 4, 3), np.float32))
 
 
@@ -150,21 +150,21 @@ def test_latent_run_needs_the_autoencoder_that_encoded_it(encoded, tmp_path):
   _, _, _, lat = encoded
   config = default.get_config()
   config.data.update(_data_config(lat))
-  with pytest.raises(ValueError, match='needs config.autoencoder.workdir'):
+  with pytest.raises(ValueError, match="needs config.autoencoder.workdir"):
     latent_decoder.load_decoder(config)
-  other = get_autoencoder('vae_digits', scaling_factor=0.5)
-  convert.save_checkpoint(str(tmp_path / 'other'), other, _random_params(other), preset='vae_digits')
-  config.autoencoder.workdir = str(tmp_path / 'other')
-  with pytest.raises(ValueError, match='decoding would not invert the encoding'):
+  other = get_autoencoder("vae_digits", scaling_factor=0.5)
+  convert.save_checkpoint(str(tmp_path / "other"), other, _random_params(other), preset="vae_digits")
+  config.autoencoder.workdir = str(tmp_path / "other")
+  with pytest.raises(ValueError, match="decoding would not invert the encoding"):
     latent_decoder.load_decoder(config)
   pixels = default.get_config()
   assert latent_decoder.load_decoder(pixels) is None
 
 
 def test_autoencoder_and_latents_are_fixed_for_the_life_of_a_run():
-  for key in ('data.latents_dir', 'data.latent_sample', 'autoencoder.workdir'):
+  for key in ("data.latents_dir", "data.latent_sample", "autoencoder.workdir"):
     assert not run_config.may_change(key), key
-  assert run_config.may_change('autoencoder.decode_batch_size')
+  assert run_config.may_change("autoencoder.decode_batch_size")
 
 
 def test_dit_xl2_imagenet256_config_is_the_papers():
@@ -172,27 +172,27 @@ def test_dit_xl2_imagenet256_config_is_the_papers():
   sigma, linear T = 1000, 250 sampling steps, guidance 1.5; SD-VAE latents 32x32x4."""
   c = dit_xl2_imagenet256.get_config()
   assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.optim.warmup_steps,
-          c.optim.decay) == ('adamw', 1e-4, 0.0, 0, 'constant')
+          c.optim.decay) == ("adamw", 1e-4, 0.0, 0, "constant")
   assert (c.train.batch_size, tuple(c.train.ema_decays), c.train.label_dropout) == \
       (256, (0.9999,), 0.1)
   assert (c.diffusion.schedule, c.diffusion.num_timesteps, c.diffusion.prediction,
           c.diffusion.loss_type, c.diffusion.variance) == \
-      ('linear', 1000, 'eps', 'hybrid', 'learned_range')
+      ("linear", 1000, "eps", "hybrid", "learned_range")
   assert (c.sample.sampler, c.sample.steps, c.sample.guidance_scale, c.sample.clip_denoised) == \
-      ('ddpm', 250, 1.5, False)
-  assert c.data.name == 'latents' and c.data.random_flip and c.autoencoder.workdir
+      ("ddpm", 250, 1.5, False)
+  assert c.data.name == "latents" and c.data.random_flip and c.autoencoder.workdir
   model = components.build_model(c.model, (32, 32, 4))
   # 675,129,632 for the official code, which counts its fixed positional embedding (256 x 1152).
   assert count_params(model, (1, 32, 32, 4), True) == 675_129_632 - 256 * 1152
-  assert get_autoencoder('sd_vae').scaling_factor == 0.18215
+  assert get_autoencoder("sd_vae").scaling_factor == 0.18215
 
 
 def test_latent_configs_declare_only_default_keys():
-  def keys(c, prefix=''):
+  def keys(c, prefix=""):
     out = set()
     for k, v in c.items():
-      if hasattr(v, 'items') and k != 'kwargs':
-        out |= keys(v, f'{prefix}{k}.')
+      if hasattr(v, "items") and k != "kwargs":
+        out |= keys(v, f"{prefix}{k}.")
       else:
         out.add(prefix + k)
     return out
@@ -208,9 +208,9 @@ def test_preview_sampling_follows_sample_steps_and_guidance_scale():
   from diffusion_jax.models import get_model, init_params
   from diffusion_jax.training import sampling
   config = default.get_config()
-  config.diffusion.update(dict(num_timesteps=50, loss_type='hybrid', variance='learned_range'))
+  config.diffusion.update(dict(num_timesteps=50, loss_type="hybrid", variance="learned_range"))
   config.sample.update(dict(steps=5, guidance_scale=1.5))
-  model = get_model('dit_tiny', in_channels=2)
+  model = get_model("dit_tiny", in_channels=2)
   params = init_params(model, jax.random.key(1), (4, 4, 2), True)
   params = jax.tree.map(lambda p: p + 0.05 * np.asarray(jax.random.normal(jax.random.key(2),
                                                                           p.shape)), params)
@@ -218,11 +218,11 @@ def test_preview_sampling_follows_sample_steps_and_guidance_scale():
   labels = np.array([1, 4, 9], np.int32)
   key = jax.random.key(3)
   got = sampling.sample_from_config(config, model, schedule, params, key, 3, (4, 4, 2), labels)
-  plan = samplers.plan('ddpm', schedule, 5)
-  sampler = samplers.get_sampler('ddpm', prediction='eps', variance='learned_range',
+  plan = samplers.plan("ddpm", schedule, 5)
+  sampler = samplers.get_sampler("ddpm", prediction="eps", variance="learned_range",
                                  clip_denoised=True, **plan.static)
   guided = samplers.classifier_free_guidance(
-      lambda x, t, y: model.apply({'params': params}, x, t, y, train=False), labels, 1.5,
+      lambda x, t, y: model.apply({"params": params}, x, t, y, train=False), labels, 1.5,
       null_label=10)
   want = sampler(guided, plan.schedule, (3, 4, 4, 2), key, **plan.per_call)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -240,35 +240,35 @@ def test_converted_latent_dit_samples_images_through_its_autoencoder(tmp_path):
   from diffusion_jax.models import get_model, init_params
   from diffusion_jax.training import restore
   from experiments import sample, sampling_lib
-  vae = get_autoencoder('vae_tiny', scaling_factor=0.5)
-  convert.save_checkpoint(str(tmp_path / 'vae'), vae, _random_params(vae), preset='vae_tiny')
-  dit = get_model('dit_tiny', in_channels=4)
+  vae = get_autoencoder("vae_tiny", scaling_factor=0.5)
+  convert.save_checkpoint(str(tmp_path / "vae"), vae, _random_params(vae), preset="vae_tiny")
+  dit = get_model("dit_tiny", in_channels=4)
   params = init_params(dit, jax.random.key(1), (4, 4, 4), True)
   params = jax.tree.map(lambda p: p + 0.02 * np.asarray(jax.random.normal(
       jax.random.key(2), p.shape)), params)   # leave the zero-initialised identity blocks
-  convert.write_run(str(tmp_path / 'dit'), dit, params, (4, 4, 4),
-                    autoencoder_dir=str(tmp_path / 'vae'))
-  loaded = restore.load_for_sampling(str(tmp_path / 'dit'))
-  assert loaded.config.autoencoder.workdir == str(tmp_path / 'vae')
+  convert.write_run(str(tmp_path / "dit"), dit, params, (4, 4, 4),
+                    autoencoder_dir=str(tmp_path / "vae"))
+  loaded = restore.load_for_sampling(str(tmp_path / "dit"))
+  assert loaded.config.autoencoder.workdir == str(tmp_path / "vae")
   assert not loaded.config.sample.clip_denoised
   labels = np.array([3, 7, 1], np.int32)
   images = sample.sample_images(loaded, 3, seed=0, batch_size=3, labels=labels, steps=5,
                                 guidance_scale=1.5)
   assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
-  apply_fn = lambda p, x, t, y: loaded.model.apply({'params': p}, x, t, y, train=False)
+  apply_fn = lambda p, x, t, y: loaded.model.apply({"params": p}, x, t, y, train=False)
   z = sampling_lib.generate(apply_fn, loaded.params, loaded.schedule, (4, 4, 4), num_samples=3,
                             batch_size=3, labels=labels, num_classes=10, steps=5,
-                            guidance_scale=1.5, variance='learned_range', thresholding='none',
+                            guidance_scale=1.5, variance="learned_range", thresholding="none",
                             progress=False)
-  vae_loaded, vae_params = convert.load_checkpoint(str(tmp_path / 'vae'))
+  vae_loaded, vae_params = convert.load_checkpoint(str(tmp_path / "vae"))
   want = np.asarray(autoencoder.decode(vae_loaded, vae_params, z))
   want = np.rint((np.clip(want, -1, 1) + 1) * 127.5)
   # The same float32 decoder at another batch size: values agree to rounding, so a uint8 may
   # differ by one where a value lies at a rounding boundary.
   assert np.abs(images.astype(int) - want).max() <= 1
-  with pytest.raises(ValueError, match='latent_channels=3'):
-    convert.write_run(str(tmp_path / 'bad'), get_model('dit_tiny'), params, (4, 4, 3),
-                      autoencoder_dir=str(tmp_path / 'vae'))
+  with pytest.raises(ValueError, match="latent_channels=3"):
+    convert.write_run(str(tmp_path / "bad"), get_model("dit_tiny"), params, (4, 4, 3),
+                      autoencoder_dir=str(tmp_path / "vae"))
 
 
 # --------------------------------------------------------------------------- end to end (slow)
@@ -284,34 +284,34 @@ E2E_SAMPLES = 200
 
 def _run(*args: str) -> str:
   import subprocess
-  proc = subprocess.run([sys.executable, '-m', *args], env=tl.subprocess_env(1), cwd=tl.REPO,
+  proc = subprocess.run([sys.executable, "-m", *args], env=tl.subprocess_env(1), cwd=tl.REPO,
                         capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope="session")
 def latent_digits_run(tmp_path_factory):
   """The README's CPU latent path, as a user runs it (4 commands, one CPU device): the small
   autoencoder trained briefly, digits encoded once, the latent U-Net (`latent_digits.py`)
   trained for half its steps, 200 samples drawn (DDIM, 50 steps) and decoded. Shared through
   `shared_runs.run_once`."""
   def build(root):
-    ae, lat, run = str(root / 'vae'), str(root / 'latents'), str(root / 'run')
+    ae, lat, run = str(root / "vae"), str(root / "latents"), str(root / "run")
     tfds = f'--data.data_dir={root / "tfds"}'
-    _run('experiments.train_autoencoder', f'--out={ae}', f'--steps={E2E_AE_STEPS}', tfds)
-    _run('experiments.encode_latents', f'--vae={ae}', '--data.name=digits', '--data.image_size=8',
-         tfds, f'--out={lat}')
+    _run("experiments.train_autoencoder", f"--out={ae}", f"--steps={E2E_AE_STEPS}", tfds)
+    _run("experiments.encode_latents", f"--vae={ae}", "--data.name=digits", "--data.image_size=8",
+         tfds, f"--out={lat}")
     # Half the config's 2,000 steps, and EMA 0.99 (horizon 100 steps) for the shorter run.
-    _run('experiments.train', '--config=experiments/configs/latent_digits.py', f'--workdir={run}',
-         f'--config.data.latents_dir={lat}', f'--config.autoencoder.workdir={ae}',
-         f'--config.train.num_steps={E2E_STEPS}', f'--config.train.checkpoint_every={E2E_STEPS}',
-         '--config.train.ema_decays=(0.99,)', '--config.sample.num_samples=16')
-    _run('experiments.sample', f'--workdir={run}', f'--num_samples={E2E_SAMPLES}',
-         f'--out={root / "samples.npz"}', '--sampler=ddim', '--steps=50')
-    return {'autoencoder': ae, 'latents': lat, 'run': run, 'samples': str(root / 'samples.npz')}
+    _run("experiments.train", "--config=experiments/configs/latent_digits.py", f"--workdir={run}",
+         f"--config.data.latents_dir={lat}", f"--config.autoencoder.workdir={ae}",
+         f"--config.train.num_steps={E2E_STEPS}", f"--config.train.checkpoint_every={E2E_STEPS}",
+         "--config.train.ema_decays=(0.99,)", "--config.sample.num_samples=16")
+    _run("experiments.sample", f"--workdir={run}", f"--num_samples={E2E_SAMPLES}",
+         f'--out={root / "samples.npz"}', "--sampler=ddim", "--steps=50")
+    return {"autoencoder": ae, "latents": lat, "run": run, "samples": str(root / "samples.npz")}
 
-  return shared_runs.run_once(tmp_path_factory, 'latent_digits_shared', build)[1]
+  return shared_runs.run_once(tmp_path_factory, "latent_digits_shared", build)[1]
 
 
 @pytest.mark.slow
@@ -321,16 +321,16 @@ def test_small_autoencoder_reconstructs_held_out_digits(latent_digits_run):
   Frechet distance to the held-out digits under a quarter of the real floor (held-out vs
   training digits, 68): reconstructions are much closer to their originals than other real
   digits are."""
-  spec = json.loads(open(os.path.join(latent_digits_run['autoencoder'], 'model.json')).read())
-  rec = spec['source']['reconstruction']
-  assert spec['name'] == 'vae_digits' and spec['overrides']['scaling_factor'] > 0
-  assert rec['mse'] < 0.1 * 0.58, rec
-  assert rec['digits_fd'] < 0.25 * rec['digits_real_floor'], rec
-  meta = latent_format.read_meta(latent_digits_run['latents'])
+  spec = json.loads(open(os.path.join(latent_digits_run["autoencoder"], "model.json")).read())
+  rec = spec["source"]["reconstruction"]
+  assert spec["name"] == "vae_digits" and spec["overrides"]["scaling_factor"] > 0
+  assert rec["mse"] < 0.1 * 0.58, rec
+  assert rec["digits_fd"] < 0.25 * rec["digits_real_floor"], rec
+  meta = latent_format.read_meta(latent_digits_run["latents"])
   assert (meta.num_examples, meta.latent_shape) == (1500, (4, 4, 2))
-  means, _ = latent_format.LatentSource(latent_digits_run['latents']).read(np.arange(1500))
+  means, _ = latent_format.LatentSource(latent_digits_run["latents"]).read(np.arange(1500))
   # Scaled to unit variance over the training split by construction (float32 sums of 24,000).
-  np.testing.assert_allclose(means['mean'].std(), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(means["mean"].std(), 1.0, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -342,17 +342,17 @@ def test_latent_run_samples_decode_to_digits(latent_digits_run):
   DiT scores 156 and the U-Net 84-89 with 500 samples after 2,000 steps, README)."""
   from diffusion_jax import convert
   from diffusion_jax.evaluation import digits
-  images = np.load(latent_digits_run['samples'])['images']
+  images = np.load(latent_digits_run["samples"])["images"]
   assert images.shape == (E2E_SAMPLES, 8, 8, 1) and images.dtype == np.uint8
   assert images.min() < 40 and images.max() > 215   # dark background, bright strokes
-  vae, params = convert.load_checkpoint(latent_digits_run['autoencoder'])
+  vae, params = convert.load_checkpoint(latent_digits_run["autoencoder"])
   decoder = latent_decoder.LatentDecoder(vae, params, E2E_SAMPLES, jax.local_devices()[:1])
   prior = np.random.default_rng(0).standard_normal((E2E_SAMPLES, 4, 4, 2)).astype(np.float32)
   fd_prior = digits.digits_frechet_distance(latent_decoder.to_images(prior, decoder))
   fd = digits.digits_frechet_distance(images)
   floor = digits.real_floor()
-  print(f'latent digits: FD {fd:.1f}, decoded N(0, I) {fd_prior:.1f}, real floor {floor:.1f}')
+  print(f"latent digits: FD {fd:.1f}, decoded N(0, I) {fd_prior:.1f}, real floor {floor:.1f}")
   assert fd <= 0.5 * fd_prior and fd <= 3 * floor, (fd, fd_prior, floor)
-  png = os.path.join(os.path.dirname(latent_digits_run['run']), 'run', 'samples',
-                     f'step_{E2E_STEPS:07d}.png')
+  png = os.path.join(os.path.dirname(latent_digits_run["run"]), "run", "samples",
+                     f"step_{E2E_STEPS:07d}.png")
   assert os.path.exists(png)   # the trainer's preview, decoded

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-META_FILE = 'latents.json'
+META_FILE = "latents.json"
 FORMAT_VERSION = 1
 
 
@@ -49,14 +49,14 @@ class LatentMeta:
 
   @property
   def fields(self) -> tuple[str, ...]:
-    return ('mean', 'std') + (('mean_flip', 'std_flip') if self.flip else ())
+    return ("mean", "std") + (("mean_flip", "std_flip") if self.flip else ())
 
   @property
   def num_shards(self) -> int:
     return -(-self.num_examples // self.shard_size)
 
   def shard_path(self, directory: str, k: int) -> str:
-    return os.path.join(directory, f'latents-{k:05d}-of-{self.num_shards:05d}.array_record')
+    return os.path.join(directory, f"latents-{k:05d}-of-{self.num_shards:05d}.array_record")
 
   def shard_range(self, k: int) -> tuple[int, int]:
     return k * self.shard_size, min((k + 1) * self.shard_size, self.num_examples)
@@ -67,7 +67,7 @@ class LatentMeta:
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> LatentMeta:
     d = dict(d)
-    for key in ('latent_shape', 'image_shape'):
+    for key in ("latent_shape", "image_shape"):
       d[key] = tuple(d[key])
     return cls(**d)
 
@@ -76,7 +76,7 @@ def read_meta(directory: str) -> LatentMeta:
   """The metadata of a latent directory; FileNotFoundError if there is none."""
   path = os.path.join(directory, META_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: not a latent directory (see experiments.encode_latents)')
+    raise FileNotFoundError(f"{path} not found: not a latent directory (see experiments.encode_latents)")
   with open(path) as f:
     return LatentMeta.from_json(json.load(f))
 
@@ -86,9 +86,9 @@ def to_records(meta: LatentMeta, labels: np.ndarray, arrays: dict[str, np.ndarra
   n = len(labels)
   for f in meta.fields:
     if arrays[f].shape != (n, *meta.latent_shape):
-      raise ValueError(f'{f} must have shape {(n, *meta.latent_shape)}, got {arrays[f].shape}')
-  parts = [np.asarray(labels, '<i4').reshape(n, 1).view(np.uint8)]
-  parts += [np.asarray(arrays[f], '<f4').reshape(n, -1).view(np.uint8) for f in meta.fields]
+      raise ValueError(f"{f} must have shape {(n, *meta.latent_shape)}, got {arrays[f].shape}")
+  parts = [np.asarray(labels, "<i4").reshape(n, 1).view(np.uint8)]
+  parts += [np.asarray(arrays[f], "<f4").reshape(n, -1).view(np.uint8) for f in meta.fields]
   rows = np.concatenate(parts, axis=1)
   return [row.tobytes() for row in rows]
 
@@ -96,9 +96,9 @@ def to_records(meta: LatentMeta, labels: np.ndarray, arrays: dict[str, np.ndarra
 def from_records(meta: LatentMeta, records: Sequence[bytes]) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Records -> ({field: float32 [n, h, w, L]}, labels int32 [n])."""
   size = int(np.prod(meta.latent_shape))
-  flat = np.frombuffer(b''.join(records), np.uint8).reshape(len(records), -1)
-  labels = flat[:, :4].copy().view('<i4')[:, 0].astype(np.int32)
-  floats = flat[:, 4:].copy().view('<f4')
+  flat = np.frombuffer(b"".join(records), np.uint8).reshape(len(records), -1)
+  labels = flat[:, :4].copy().view("<i4")[:, 0].astype(np.int32)
+  floats = flat[:, 4:].copy().view("<f4")
   out = {f: floats[:, i * size:(i + 1) * size].reshape(len(records), *meta.latent_shape)
          for i, f in enumerate(meta.fields)}
   return out, labels
@@ -116,12 +116,12 @@ class LatentSource:
     paths = [self.meta.shard_path(directory, k) for k in range(self.meta.num_shards)]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-      raise FileNotFoundError(f'{len(missing)} of {len(paths)} shards missing in {directory} '
-                              f'(first: {os.path.basename(missing[0])}); rerun the encoding to finish')
+      raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards missing in {directory} "
+                              f"(first: {os.path.basename(missing[0])}); rerun the encoding to finish")
     self._source = ArrayRecordDataSource(paths)
     if len(self._source) != self.meta.num_examples:
-      raise ValueError(f'{directory} holds {len(self._source)} records, its metadata says '
-                       f'{self.meta.num_examples}')
+      raise ValueError(f"{directory} holds {len(self._source)} records, its metadata says "
+                       f"{self.meta.num_examples}")
 
   def __len__(self) -> int:
     return self.meta.num_examples
@@ -149,12 +149,12 @@ class LatentTrainSource:
     self._latents = LatentSource(directory)
     meta = self.meta = self._latents.meta
     if split != meta.split:
-      raise ValueError(f'data_config.split={split!r} but {directory} holds the latents of split '
-                       f'{meta.split!r}; encode that split into its own directory')
+      raise ValueError(f"data_config.split={split!r} but {directory} holds the latents of split "
+                       f"{meta.split!r}; encode that split into its own directory")
     if random_flip and not meta.flip:
-      raise ValueError(f'data_config.random_flip=True needs latents of flipped images: '
-                       f'{directory} was encoded without --flip (flipping latents is not '
-                       f'flipping images)')
+      raise ValueError(f"data_config.random_flip=True needs latents of flipped images: "
+                       f"{directory} was encoded without --flip (flipping latents is not "
+                       f"flipping images)")
     self.sample = bool(sample)
     self.info = DatasetInfo(tuple(meta.latent_shape), int(meta.num_classes), meta.num_examples)
 
@@ -162,20 +162,20 @@ class LatentTrainSource:
     return self.meta.num_examples
 
   def read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    raise TypeError('latents are float32, not uint8 images: use read_float (load_split_as_numpy '
-                    'and in-memory decoding apply to image datasets only)')
+    raise TypeError("latents are float32, not uint8 images: use read_float (load_split_as_numpy "
+                    "and in-memory decoding apply to image datasets only)")
 
   def read_float(self, indices: Sequence[int], positions: np.ndarray | None = None,
                  flips: np.ndarray | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     arrays, labels = self._latents.read(indices)
-    mean, std = arrays['mean'], arrays['std']
+    mean, std = arrays["mean"], arrays["std"]
     if flips is not None and np.any(flips):
-      mean = np.where(flips[:, None, None, None], arrays['mean_flip'], mean)
-      std = np.where(flips[:, None, None, None], arrays['std_flip'], std)
+      mean = np.where(flips[:, None, None, None], arrays["mean_flip"], mean)
+      std = np.where(flips[:, None, None, None], arrays["std_flip"], std)
     if not self.sample:
       return np.ascontiguousarray(mean, np.float32), labels
     if positions is None:
-      raise ValueError('positions are needed to draw posterior samples (sample=True)')
+      raise ValueError("positions are needed to draw posterior samples (sample=True)")
     eps = np.stack([np.random.default_rng([int(seed), _NOISE_SALT, int(p)]).standard_normal(
         self.meta.latent_shape, np.float32) for p in positions])
     return (mean + std * eps).astype(np.float32), labels

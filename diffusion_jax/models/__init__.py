@@ -15,7 +15,7 @@ from diffusion_jax.models.registry import (AUTOENCODER_PRESETS, PRESETS, autoenc
 from diffusion_jax.models.text_transformer import TextTransformer
 from diffusion_jax.models.unet import UNet
 
-__all__ = ['AUTOENCODER_PRESETS', 'AutoencoderKL', 'DiT', 'DiTBlock', 'DiagonalGaussian', 'KVCache',
-           'PRESETS', 'TextTransformer',
-           'UNet', 'autoencoder', 'autoencoder_names', 'count_params', 'get_autoencoder', 'get_model',
-           'init_params', 'layers', 'model_names']
+__all__ = ["AUTOENCODER_PRESETS", "AutoencoderKL", "DiT", "DiTBlock", "DiagonalGaussian", "KVCache",
+           "PRESETS", "TextTransformer",
+           "UNet", "autoencoder", "autoencoder_names", "count_params", "get_autoencoder", "get_model",
+           "init_params", "layers", "model_names"]

@@ -79,7 +79,7 @@ class _Coder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def _conv(self, channels: int, name: str, kernel: int = 3) -> nn.Conv:
-    return nn.Conv(channels, (kernel, kernel), padding='SAME', dtype=self.dtype,
+    return nn.Conv(channels, (kernel, kernel), padding="SAME", dtype=self.dtype,
                    param_dtype=self.param_dtype, kernel_init=layers.default_kernel_init, name=name)
 
   def _res(self, channels: int, name: str) -> layers.ResBlock:
@@ -89,16 +89,16 @@ class _Coder(nn.Module):
   def _mid(self, h: jax.Array) -> jax.Array:
     """ResBlock, single-head attention (if `mid_attention`), ResBlock at the deepest width."""
     ch = self.block_out_channels[-1]
-    h = self._res(ch, 'mid_res_0')(h, None)
+    h = self._res(ch, "mid_res_0")(h, None)
     if self.mid_attention:
       h = layers.AttnBlock(None, self.norm_num_groups, 1e-6, self.dtype, self.param_dtype,
-                           name='mid_attn')(h)
-    return self._res(ch, 'mid_res_1')(h, None)
+                           name="mid_attn")(h)
+    return self._res(ch, "mid_res_1")(h, None)
 
   def _out(self, h: jax.Array, channels: int) -> jax.Array:
     h = nn.silu(layers.GroupNorm(self.norm_num_groups, 1e-6, self.dtype, self.param_dtype,
-                                 name='norm_out')(h))
-    return self._conv(channels, 'conv_out')(h)
+                                 name="norm_out")(h))
+    return self._conv(channels, "conv_out")(h)
 
 
 class Encoder(_Coder):
@@ -112,13 +112,13 @@ class Encoder(_Coder):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     chans = tuple(self.block_out_channels)
-    h = self._conv(chans[0], 'conv_in')(x.astype(self.dtype))
+    h = self._conv(chans[0], "conv_in")(x.astype(self.dtype))
     for lvl, ch in enumerate(chans):
       for j in range(self.layers_per_block):
-        h = self._res(ch, f'down_{lvl}_res_{j}')(h, None)
+        h = self._res(ch, f"down_{lvl}_res_{j}")(h, None)
       if lvl < len(chans) - 1:
-        h = layers.Downsample(ch, 'asymmetric', self.dtype, self.param_dtype,
-                              name=f'down_{lvl}_downsample')(h)
+        h = layers.Downsample(ch, "asymmetric", self.dtype, self.param_dtype,
+                              name=f"down_{lvl}_downsample")(h)
     h = self._mid(h)
     return self._out(h, 2 * self.latent_channels)
 
@@ -136,13 +136,13 @@ class Decoder(_Coder):
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     chans = tuple(self.block_out_channels)
-    h = self._conv(chans[-1], 'conv_in')(z.astype(self.dtype))
+    h = self._conv(chans[-1], "conv_in")(z.astype(self.dtype))
     h = self._mid(h)
     for lvl in reversed(range(len(chans))):
       for j in range(self.layers_per_block + 1):
-        h = self._res(chans[lvl], f'up_{lvl}_res_{j}')(h, None)
+        h = self._res(chans[lvl], f"up_{lvl}_res_{j}")(h, None)
       if lvl > 0:
-        h = layers.Upsample(chans[lvl], self.dtype, self.param_dtype, name=f'up_{lvl}_upsample')(h)
+        h = layers.Upsample(chans[lvl], self.dtype, self.param_dtype, name=f"up_{lvl}_upsample")(h)
     return self._out(h, self.out_channels)
 
 
@@ -175,8 +175,8 @@ class AutoencoderKL(nn.Module):
   def setup(self) -> None:
     chans = tuple(self.block_out_channels)
     if not chans or any(c % self.norm_num_groups for c in chans):
-      raise ValueError(f'block_out_channels={chans} must be non-empty multiples of '
-                       f'norm_num_groups={self.norm_num_groups}')
+      raise ValueError(f"block_out_channels={chans} must be non-empty multiples of "
+                       f"norm_num_groups={self.norm_num_groups}")
     shared = dict(block_out_channels=chans, layers_per_block=self.layers_per_block,
                   norm_num_groups=self.norm_num_groups, mid_attention=self.mid_attention,
                   dtype=self.dtype, param_dtype=self.param_dtype)
@@ -197,10 +197,10 @@ class AutoencoderKL(nn.Module):
   def encode(self, x: jax.Array) -> DiagonalGaussian:
     """x: [B, H, W, in_channels] in [-1, 1], H and W divisible by f -> posterior over [B, H/f, W/f, L]."""
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
-      raise ValueError(f'x must be [B, H, W, in_channels={self.in_channels}], got {x.shape}')
+      raise ValueError(f"x must be [B, H, W, in_channels={self.in_channels}], got {x.shape}")
     f = self.downsampling_factor
     if x.shape[1] % f or x.shape[2] % f:
-      raise ValueError(f'image size {x.shape[1:3]} must be divisible by the downsampling factor {f}')
+      raise ValueError(f"image size {x.shape[1:3]} must be divisible by the downsampling factor {f}")
     moments = self.encoder(x)
     if self.use_quant_conv:
       moments = self.quant_conv(moments)
@@ -209,7 +209,7 @@ class AutoencoderKL(nn.Module):
   def decode(self, z: jax.Array) -> jax.Array:
     """z: [B, h, w, latent_channels] (unscaled) -> images [B, h*f, w*f, out_channels] float32."""
     if z.ndim != 4 or z.shape[-1] != self.latent_channels:
-      raise ValueError(f'z must be [B, h, w, latent_channels={self.latent_channels}], got {z.shape}')
+      raise ValueError(f"z must be [B, h, w, latent_channels={self.latent_channels}], got {z.shape}")
     if self.use_post_quant_conv:
       z = self.post_quant_conv(z.astype(self.dtype))
     return self.decoder(z).astype(jnp.float32)
@@ -227,7 +227,7 @@ def init_autoencoder(vae: AutoencoderKL, rng: jax.Array, image_size: int | None 
   image_size defaults to the smallest valid one (f). Use under `jax.eval_shape` to count.
   """
   size = image_size or vae.downsampling_factor
-  return vae.init(rng, jnp.zeros((1, size, size, vae.in_channels), jnp.float32))['params']
+  return vae.init(rng, jnp.zeros((1, size, size, vae.in_channels), jnp.float32))["params"]
 
 
 def encode(vae: AutoencoderKL, params: Any, images: jax.Array,
@@ -243,7 +243,7 @@ def encode(vae: AutoencoderKL, params: Any, images: jax.Array,
   References: LDM `LatentDiffusion.get_first_stage_encoding`; diffusers pipelines
     (`latents = (latents - shift_factor) * scaling_factor`).
   """
-  posterior = vae.apply({'params': params}, images, method=AutoencoderKL.encode)
+  posterior = vae.apply({"params": params}, images, method=AutoencoderKL.encode)
   z = posterior.mode() if key is None else posterior.sample(key)
   return (z - (vae.shift_factor or 0.0)) * vae.scaling_factor
 
@@ -257,4 +257,4 @@ def decode(vae: AutoencoderKL, params: Any, latents: jax.Array) -> jax.Array:
     [B, h*f, w*f, C] float32, nominally in [-1, 1] (not clipped).
   """
   z = latents / vae.scaling_factor + (vae.shift_factor or 0.0)
-  return vae.apply({'params': params}, z, method=AutoencoderKL.decode)
+  return vae.apply({"params": params}, z, method=AutoencoderKL.decode)

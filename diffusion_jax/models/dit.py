@@ -30,7 +30,7 @@ Dtype = Any
 _SCAN_SAVE_POLICY = jax.checkpoint_policies.dots_saveable
 xavier = nn.initializers.xavier_uniform()
 # Xavier-uniform over the conv kernel viewed as a [p*p*C, D] matrix, as the official code does.
-patch_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2),
+patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
                                               out_axis=-1)
 
 
@@ -86,12 +86,12 @@ class DiTBlock(nn.Module):
     b, n, d = x.shape
     dense = lambda width, name, init=xavier: nn.Dense(
         width, kernel_init=init, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    mod = dense(6 * d, 'adaLN_modulation', nn.initializers.zeros)(nn.silu(c))
+    mod = dense(6 * d, "adaLN_modulation", nn.initializers.zeros)(nn.silu(c))
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
 
     h = _modulate(_layer_norm(x, self.norm_eps), shift1, scale1)
     head_dim = d // self.num_heads
-    qkv = dense(3 * d, 'attn_qkv')(h).reshape(b, n, 3, self.num_heads, head_dim)
+    qkv = dense(3 * d, "attn_qkv")(h).reshape(b, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if positions is None:
       positions = jnp.arange(n)
@@ -109,11 +109,11 @@ class DiTBlock(nn.Module):
     if self.causal or cache is not None:
       mask = (key_positions[None, :] <= positions[:, None])[None, None]
     h = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(b, n, d)
-    x = x + gate1[:, None, :] * dense(d, 'attn_proj')(h)
+    x = x + gate1[:, None, :] * dense(d, "attn_proj")(h)
 
     h = _modulate(_layer_norm(x, self.norm_eps), shift2, scale2)
-    h = nn.gelu(dense(int(d * self.mlp_ratio), 'mlp_fc1')(h), approximate=True)
-    x = x + gate2[:, None, :] * dense(d, 'mlp_fc2')(h)
+    h = nn.gelu(dense(int(d * self.mlp_ratio), "mlp_fc1")(h), approximate=True)
+    x = x + gate2[:, None, :] * dense(d, "mlp_fc2")(h)
     return x if cache is None else (x, cache)
 
 
@@ -169,20 +169,20 @@ class DiT(nn.Module):
     backward fusions, and the gradient cost grew with depth squared (see benchmarks/README.md).
     It also compiles one block instead of `depth`.
     """
-    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
+    kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
     args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.norm_eps)
     if self.is_initializing() or not self.scan_blocks or self.depth == 0:
       block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
       for i in range(self.depth):
-        h = block_cls(*args, name=f'block_{i}', **kw)(h, c)
+        h = block_cls(*args, name=f"block_{i}", **kw)(h, c)
       return h
-    params = self.variables['params']
+    params = self.variables["params"]
     stacked = jax.tree.map(lambda *p: jnp.stack(p),
-                           *(params[f'block_{i}'] for i in range(self.depth)))
+                           *(params[f"block_{i}"] for i in range(self.depth)))
     block = DiTBlock(*args, parent=None, **kw)
 
     def body(carry: jax.Array, p: Any) -> tuple[jax.Array, None]:
-      return block.apply({'params': p}, carry, c), None
+      return block.apply({"params": p}, carry, c), None
 
     if self.remat:
       body = jax.checkpoint(body)
@@ -198,32 +198,32 @@ class DiT(nn.Module):
     b, hgt, wid, _ = x.shape
     p, d = self.patch_size, self.hidden_size
     if hgt % p or wid % p:
-      raise ValueError(f'patch_size={p} must divide the image size {(hgt, wid)}')
+      raise ValueError(f"patch_size={p} must divide the image size {(hgt, wid)}")
     if d % self.num_heads or d % 4:
-      raise ValueError(f'hidden_size={d} must be divisible by num_heads={self.num_heads} and 4')
+      raise ValueError(f"hidden_size={d} must be divisible by num_heads={self.num_heads} and 4")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gh, gw = hgt // p, wid // p
 
-    h = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', kernel_init=patch_init,
-                name='x_embedder', **kw)(x.astype(self.dtype))
+    h = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", kernel_init=patch_init,
+                name="x_embedder", **kw)(x.astype(self.dtype))
     pos = layers.sincos_pos_embed_2d(d, gh, gw)
     h = h.reshape(b, gh * gw, d) + jnp.asarray(pos, jnp.float32).astype(self.dtype)
 
     temb = layers.timestep_embedding(t, 256, flip_sin_to_cos=True, freq_shift=self.freq_shift)
     normal = nn.initializers.normal(0.02)
-    c = nn.Dense(d, kernel_init=normal, name='t_embedder_0', **kw)(temb.astype(self.dtype))
-    c = nn.Dense(d, kernel_init=normal, name='t_embedder_2', **kw)(nn.silu(c))
+    c = nn.Dense(d, kernel_init=normal, name="t_embedder_0", **kw)(temb.astype(self.dtype))
+    c = nn.Dense(d, kernel_init=normal, name="t_embedder_2", **kw)(nn.silu(c))
     if self.num_classes > 0:
       if y is None:
         y = jnp.full((b,), self.num_classes, jnp.int32)
-      c = c + nn.Embed(self.num_classes + 1, d, embedding_init=normal, name='y_embedder', **kw)(y)
+      c = c + nn.Embed(self.num_classes + 1, d, embedding_init=normal, name="y_embedder", **kw)(y)
 
     h = self._blocks(h, c)
 
     zeros = nn.initializers.zeros
-    mod = nn.Dense(2 * d, kernel_init=zeros, name='final_adaLN_modulation', **kw)(nn.silu(c))
+    mod = nn.Dense(2 * d, kernel_init=zeros, name="final_adaLN_modulation", **kw)(nn.silu(c))
     shift, scale = jnp.split(mod, 2, axis=-1)
     h = _modulate(_layer_norm(h, self.norm_eps), shift, scale)
-    h = nn.Dense(p * p * self.out_channels, kernel_init=zeros, name='final_linear', **kw)(h)
+    h = nn.Dense(p * p * self.out_channels, kernel_init=zeros, name="final_linear", **kw)(h)
     h = h.reshape(b, gh, gw, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
     return h.reshape(b, hgt, wid, self.out_channels).astype(jnp.float32)

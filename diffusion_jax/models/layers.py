@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
-default_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
-RESAMPLE_MODES = ('none', 'up', 'down')
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+RESAMPLE_MODES = ("none", "up", "down")
 
 
 def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool = False,
@@ -41,7 +41,7 @@ def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool = False,
   """
   half = dim // 2
   if half - freq_shift <= 0:
-    raise ValueError(f'dim={dim} too small for freq_shift={freq_shift}')
+    raise ValueError(f"dim={dim} too small for freq_shift={freq_shift}")
   freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift))
   args = t.astype(jnp.float32)[:, None] * jnp.asarray(freqs, jnp.float32)[None, :]
   first, second = (jnp.cos(args), jnp.sin(args)) if flip_sin_to_cos else (jnp.sin(args), jnp.cos(args))
@@ -63,7 +63,7 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   References: DiT `models.py` get_2d_sincos_pos_embed; MAE (He et al. 2022).
   """
   if dim % 4:
-    raise ValueError(f'dim must be divisible by 4 for the 2-D sin-cos embedding, got {dim}')
+    raise ValueError(f"dim must be divisible by 4 for the 2-D sin-cos embedding, got {dim}")
   omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
 
   def one_d(pos: np.ndarray) -> np.ndarray:
@@ -71,7 +71,7 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
   rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
-                           indexing='ij')
+                           indexing="ij")
   return np.concatenate([one_d(cols), one_d(rows)], axis=1)
 
 
@@ -96,7 +96,7 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) 
   """
   head_dim = x.shape[-1]
   if head_dim % 2:
-    raise ValueError(f'rotary embedding needs an even head_dim, got {head_dim}')
+    raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
   half = head_dim // 2
   freqs = np.exp(-math.log(base) * np.arange(half, dtype=np.float64) * 2.0 / head_dim)
   angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(freqs, jnp.float32)[None, :]
@@ -117,17 +117,17 @@ class GroupNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     if channels % self.num_groups:
-      raise ValueError(f'num_groups={self.num_groups} must divide the channel count {channels}')
+      raise ValueError(f"num_groups={self.num_groups} must divide the channel count {channels}")
     y = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, dtype=jnp.float32,
-                     param_dtype=self.param_dtype, name='norm')(x.astype(jnp.float32))
+                     param_dtype=self.param_dtype, name="norm")(x.astype(jnp.float32))
     return y.astype(self.dtype)
 
 
 def _resample(x: jax.Array, mode: str) -> jax.Array:
   """Parameter-free 2x nearest upsampling or 2x2 average pooling (NHWC)."""
-  if mode == 'up':
+  if mode == "up":
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-  if mode == 'down':
+  if mode == "down":
     b, h, w, c = x.shape
     return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
   return x
@@ -154,42 +154,42 @@ class ResBlock(nn.Module):
   epsilon: float = 1e-6
   dropout: float = 0.0
   scale_shift: bool = False
-  resample: str = 'none'
+  resample: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array | None, train: bool = False) -> jax.Array:
     if self.resample not in RESAMPLE_MODES:
-      raise ValueError(f'resample must be one of {RESAMPLE_MODES}, got {self.resample!r}')
+      raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {self.resample!r}")
     if emb is None and self.scale_shift:
-      raise ValueError('scale_shift=True needs an embedding emb (got emb=None)')
+      raise ValueError("scale_shift=True needs an embedding emb (got emb=None)")
     conv = lambda c, k, name, init=default_kernel_init: nn.Conv(
-        c, (k, k), padding='SAME' if k > 1 else 'VALID', dtype=self.dtype,
+        c, (k, k), padding="SAME" if k > 1 else "VALID", dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=init, name=name)
     norm = lambda name: GroupNorm(self.num_groups, self.epsilon, self.dtype, self.param_dtype,
                                   name=name)
-    h = nn.silu(norm('norm1')(x))
+    h = nn.silu(norm("norm1")(x))
     h = _resample(h, self.resample)
     skip = _resample(x.astype(self.dtype), self.resample)
-    h = conv(self.out_channels, 3, 'conv1')(h)
+    h = conv(self.out_channels, 3, "conv1")(h)
     if emb is None:
-      h = norm('norm2')(h)
+      h = norm("norm2")(h)
     else:
       width = 2 * self.out_channels if self.scale_shift else self.out_channels
       e = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=default_kernel_init, name='temb_proj')(nn.silu(emb.astype(self.dtype)))
+                   kernel_init=default_kernel_init, name="temb_proj")(nn.silu(emb.astype(self.dtype)))
       e = e[:, None, None, :]
       if self.scale_shift:
         scale, shift = jnp.split(e, 2, axis=-1)
-        h = norm('norm2')(h) * (1 + scale) + shift
+        h = norm("norm2")(h) * (1 + scale) + shift
       else:
-        h = norm('norm2')(h + e)
+        h = norm("norm2")(h + e)
     h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = conv(self.out_channels, 3, 'conv2', nn.initializers.zeros)(h)
+    h = conv(self.out_channels, 3, "conv2", nn.initializers.zeros)(h)
     if skip.shape[-1] != self.out_channels:
-      skip = conv(self.out_channels, 1, 'skip')(skip)
+      skip = conv(self.out_channels, 1, "skip")(skip)
     return skip + h
 
 
@@ -215,15 +215,15 @@ class AttnBlock(nn.Module):
     b, hgt, wid, c = x.shape
     head_dim = c if self.head_dim is None else self.head_dim
     if c % head_dim:
-      raise ValueError(f'head_dim={head_dim} must divide the channel count {c}')
+      raise ValueError(f"head_dim={head_dim} must divide the channel count {c}")
     heads = c // head_dim
-    h = GroupNorm(self.num_groups, self.epsilon, self.dtype, self.param_dtype, name='norm')(x)
+    h = GroupNorm(self.num_groups, self.epsilon, self.dtype, self.param_dtype, name="norm")(x)
     h = h.reshape(b, hgt * wid, c)
     dense = lambda name, init=default_kernel_init: nn.Dense(
         c, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init, name=name)
-    q, k, v = (dense(n)(h).reshape(b, hgt * wid, heads, head_dim) for n in ('q', 'k', 'v'))
+    q, k, v = (dense(n)(h).reshape(b, hgt * wid, heads, head_dim) for n in ("q", "k", "v"))
     h = attention(q, k, v).reshape(b, hgt * wid, c)
-    h = dense('proj_out', nn.initializers.zeros)(h)
+    h = dense("proj_out", nn.initializers.zeros)(h)
     return x.astype(self.dtype) + h.reshape(b, hgt, wid, c)
 
 
@@ -234,18 +234,18 @@ class Downsample(nn.Module):
   diffusers port with downsample_padding=0); 'symmetric' pads (1, 1) (ADM, diffusers default).
   """
   channels: int
-  padding: str = 'asymmetric'
+  padding: str = "asymmetric"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    pads = {'asymmetric': ((0, 1), (0, 1)), 'symmetric': ((1, 1), (1, 1))}
+    pads = {"asymmetric": ((0, 1), (0, 1)), "symmetric": ((1, 1), (1, 1))}
     if self.padding not in pads:
-      raise ValueError(f'padding must be one of {tuple(pads)}, got {self.padding!r}')
+      raise ValueError(f"padding must be one of {tuple(pads)}, got {self.padding!r}")
     return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding=pads[self.padding],
                    dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=default_kernel_init, name='conv')(x)
+                   kernel_init=default_kernel_init, name="conv")(x)
 
 
 class Upsample(nn.Module):
@@ -256,9 +256,9 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.Conv(self.channels, (3, 3), padding='SAME', dtype=self.dtype,
+    return nn.Conv(self.channels, (3, 3), padding="SAME", dtype=self.dtype,
                    param_dtype=self.param_dtype, kernel_init=default_kernel_init,
-                   name='conv')(_resample(x, 'up'))
+                   name="conv")(_resample(x, "up"))
 
 
 def base2_fourier_features(x: jax.Array, exponents: tuple[int, ...]) -> jax.Array:
@@ -284,18 +284,18 @@ def check_inputs(x: jax.Array, t: jax.Array, y: jax.Array | None, *, in_channels
   scalar or [B], labels given to an unconditional model, or labels not of shape [B].
   """
   if x.ndim != 4:
-    raise ValueError(f'x must be [B, H, W, C] (rank 4), got shape {x.shape}')
+    raise ValueError(f"x must be [B, H, W, C] (rank 4), got shape {x.shape}")
   if x.shape[-1] != in_channels:
-    raise ValueError(f'x has {x.shape[-1]} channels, the model expects in_channels={in_channels}'
-                     ' (inputs are NHWC)')
+    raise ValueError(f"x has {x.shape[-1]} channels, the model expects in_channels={in_channels}"
+                     " (inputs are NHWC)")
   t = jnp.asarray(t)
   if t.ndim == 0:
     t = jnp.broadcast_to(t, (x.shape[0],))
   if t.shape != (x.shape[0],):
-    raise ValueError(f't must be a scalar or of shape [B]=({x.shape[0]},), got {t.shape}')
+    raise ValueError(f"t must be a scalar or of shape [B]=({x.shape[0]},), got {t.shape}")
   if y is not None:
     if num_classes <= 0:
-      raise ValueError('labels y were given to an unconditional model (num_classes=0)')
+      raise ValueError("labels y were given to an unconditional model (num_classes=0)")
     if jnp.shape(y) != (x.shape[0],):
-      raise ValueError(f'y must be of shape [B]=({x.shape[0]},), got {jnp.shape(y)}')
+      raise ValueError(f"y must be of shape [B]=({x.shape[0]},), got {jnp.shape(y)}")
   return t

@@ -24,37 +24,37 @@ from diffusion_jax.models.text_transformer import TextTransformer
 from diffusion_jax.models.unet import UNet
 
 _DDPM = dict(ch=128, num_res_blocks=2, head_dim=None, num_groups=32, norm_eps=1e-6,
-             downsample_padding='asymmetric', time_flip_sin_to_cos=False, time_freq_shift=1.0)
+             downsample_padding="asymmetric", time_flip_sin_to_cos=False, time_freq_shift=1.0)
 
 PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     # DDPM CIFAR-10: 35,746,307 parameters; attention at 16x16 (level 1 of a 32x32 input).
-    'ddpm_cifar10': (UNet, dict(_DDPM, in_channels=3, ch_mult=(1, 2, 2, 2), attention_levels=(1,),
+    "ddpm_cifar10": (UNet, dict(_DDPM, in_channels=3, ch_mult=(1, 2, 2, 2), attention_levels=(1,),
                                 dropout=0.1)),
     # DDPM CelebA-HQ / LSUN 256x256: 113,673,219 parameters; attention at 16x16 (level 4).
-    'ddpm_256': (UNet, dict(_DDPM, in_channels=3, ch_mult=(1, 1, 2, 2, 4, 4),
+    "ddpm_256": (UNet, dict(_DDPM, in_channels=3, ch_mult=(1, 1, 2, 2, 4, 4),
                             attention_levels=(4,), dropout=0.0)),
     # Test-sized U-Net (any H, W divisible by 2).
-    'unet_tiny': (UNet, dict(in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+    "unet_tiny": (UNet, dict(in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                              attention_levels=(1,), num_groups=8, dropout=0.0)),
     # Offline default: 1-channel 8x8 or 16x16 digits; small enough to train on 2 CPU cores.
-    'unet_digits': (UNet, dict(in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
+    "unet_digits": (UNet, dict(in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
                                attention_levels=(1,), num_groups=8, dropout=0.1)),
     # Test-sized DiT (32x32x3 pixels or any size divisible by 2), 10 classes.
-    'dit_tiny': (DiT, dict(in_channels=3, patch_size=2, hidden_size=64, depth=2, num_heads=4,
+    "dit_tiny": (DiT, dict(in_channels=3, patch_size=2, hidden_size=64, depth=2, num_heads=4,
                            num_classes=10, learn_sigma=True)),
 }
 # Token models (masked diffusion or, with causal=True, autoregressive); byte vocabulary.
 PRESETS.update({
     # CPU-sized: 4 blocks of width 256 (test and quickstart scale).
-    'text_tiny': (TextTransformer, dict(vocab_size=256, hidden_size=256, depth=4, num_heads=4)),
+    "text_tiny": (TextTransformer, dict(vocab_size=256, hidden_size=256, depth=4, num_heads=4)),
     # MDLM / GPT-2 small size: 12 blocks, width 768, 12 heads.
-    'text_small': (TextTransformer, dict(vocab_size=256, hidden_size=768, depth=12,
+    "text_small": (TextTransformer, dict(vocab_size=256, hidden_size=768, depth=12,
                                          num_heads=12)),
 })
-_DIT_SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
+_DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 for _size, (_depth, _width, _heads) in _DIT_SIZES.items():
   for _patch in (2, 4, 8):
-    PRESETS[f'DiT-{_size}/{_patch}'] = (DiT, dict(
+    PRESETS[f"DiT-{_size}/{_patch}"] = (DiT, dict(
         in_channels=4, patch_size=_patch, hidden_size=_width, depth=_depth, num_heads=_heads,
         num_classes=1000, learn_sigma=True))
 
@@ -64,16 +64,16 @@ _SD_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512,
                layers_per_block=2, latent_channels=4, norm_num_groups=32, shift_factor=None)
 AUTOENCODER_PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     # Stable Diffusion 1.x / 2.x KL-f8 VAE: 83,653,863 parameters.
-    'sd_vae': (AutoencoderKL, dict(_SD_VAE, scaling_factor=0.18215)),
+    "sd_vae": (AutoencoderKL, dict(_SD_VAE, scaling_factor=0.18215)),
     # SDXL VAE: the same architecture, latents scaled by 0.13025.
-    'sdxl_vae': (AutoencoderKL, dict(_SD_VAE, scaling_factor=0.13025)),
+    "sdxl_vae": (AutoencoderKL, dict(_SD_VAE, scaling_factor=0.13025)),
     # Test-sized (f=2, 32x32x3 -> 16x16x4 on CPU in milliseconds).
-    'vae_tiny': (AutoencoderKL, dict(in_channels=3, out_channels=3, block_out_channels=(32, 64),
+    "vae_tiny": (AutoencoderKL, dict(in_channels=3, out_channels=3, block_out_channels=(32, 64),
                                      layers_per_block=1, latent_channels=4, norm_num_groups=8,
                                      scaling_factor=1.0, shift_factor=None)),
     # The CPU latent-diffusion path: 8x8x1 digits -> 4x4x2 latents (f=2, half the numbers of the
     # image). Its scaling factor is set by `experiments.train_autoencoder` after training.
-    'vae_digits': (AutoencoderKL, dict(in_channels=1, out_channels=1, block_out_channels=(32, 64),
+    "vae_digits": (AutoencoderKL, dict(in_channels=1, out_channels=1, block_out_channels=(32, 64),
                                        layers_per_block=1, latent_channels=2, norm_num_groups=8,
                                        scaling_factor=1.0, shift_factor=None)),
 }
@@ -84,12 +84,12 @@ def _instantiate(presets: dict[str, tuple[type[nn.Module], dict[str, Any]]], kin
   if name not in presets:
     raise ValueError(f'unknown {kind} name {name!r}; known names: {", ".join(presets)}')
   cls, kwargs = presets[name]
-  fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
   unknown = sorted(set(overrides) - fields)
   if unknown:
-    raise ValueError(f'unknown override(s) {unknown} for {name!r} ({cls.__name__}); '
-                     f'allowed: {sorted(fields)}')
-  for key in ('ch_mult', 'attention_levels', 'block_out_channels'):
+    raise ValueError(f"unknown override(s) {unknown} for {name!r} ({cls.__name__}); "
+                     f"allowed: {sorted(fields)}")
+  for key in ("ch_mult", "attention_levels", "block_out_channels"):
     if key in overrides:
       overrides[key] = tuple(overrides[key])
   return cls(**{**kwargs, **overrides})
@@ -105,7 +105,7 @@ def get_autoencoder(name: str, **overrides: Any) -> nn.Module:
 
   Raises ValueError for an unknown name or override.
   """
-  return _instantiate(AUTOENCODER_PRESETS, 'autoencoder', name, overrides)
+  return _instantiate(AUTOENCODER_PRESETS, "autoencoder", name, overrides)
 
 
 def model_names() -> list[str]:
@@ -119,7 +119,7 @@ def get_model(name: str, **overrides: Any) -> nn.Module:
   Example: `get_model('unet_digits', dtype=jnp.bfloat16, remat=True)`.
   Raises ValueError for an unknown name or override.
   """
-  return _instantiate(PRESETS, 'model', name, overrides)
+  return _instantiate(PRESETS, "model", name, overrides)
 
 
 def init_params(module: nn.Module, rng: jax.Array, input_shape: Sequence[int],
@@ -130,16 +130,16 @@ def init_params(module: nn.Module, rng: jax.Array, input_shape: Sequence[int],
   Returns the params pytree (without the 'params' collection wrapper).
   """
   shape = tuple(input_shape)
-  if getattr(module, 'is_token_model', False):
+  if getattr(module, "is_token_model", False):
     shape = (1,) + shape if len(shape) == 1 else shape
     tokens = jnp.zeros(shape, jnp.int32)
-    return module.init({'params': rng}, tokens, jnp.zeros((shape[0],), jnp.float32))['params']
+    return module.init({"params": rng}, tokens, jnp.zeros((shape[0],), jnp.float32))["params"]
   if len(shape) == 3:
     shape = (1,) + shape
   x = jnp.zeros(shape, jnp.float32)
   t = jnp.zeros((shape[0],), jnp.int32)
   y = jnp.zeros((shape[0],), jnp.int32) if with_labels else None
-  return module.init({'params': rng, 'dropout': rng}, x, t, y)['params']
+  return module.init({"params": rng, "dropout": rng}, x, t, y)["params"]
 
 
 def count_params(module: nn.Module, input_shape: Sequence[int], with_labels: bool = False) -> int:

@@ -72,8 +72,8 @@ class TextTransformer(nn.Module):
   def setup(self):
     d = self.hidden_size
     if d % self.num_heads or (d // self.num_heads) % 2:
-      raise ValueError(f'hidden_size={d} must be divisible by num_heads={self.num_heads} with an '
-                       'even head size (rotary embeddings)')
+      raise ValueError(f"hidden_size={d} must be divisible by num_heads={self.num_heads} with an "
+                       "even head size (rotary embeddings)")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     normal = nn.initializers.normal(0.02)
     self.token_embedder = nn.Embed(self.vocab_size + 1, d, embedding_init=normal, **kw)
@@ -81,7 +81,7 @@ class TextTransformer(nn.Module):
       self.t_embedder_0 = nn.Dense(d, kernel_init=normal, **kw)
       self.t_embedder_2 = nn.Dense(d, kernel_init=normal, **kw)
     self.blocks = [DiTBlock(d, self.num_heads, self.mlp_ratio, self.norm_eps,
-                            rope_base=self.rope_base, causal=self.causal, name=f'block_{i}', **kw)
+                            rope_base=self.rope_base, causal=self.causal, name=f"block_{i}", **kw)
                    for i in range(self.depth)]
     zeros = nn.initializers.zeros
     self.final_adaLN_modulation = nn.Dense(2 * d, kernel_init=zeros, **kw)
@@ -93,7 +93,7 @@ class TextTransformer(nn.Module):
     if not self.time_conditioning:
       return jnp.zeros((batch, self.hidden_size), self.dtype)
     if t is None:
-      raise ValueError('a time-conditioned TextTransformer needs t [B]; got None')
+      raise ValueError("a time-conditioned TextTransformer needs t [B]; got None")
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
     temb = layers.timestep_embedding(1000.0 * t, 256, flip_sin_to_cos=True, freq_shift=0.0)
     return self.t_embedder_2(nn.silu(self.t_embedder_0(temb.astype(self.dtype))))
@@ -106,13 +106,13 @@ class TextTransformer(nn.Module):
 
   def _check_tokens(self, tokens: jax.Array) -> None:
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f'tokens must be int [B, L]; got {tokens.dtype} {tokens.shape}')
+      raise ValueError(f"tokens must be int [B, L]; got {tokens.dtype} {tokens.shape}")
 
   def __call__(self, tokens: jax.Array, t: jax.Array | None = None, y: jax.Array | None = None,
                train: bool = False) -> jax.Array:
     del train  # no dropout
     if y is not None:
-      raise ValueError('TextTransformer is unconditional: labels y must be None')
+      raise ValueError("TextTransformer is unconditional: labels y must be None")
     self._check_tokens(tokens)
     c = self._conditioning(tokens.shape[0], t)
     h = self.token_embedder(tokens)
@@ -130,7 +130,7 @@ class TextTransformer(nn.Module):
              caches: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
     """Causal decoding of tokens [B, N] at consecutive `positions` [N] with KV caches."""
     if not self.causal:
-      raise ValueError('decode needs a causal TextTransformer (causal=True)')
+      raise ValueError("decode needs a causal TextTransformer (causal=True)")
     self._check_tokens(tokens)
     c = self._conditioning(tokens.shape[0], None)
     h = self.token_embedder(tokens)

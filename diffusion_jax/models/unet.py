@@ -74,7 +74,7 @@ class UNet(nn.Module):
   norm_eps: float = 1e-6
   scale_shift: bool = False
   resblock_updown: bool = False
-  downsample_padding: str = 'asymmetric'
+  downsample_padding: str = "asymmetric"
   mid_attention: bool = True
   time_embed_dim: int | None = None
   time_flip_sin_to_cos: bool = False
@@ -94,12 +94,12 @@ class UNet(nn.Module):
     levels = len(self.ch_mult)
     for lvl in self.attention_levels:
       if not 0 <= lvl < levels:
-        raise ValueError(f'attention_levels {self.attention_levels} must lie in [0, {levels})')
+        raise ValueError(f"attention_levels {self.attention_levels} must lie in [0, {levels})")
     if self.num_res_blocks < 1:
-      raise ValueError(f'num_res_blocks must be >= 1, got {self.num_res_blocks}')
-    if self.downsample_padding not in ('asymmetric', 'symmetric'):
+      raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+    if self.downsample_padding not in ("asymmetric", "symmetric"):
       raise ValueError("downsample_padding must be 'asymmetric' or 'symmetric', "
-                       f'got {self.downsample_padding!r}')
+                       f"got {self.downsample_padding!r}")
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
@@ -108,12 +108,12 @@ class UNet(nn.Module):
     t = layers.check_inputs(x, t, y, in_channels=self.in_channels, num_classes=self.num_classes)
     factor = 2 ** (len(self.ch_mult) - 1)
     if x.shape[1] % factor or x.shape[2] % factor:
-      raise ValueError(f'image size {x.shape[1:3]} must be divisible by 2^(levels-1) = {factor} '
-                       f'for ch_mult={self.ch_mult}')
+      raise ValueError(f"image size {x.shape[1:3]} must be divisible by 2^(levels-1) = {factor} "
+                       f"for ch_mult={self.ch_mult}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     res_cls = nn.remat(layers.ResBlock, static_argnums=(3,)) if self.remat else layers.ResBlock
     attn_cls = nn.remat(layers.AttnBlock) if self.remat else layers.AttnBlock
-    res = lambda c, name, resample='none': res_cls(
+    res = lambda c, name, resample="none": res_cls(
         c, self.num_groups, self.norm_eps, self.dropout, self.scale_shift, resample, name=name,
         **kw)
     attn = lambda name: attn_cls(self.head_dim, self.num_groups, self.norm_eps, name=name, **kw)
@@ -123,57 +123,57 @@ class UNet(nn.Module):
     temb_dim = self.time_embed_dim or 4 * self.ch
     emb = layers.timestep_embedding(t, self.ch, flip_sin_to_cos=self.time_flip_sin_to_cos,
                                     freq_shift=self.time_freq_shift)
-    emb = dense(temb_dim, 'time_embed_1')(emb.astype(self.dtype))
-    emb = dense(temb_dim, 'time_embed_2')(nn.silu(emb))
+    emb = dense(temb_dim, "time_embed_1")(emb.astype(self.dtype))
+    emb = dense(temb_dim, "time_embed_2")(nn.silu(emb))
     if self.num_classes > 0:
       if y is None:
         y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
       emb = emb + nn.Embed(self.num_classes + 1, temb_dim, embedding_init=nn.initializers.normal(1.0),
-                           name='class_embed', **kw)(y)
+                           name="class_embed", **kw)(y)
 
     # Down.
     if self.fourier_exponents:
       x = jnp.concatenate([x, layers.base2_fourier_features(x, tuple(self.fourier_exponents))],
                           axis=-1)
-    h = nn.Conv(self.ch, (3, 3), padding='SAME', kernel_init=layers.default_kernel_init,
-                name='conv_in', **kw)(x.astype(self.dtype))
+    h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=layers.default_kernel_init,
+                name="conv_in", **kw)(x.astype(self.dtype))
     skips = [h]
     for lvl, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
-        h = res(self.ch * mult, f'down_{lvl}_res_{i}')(h, emb, train)
+        h = res(self.ch * mult, f"down_{lvl}_res_{i}")(h, emb, train)
         if lvl in self.attention_levels:
-          h = attn(f'down_{lvl}_attn_{i}')(h)
+          h = attn(f"down_{lvl}_attn_{i}")(h)
         skips.append(h)
       if lvl != len(self.ch_mult) - 1:
-        name = f'down_{lvl}_downsample'
+        name = f"down_{lvl}_downsample"
         if self.resblock_updown:
-          h = res(h.shape[-1], name, 'down')(h, emb, train)
+          h = res(h.shape[-1], name, "down")(h, emb, train)
         else:
           h = layers.Downsample(h.shape[-1], self.downsample_padding, name=name, **kw)(h)
         skips.append(h)
 
     # Middle.
-    h = res(h.shape[-1], 'mid_res_0')(h, emb, train)
+    h = res(h.shape[-1], "mid_res_0")(h, emb, train)
     if self.mid_attention:
-      h = attn('mid_attn')(h)
-    h = res(h.shape[-1], 'mid_res_1')(h, emb, train)
+      h = attn("mid_attn")(h)
+    h = res(h.shape[-1], "mid_res_1")(h, emb, train)
 
     # Up.
     for lvl in reversed(range(len(self.ch_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
-        h = res(self.ch * self.ch_mult[lvl], f'up_{lvl}_res_{i}')(h, emb, train)
+        h = res(self.ch * self.ch_mult[lvl], f"up_{lvl}_res_{i}")(h, emb, train)
         if lvl in self.attention_levels:
-          h = attn(f'up_{lvl}_attn_{i}')(h)
+          h = attn(f"up_{lvl}_attn_{i}")(h)
       if lvl != 0:
-        name = f'up_{lvl}_upsample'
+        name = f"up_{lvl}_upsample"
         if self.resblock_updown:
-          h = res(h.shape[-1], name, 'up')(h, emb, train)
+          h = res(h.shape[-1], name, "up")(h, emb, train)
         else:
           h = layers.Upsample(h.shape[-1], name=name, **kw)(h)
     assert not skips
 
-    h = nn.silu(layers.GroupNorm(self.num_groups, self.norm_eps, name='norm_out', **kw)(h))
-    h = nn.Conv(self.out_channels, (3, 3), padding='SAME', kernel_init=nn.initializers.zeros,
-                name='conv_out', **kw)(h)
+    h = nn.silu(layers.GroupNorm(self.num_groups, self.norm_eps, name="norm_out", **kw)(h))
+    h = nn.Conv(self.out_channels, (3, 3), padding="SAME", kernel_init=nn.initializers.zeros,
+                name="conv_out", **kw)(h)
     return h.astype(jnp.float32)
