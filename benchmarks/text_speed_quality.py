@@ -90,24 +90,20 @@ def main():
       "ar_exact": text_run.heldout_bits(ar, seqs)}
   print(json.dumps(result["heldout"]))
   score = ar_bits_of(ar)
-  points = []
-  for steps in [int(s) for s in args.steps.split(",")]:
-    tokens, sec, calls = timed_sampler(mdlm, args.num_samples, steps, args.rounds)
+  def measure(name, run, steps):
+    """One point: sample with `run` (steps None: the twin), time it, score it under the twin."""
+    tokens, sec, calls = timed_sampler(run, args.num_samples, steps, args.rounds)
     bits = np.asarray(score(jnp.asarray(tokens)))
-    points.append({"sampler": "mdlm", "steps": steps, "network_calls": calls,
-                   "tokens_per_s": args.num_samples * length / sec,
-                   "ar_bpc_of_samples": float(bits.mean()),
-                   "ar_bpc_stderr": float(bits.std(ddof=1) / math.sqrt(len(bits))),
-                   "example": text_run.decode(mdlm.tokenizer, tokens[:1])[0]})
-    print(json.dumps({k: v for k, v in points[-1].items() if k != "example"}))
-  tokens, sec, calls = timed_sampler(ar, args.num_samples, None, args.rounds)
-  bits = np.asarray(score(jnp.asarray(tokens)))
-  points.append({"sampler": "ar", "steps": length, "network_calls": calls,
-                 "tokens_per_s": args.num_samples * length / sec,
-                 "ar_bpc_of_samples": float(bits.mean()),
-                 "ar_bpc_stderr": float(bits.std(ddof=1) / math.sqrt(len(bits))),
-                 "example": text_run.decode(ar.tokenizer, tokens[:1])[0]})
-  print(json.dumps({k: v for k, v in points[-1].items() if k != "example"}))
+    point = {"sampler": name, "steps": length if steps is None else steps,
+             "network_calls": calls, "tokens_per_s": args.num_samples * length / sec,
+             "ar_bpc_of_samples": float(bits.mean()),
+             "ar_bpc_stderr": float(bits.std(ddof=1) / math.sqrt(len(bits))),
+             "example": text_run.decode(run.tokenizer, tokens[:1])[0]}
+    print(json.dumps({k: v for k, v in point.items() if k != "example"}))
+    return point
+
+  points = [measure("mdlm", mdlm, int(s)) for s in args.steps.split(",")]
+  points.append(measure("ar", ar, None))
   real = np.asarray(score(jnp.asarray(seqs[:args.num_samples])))
   result["ar_bpc_of_heldout_text"] = float(real.mean())
   result["points"] = points
