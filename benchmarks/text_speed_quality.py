@@ -90,6 +90,7 @@ def main():
       "ar_exact": text_run.heldout_bits(ar, seqs)}
   print(json.dumps(result["heldout"]))
   score = ar_bits_of(ar)
+
   def measure(name, run, steps):
     """One point: sample with `run` (steps None: the twin), time it, score it under the twin."""
     tokens, sec, calls = timed_sampler(run, args.num_samples, steps, args.rounds)
