@@ -92,8 +92,7 @@ def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
   return np.rint(x).astype(np.uint8)
 
 
-def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1,
-               scale: int = 1) -> np.ndarray:
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
   """uint8 [N, H, W, C] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, C] grid image."""
   n, h, w, c = images.shape
   ncols = ncols or int(math.ceil(math.sqrt(n)))
@@ -103,8 +102,6 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1,
     r, q = divmod(i, ncols)
     grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] \
         = images[i]
-  if scale > 1:
-    grid = grid.repeat(scale, 0).repeat(scale, 1)
   return grid
 
 
