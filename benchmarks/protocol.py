@@ -3,8 +3,11 @@
 - Each side (JAX, PyTorch, a variant) runs in its own process (`run_child`): no shared thread
   pools, allocator state or import side effects.
 - Sides alternate, A B A B ... (`alternate`), so slow drifts of the machine hit both.
-- The load average is printed before and after; `load_verdict` refuses a ratio when the machine
-  was busy (1-min load above half the cores) or the load moved by more than 0.5 during the run.
+- The load average is printed before and after; `load_verdict` refuses a ratio when anything
+  besides the benchmark competed for the machine: the 1-min load may rise to the benchmark's own
+  threads (one side at a time, each using every core) plus a quarter of the cores, and no
+  further. (A rule of "half the cores" on the raw load would refuse every run: the benchmark's
+  own two threads lift a 2-core machine's load to ~1.4-2 within a minute.)
 - Every figure is reported as min / median / max over all timed calls (`spread`); ratios use
   the medians and are also given as min-over-min.
 - Compile (or first-call) time is reported beside the step time.
@@ -23,8 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAX_LOAD_PER_CORE = 0.5
-MAX_LOAD_CHANGE = 0.5
+MAX_EXTRA_LOAD_PER_CORE = 0.25   # load allowed beyond the benchmark's own threads
 
 
 def cores() -> int:
@@ -93,14 +95,20 @@ def fmt_ms(values: Sequence[float]) -> str:
   return f"{med * 1e3:8.1f} ms (min {lo * 1e3:.1f}, max {hi * 1e3:.1f})"
 
 
-def load_verdict(before: Sequence[float], after: Sequence[float]) -> str | None:
-  """None when the run may be compared, else the reason to refuse a ratio."""
-  limit = MAX_LOAD_PER_CORE * cores()
+def load_verdict(before: Sequence[float], after: Sequence[float],
+                 own_threads: int | None = None) -> str | None:
+  """None when the run may be compared, else the reason to refuse a ratio.
+
+  own_threads: runnable threads the benchmark itself keeps busy (default: every core, as each
+  side runs alone with all cores); the 1-min load may not exceed that plus
+  MAX_EXTRA_LOAD_PER_CORE x cores before or after.
+  """
+  own = cores() if own_threads is None else own_threads
+  limit = own + MAX_EXTRA_LOAD_PER_CORE * cores()
   worst = max(before[0], after[0])
   if worst > limit:
-    return f"1-min load reached {worst:.2f} > {limit:.2f} (0.5 x {cores()} cores)"
-  if abs(after[0] - before[0]) > MAX_LOAD_CHANGE:
-    return f"1-min load moved {before[0]:.2f} -> {after[0]:.2f} (more than {MAX_LOAD_CHANGE})"
+    return (f"1-min load reached {worst:.2f} > {limit:.2f} (the benchmark's own {own} threads "
+            f"+ {MAX_EXTRA_LOAD_PER_CORE} x {cores()} cores): something else competed")
   return None
 
 
