@@ -21,12 +21,18 @@ def _apply(module, params, x, t, y=None):
   return np.asarray(out).transpose(0, 3, 1, 2)
 
 
-def test_cli_diffusers_unet_safetensors_roundtrip(tmp_path):
+def _diffusers_unet_files(tmp_path):
+  """A random small diffusers UNet2DModel and its safetensors / config.json files in tmp_path."""
   model = randomize(UNet2DModel(**SMALL_UNET_CONV_CONFIG))
   weights = tmp_path / "diffusion_pytorch_model.safetensors"
   save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
   config = tmp_path / "config.json"
   config.write_text(json.dumps(dict(model.config)))
+  return model, weights, config
+
+
+def test_cli_diffusers_unet_safetensors_roundtrip(tmp_path):
+  model, weights, config = _diffusers_unet_files(tmp_path)
   out = tmp_path / "ckpt"
   convert.main(["--format", "diffusers_unet", "--weights", str(weights), "--config", str(config),
                 "--out", str(out)])
@@ -155,11 +161,7 @@ def test_converted_weights_sample_through_experiments_sample(tmp_path):
   import subprocess
   import sys
   from diffusion_jax.training import restore
-  model = randomize(UNet2DModel(**SMALL_UNET_CONV_CONFIG))
-  weights = tmp_path / "diffusion_pytorch_model.safetensors"
-  save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-  config = tmp_path / "config.json"
-  config.write_text(json.dumps(dict(model.config)))
+  model, weights, config = _diffusers_unet_files(tmp_path)
   out = tmp_path / "run"
   convert.main(["--format", "diffusers_unet", "--weights", str(weights), "--config", str(config),
                 "--out", str(out), "--num_timesteps", "50"])
@@ -182,11 +184,7 @@ def test_converted_weights_sample_through_experiments_sample(tmp_path):
 def test_a_schedule_that_cannot_be_built_is_refused_before_writing(tmp_path):
   # DDPM's linear schedule rescaled to 20 steps has beta_end = 0.02 * 1000 / 20 = 1: no reader
   # could load such a run, so the converter refuses it and writes nothing.
-  model = randomize(UNet2DModel(**SMALL_UNET_CONV_CONFIG))
-  weights = tmp_path / "diffusion_pytorch_model.safetensors"
-  save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-  config = tmp_path / "config.json"
-  config.write_text(json.dumps(dict(model.config)))
+  model, weights, config = _diffusers_unet_files(tmp_path)
   out = tmp_path / "run"
   with pytest.raises(ValueError, match="num_timesteps=20"):
     convert.main(["--format", "diffusers_unet", "--weights", str(weights), "--config",

@@ -39,13 +39,7 @@ def corpus(tmp_path_factory):
 
 
 def tiny_config(corpus, variant="mdlm", **overrides):
-  config = text_shakespeare.get_config(variant)
-  for key, value in {**TINY, **overrides}.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  config = training_testlib.set_keys(text_shakespeare.get_config(variant), {**TINY, **overrides})
   config.data.text_dir = corpus
   return config
 

@@ -25,14 +25,19 @@ TINY = {
 }
 
 
-def tiny_config(data_dir: str, **overrides):
-  config = digits.get_config()
-  for key, value in {**TINY, **overrides}.items():
+def set_keys(config, values: dict):
+  """Sets dotted keys ('train.num_steps': 4, ...) on a ConfigDict; returns it."""
+  for key, value in values.items():
     node = config
     *path, last = key.split(".")
     for p in path:
       node = node[p]
     node[last] = value
+  return config
+
+
+def tiny_config(data_dir: str, **overrides):
+  config = set_keys(digits.get_config(), {**TINY, **overrides})
   config.data.data_dir = data_dir
   return config
 
