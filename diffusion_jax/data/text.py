@@ -144,14 +144,16 @@ def read_text(path: str) -> str:
     return f.read().replace("\r\n", "\n")
 
 
-def pack(ids: np.ndarray, seq_len: int) -> np.ndarray:
-  """Consecutive, non-overlapping chunks of a token stream: int32 [n // seq_len, seq_len].
+def pack(ids: np.ndarray, seq_len: int, dtype: Any = np.int32) -> np.ndarray:
+  """Consecutive, non-overlapping chunks of a token stream: [n // seq_len, seq_len] of `dtype`
+  (int32; a large corpus may keep its tokens in a smaller unsigned dtype, which the train
+  iterator widens per batch).
 
   The last n % seq_len tokens are dropped. ValueError if the stream is shorter than one chunk.
   """
   if seq_len < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
-  ids = np.asarray(ids, np.int32).reshape(-1)
+  ids = np.asarray(ids, dtype).reshape(-1)
   n = ids.size // seq_len
   if n == 0:
     raise ValueError(f"{ids.size} tokens make no sequence of seq_len={seq_len}.")
@@ -179,7 +181,7 @@ class _TextBatch:
   def __call__(self, k: int) -> dict[str, np.ndarray]:
     local = k * self.per_host_batch + np.arange(self.per_host_batch, dtype=np.int64)
     positions = local * self.process_count + self.process_index
-    tokens = self.sequences[self.stream.indices(positions)]
+    tokens = self.sequences[self.stream.indices(positions)].astype(np.int32)
     return {"tokens": tokens.reshape(self.num_local_devices, -1, tokens.shape[-1])}
 
 
@@ -189,13 +191,15 @@ def make_text_train_iterator(sequences: np.ndarray, *, global_batch_size: int, s
                              num_local_devices: Optional[int] = None,
                              shuffle: bool = True, num_threads: int = 2,
                              prefetch: int = 4) -> pipeline.TrainIterator:
-  """The endless, shuffled, sharded iterator over packed sequences [N, L].
+  """The endless, shuffled, sharded iterator over packed sequences [N, L] (any integer dtype).
 
   Yields {'tokens': int32 [num_local_devices, per_device_batch, L]}; the order, sharding and
   resume state follow `pipeline` (see this module's docstring). process_index, process_count and
   num_local_devices default to jax's.
   """
-  sequences = np.asarray(sequences, np.int32)
+  sequences = np.asarray(sequences)
+  if sequences.dtype.kind not in "iu":
+    sequences = sequences.astype(np.int32)
   if sequences.ndim != 2 or not len(sequences):
     raise ValueError(f"sequences must be int [N, L] with N >= 1, got shape {sequences.shape}.")
   process_index, process_count, num_local_devices = pipeline.resolve_hosts(
