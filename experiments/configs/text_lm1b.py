@@ -17,8 +17,9 @@ configs/noise/loglinear.yaml, scripts/train_lm1b_*.sh): sequences of 128 tokens
 0.999), eps 1e-8, weight decay 0, constant lr after 2500 warmup steps, gradient clipping 1.0;
 EMA 0.9999; bf16; continuous time (T = 0), SUBS, no time conditioning, training times in
 (1e-3, 1]; the log-linear noise (our 'linear' mask schedule); DiT 'small' (width 768, 12 blocks,
-12 heads, untied output layer, dropout 0.1); 1,000,000 steps (trainer.max_steps; the paper
-states its LM1B budgets in tokens, see docs/text_results.md "Published targets").
+12 heads, untied output layer, dropout 0.1); 1,000,000 steps (trainer.max_steps). The paper
+(Suppl. D.4) agrees: batch 512, 1M steps (its "33B tokens", a 27.04 perplexity bound) or 10M
+(its "327B", 23.00); see docs/text_results.md "Published targets".
 
 Where this config differs, and why:
   - tokenizer: bert-base-uncased (30,522 WordPiece tokens) cannot be fetched offline, so this
@@ -27,9 +28,9 @@ Where this config differs, and why:
     plug it in at `training.text_run.load_tokenizer`: any object with `vocab_size`,
     `encode(str) -> int [n]` and `decode(ids) -> str` (`data.text.Tokenizer`), saved beside
     the run by `to_json()`; model.vocab_size follows the tokenizer.
-  - packing: MDLM's lm1b config pads each sentence to 128 tokens (`wrap: False`, with
-    detokenization); here sentences are concatenated and packed (MDLM's `lm1b-gpt2` /
-    'wrap' setting), as the file corpora are.
+  - packing: MDLM pads and truncates each sentence to 128 tokens (`wrap: False`, after
+    detokenization; Suppl. D.4); here sentences are joined by newlines and packed (MDLM's
+    `lm1b-gpt2` / 'wrap' setting), as the file corpora are.
   - times: i.i.d. per example, not antithetic; the text transformer has no dropout.
 
 Every key and its default: `default.py`.
