@@ -195,3 +195,30 @@ def test_lm1b_config_is_mdlms_lm1b_recipe():
       ("adamw", 3e-4, 0.9, 0.999, 1e-8, 0.0, 2500, "constant", 1.0)
   assert (c.train.batch_size, c.train.num_steps, tuple(c.train.ema_decays)) == \
       (512, 1_000_000, (0.9999,))
+
+
+def fixed_alphabet():
+  """A user tokenizer for the factory test: characters of a fixed alphabet (not the corpus's)."""
+  chars = set("".join(synthetic_text.WORDS)) | set("traines0123456789: \n")
+  return text_lib.CharTokenizer(sorted(chars | {"#"}))   # '#' never occurs in the records
+
+
+def test_a_tokenizer_factory_plugs_in_and_is_rebuilt_from_its_name(tiny_dir, tmp_path):
+  """data.tokenizer='module:function': the records are encoded by that function's tokenizer, and
+  the saved tokenizer.json rebuilds it (as `restore` does) by importing the function again."""
+  name = f"{__name__}:fixed_alphabet"
+  got = text_run.load_text_data(data_config(tiny_dir, name, seq_len=16))
+  reference = fixed_alphabet()
+  assert got.tokenizer.vocab_size == reference.vocab_size
+  train = "\n".join(synthetic_text.synthetic_sentence(i, "train") for i in range(300))
+  np.testing.assert_array_equal(got.train, text_lib.pack(reference.encode(train), 16))
+  path = str(tmp_path / "tokenizer.json")
+  text_lib.save_tokenizer(got.tokenizer, path)
+  assert json.loads(open(path).read()) == {"kind": "factory", "factory": name}
+  again = text_lib.load_tokenizer(path)
+  np.testing.assert_array_equal(again.encode(train), reference.encode(train))
+  assert again.decode(again.encode("café #")) == "café #"
+  with pytest.raises(ValueError, match="cannot import the tokenizer factory 'no_such_mod:f'"):
+    text_run.load_tokenizer(data_config(tiny_dir, "no_such_mod:f"))
+  with pytest.raises(ValueError, match="data.tokenizer='bpe'.*'package.module:function'"):
+    text_run.load_tokenizer(data_config(tiny_dir, "bpe"))

@@ -73,11 +73,17 @@ def load_tokenizer(data_config: Any) -> Any:
   """The tokenizer of `data.tokenizer`: 'char' reads `<text_dir>/tokenizer.json` (with
   `data.tfds_name`: the characters of the TFDS training split), 'byte' needs nothing.
 
-  This is the plug point for another tokenizer: any object with `vocab_size`,
-  `encode(str) -> int [n]` and `decode(ids) -> str` (`data.text.Tokenizer`) whose `to_json()`
-  `data.text.tokenizer_from_json` can read back (the run saves it beside its checkpoints).
+  Any other tokenizer plugs in here as `data.tokenizer='package.module:function'`: a
+  zero-argument function returning an object with `vocab_size`, `encode(str) -> int [n]` and
+  `decode(ids) -> str` (`data.text.Tokenizer`); the run saves that name in tokenizer.json and
+  a restore imports and calls it again (`data.text.FactoryTokenizer`).
   """
-  kind = _checks.check_choice("data.tokenizer", data_config.tokenizer, TOKENIZERS)
+  kind = data_config.tokenizer
+  if isinstance(kind, str) and ":" in kind:
+    return text_lib.FactoryTokenizer(kind)
+  if kind not in TOKENIZERS:
+    raise ValueError(f"Unknown data.tokenizer={kind!r}; allowed: {list(TOKENIZERS)}, or a "
+                     "tokenizer factory 'package.module:function'.")
   if kind == "byte":
     return text_lib.ByteTokenizer()
   if tfds_name(data_config):

@@ -24,10 +24,11 @@ EMA 0.9999; bf16; continuous time (T = 0), SUBS, no time conditioning, training 
 Where this config differs, and why:
   - tokenizer: bert-base-uncased (30,522 WordPiece tokens) cannot be fetched offline, so this
     config runs on UTF-8 bytes ('byte', V = 256): 128 bytes hold ~25 words, 128 WordPieces ~100,
-    so per-token figures are not comparable with MDLM's perplexities. To use another tokenizer,
-    plug it in at `training.text_run.load_tokenizer`: any object with `vocab_size`,
-    `encode(str) -> int [n]` and `decode(ids) -> str` (`data.text.Tokenizer`), saved beside
-    the run by `to_json()`; model.vocab_size follows the tokenizer.
+    so per-token figures are not comparable with MDLM's perplexities. To use another tokenizer
+    (e.g. a local copy of bert-base-uncased), set data.tokenizer='package.module:function': a
+    zero-argument function returning any object with `vocab_size`, `encode(str) -> int [n]`
+    and `decode(ids) -> str` (`data.text.Tokenizer`); the run records that name and a restore
+    calls it again; model.vocab_size follows the tokenizer.
   - packing: MDLM pads and truncates each sentence to 128 tokens (`wrap: False`, after
     detokenization; Suppl. D.4); here sentences are joined by newlines and packed (MDLM's
     `lm1b-gpt2` / 'wrap' setting), as the file corpora are.
