@@ -3,8 +3,9 @@
 Record i of a split is `synthetic_sentence(i, split)`: its index, then seeded words drawn from a
 small word list that includes non-ASCII words (so UTF-8 decoding is exercised and the byte and
 character counts differ). Feature 'text' (`tfds.features.Text`, as lm1b has). Built offline, as
-ArrayRecord, by the real TFDS machinery, without TensorFlow. Config 'tiny': 300 train / 40 test
-records. Name: 'synthetic_text/tiny'.
+ArrayRecord, by the real TFDS machinery, without TensorFlow. Configs: 'tiny' (300 train / 40
+test records) for tests, 'bench' (200,000 / 1,000; lm1b-like sentence lengths) for timing the
+reader. Names: 'synthetic_text/tiny', 'synthetic_text/bench'.
 
 References: TFDS `GeneratorBasedBuilder`; the lm1b builder's features ({'text': Text()}).
 """
@@ -36,7 +37,8 @@ class SyntheticText(tfds.core.GeneratorBasedBuilder):
   """Synthetic one-sentence text records (see the module docstring)."""
 
   VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [SyntheticTextConfig(name="tiny", num_train=300, num_test=40)]
+  BUILDER_CONFIGS = [SyntheticTextConfig(name="tiny", num_train=300, num_test=40),
+                     SyntheticTextConfig(name="bench", num_train=200_000, num_test=1_000)]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
