@@ -225,3 +225,24 @@ def test_a_tokenizer_factory_plugs_in_and_is_rebuilt_from_its_name(tiny_dir, tmp
     text_run.load_tokenizer(data_config(tiny_dir, "no_such_mod:f"))
   with pytest.raises(ValueError, match="data.tokenizer='bpe'.*'package.module:function'"):
     text_run.load_tokenizer(data_config(tiny_dir, "bpe"))
+
+
+def test_text_cache_is_written_once_and_mapped_later(tiny_dir, tmp_path, monkeypatch):
+  """With data.text_cache_dir the second load reads no record (the reader is disabled) and
+  gives the same sequences; another tokenizer or split gets its own file."""
+  cache = str(tmp_path / "cache")
+  first = text_run.load_text_data(data_config(tiny_dir, "char", text_cache_dir=cache))
+  names = sorted(os.listdir(cache))
+  assert len(names) == 3 and sum(n.endswith(".npy") for n in names) == 2   # alphabet, 2 splits
+
+  def no_reading(*args, **kwargs):
+    raise AssertionError("records were read although the cache holds them")
+
+  monkeypatch.setattr(text_tfds._Records, "chunk", no_reading)
+  again = text_run.load_text_data(data_config(tiny_dir, "char", text_cache_dir=cache))
+  assert again.tokenizer.to_json() == first.tokenizer.to_json()
+  np.testing.assert_array_equal(again.train, first.train)
+  np.testing.assert_array_equal(again.valid, first.valid)
+  monkeypatch.undo()
+  text_run.load_text_data(data_config(tiny_dir, "byte", text_cache_dir=cache), splits=("train",))
+  assert len(os.listdir(cache)) == 4

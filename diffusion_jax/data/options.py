@@ -54,7 +54,8 @@ class DataOptions:
   text_dir, seq_len, tokenizer: text runs (name 'text'), read by `training.text_run`.
   tfds_name, text_key: a text run on a TFDS text dataset (e.g. 'lm1b') instead of text_dir: the
     records of feature text_key in `split` (training) and `eval_split` (held-out), read by
-    `data.text_tfds` from data_dir.
+    `data.text_tfds` from data_dir. text_cache_dir: where the tokenized TFDS text is saved
+    once and memory-mapped by later starts (None: encode the split at every start).
   """
   name: str
   data_dir: str
@@ -82,6 +83,7 @@ class DataOptions:
   tokenizer: str = "char"
   tfds_name: Optional[str] = None
   text_key: str = "text"
+  text_cache_dir: Optional[str] = None
 
   @classmethod
   def from_config(cls, config: Any) -> "DataOptions":

@@ -13,13 +13,19 @@ goes by chunks of records whose boundaries fall on separators, so for a tokenize
 text piece by piece (bytes, characters) the stream is exactly `tokenizer.encode` of the whole
 joined text: the same sequences as writing the records to a .txt file, one per line, and packing
 that file. Tokens are held in the smallest unsigned dtype that fits the vocabulary (lm1b's ~4 GB
-of text is ~4 GB of byte tokens, not 16 GB of int32).
+of text is ~4 GB of byte tokens, not 16 GB of int32); with `data.text_cache_dir` the encoded
+stream is saved once and memory-mapped by every later start.
 
 References: TFDS `data_source` guide; the lm1b builder ({'text': Text()}, splits train / test).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import json
+import os
+import re
+import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,6 +35,7 @@ from diffusion_jax.data.options import DataOptions
 
 RECORD_SEPARATOR = "\n"
 _CHUNK = 4096  # records read, decoded and encoded per task
+_CACHE_FORMAT = 1  # bump when the cached content's meaning changes
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -60,6 +67,7 @@ class _Records:
       raise ValueError(f"data.text_key {options.text_key!r} is not a feature of "
                        f"{options.name!r}; features: {sorted(features.keys())}.")
     self.key, self.name, self.split = options.text_key, options.name, split
+    self.version = str(builder.info.version)
     self.source = tfds.data_source(options.name, split=split, data_dir=options.data_dir,
                                    download=False)
     self.num_threads = max(1, int(options.num_threads))
@@ -98,20 +106,65 @@ def tfds_texts(options: DataOptions, split: str) -> list[str]:
   return [s for chunk in _Records(options, split).map_chunks(lambda k, c: c) for s in chunk]
 
 
+def _cache_path(options: DataOptions, records: _Records, what: str, extra: Any,
+                suffix: str) -> str | None:
+  """`<text_cache_dir>/<name>-<split>-<what>-<hash>.<suffix>`, the hash over everything the
+  content depends on (dataset, version, split, record count, text key, separator, `extra`);
+  None without a cache dir."""
+  if not options.text_cache_dir:
+    return None
+  key = json.dumps({"format": _CACHE_FORMAT, "name": options.name, "version": records.version,
+                    "split": records.split, "records": len(records.source),
+                    "text_key": options.text_key, "separator": RECORD_SEPARATOR, "extra": extra},
+                   sort_keys=True)
+  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+  stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{options.name}-{records.split}-{what}")
+  return os.path.join(os.path.expanduser(options.text_cache_dir), f"{stem}-{digest}.{suffix}")
+
+
+def _write_atomically(path: str, write) -> None:
+  """write(file) into a temporary file beside `path`, then renamed onto it (hosts sharing the
+  folder may race: each rename installs identical content)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+  with open(tmp, "wb") as f:
+    write(f)
+  os.replace(tmp, path)
+
+
 def tfds_alphabet(options: DataOptions, split: str) -> list[str]:
   """The sorted characters of a split's records (and the separator, if there are >= 2 records):
-  the alphabet `text.CharTokenizer.from_text` builds from the joined text."""
+  the alphabet `text.CharTokenizer.from_text` builds from the joined text. Cached in
+  `options.text_cache_dir` when set."""
   records = _Records(options, split)
+  path = _cache_path(options, records, "alphabet", None, "json")
+  if path and os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return list(json.load(f))
   chars: set[str] = set()
   for part in records.map_chunks(lambda k, c: set().union(*c)):
     chars |= part
   if len(records.source) > 1:
     chars.add(RECORD_SEPARATOR)
-  return sorted(chars)
+  alphabet = sorted(chars)
+  if path:
+    _write_atomically(path, lambda f: f.write(json.dumps(alphabet).encode("utf-8")))
+  return alphabet
 
 
 def tfds_token_stream(options: DataOptions, split: str, tokenizer: Any) -> np.ndarray:
-  """The split's records joined by RECORD_SEPARATOR and encoded: [n] in `token_dtype(V)`."""
+  """The split's records joined by RECORD_SEPARATOR and encoded: [n] in `token_dtype(V)`.
+
+  With `options.text_cache_dir` the stream is saved there as .npy on the first call and later
+  calls map that file instead of reading and encoding the split again (lm1b's 30M sentences
+  take minutes to encode). The file name hashes the tokenizer's `to_json()`: a factory
+  tokenizer is identified by its name only, so delete the cache after changing its code.
+  """
+  records = _Records(options, split)
+  spec = tokenizer.to_json() if hasattr(tokenizer, "to_json") else None
+  path = (_cache_path(options, records, "tokens", spec, "npy") if spec is not None else None)
+  if path and os.path.isfile(path):
+    return np.load(path, mmap_mode="r")
   dtype = token_dtype(tokenizer.vocab_size)
   separator = np.asarray(tokenizer.encode(RECORD_SEPARATOR)).astype(dtype)
 
@@ -122,4 +175,7 @@ def tfds_token_stream(options: DataOptions, split: str, tokenizer: Any) -> np.nd
     ids = ids.astype(dtype)
     return ids if k == 0 else np.concatenate([separator, ids])
 
-  return np.concatenate(list(_Records(options, split).map_chunks(encode)))
+  stream = np.concatenate(list(records.map_chunks(encode)))
+  if path:
+    _write_atomically(path, lambda f: np.save(f, stream))
+  return stream

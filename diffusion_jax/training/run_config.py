@@ -47,8 +47,8 @@ MAY_CHANGE = (
     "optim.b1", "optim.b2", "optim.eps", "optim.min_lr*", "optim.schedule*",
     "sample.*", "autoencoder.decode_batch_size",
     "eval.*",             # a record of other eval settings is replaced (evaluation.hook)
-    "data.data_dir", "data.text_dir", "data.download", "data.on_corrupt", "data.random_flip",
-    "data.num_workers", "data.prefetch*", "data.shuffle_buffer*",
+    "data.data_dir", "data.text_dir", "data.text_cache_dir", "data.download", "data.on_corrupt",
+    "data.random_flip", "data.num_workers", "data.prefetch*", "data.shuffle_buffer*",
 )
 
 _ABSENT = "<absent>"

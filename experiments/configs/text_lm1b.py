@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.split = "train"
   c.data.eval_split = "test"
   c.data.text_key = "text"
+  c.data.text_cache_dir = None        # set a folder to encode lm1b once (see default.py)
   c.data.seq_len = 128
   c.data.tokenizer = "byte"            # MDLM: bert-base-uncased (see the module docstring)
   return c
