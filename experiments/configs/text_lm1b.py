@@ -1,6 +1,6 @@
 """MDLM's LM1B setting (masked diffusion on the One Billion Word benchmark), read from TFDS.
 
-  tfds build lm1b --data_dir=~/tensorflow_datasets --file_format=array_record   # once; network
+  tfds build lm1b --data_dir=$HOME/tensorflow_datasets --file_format=array_record   # once; network
   python -m experiments.train --config=experiments/configs/text_lm1b.py --workdir=runs/lm1b
   python -m experiments.evaluate_text --workdir=runs/lm1b                        # TFDS 'test'
 
