@@ -12,9 +12,9 @@ RECORD_SEPARATOR, the separator `text.read_text` puts between the files of a fol
 goes by chunks of records whose boundaries fall on separators, so for a tokenizer that encodes
 text piece by piece (bytes, characters) the stream is exactly `tokenizer.encode` of the whole
 joined text: the same sequences as writing the records to a .txt file, one per line, and packing
-that file. Tokens are held in the smallest unsigned dtype that fits the vocabulary (lm1b's ~4 GB
-of text is ~4 GB of byte tokens, not 16 GB of int32); with `data.text_cache_dir` the encoded
-stream is saved once and memory-mapped by every later start.
+that file. Tokens are held in the smallest unsigned dtype that fits the vocabulary (a byte
+token takes one byte of host memory, not four); with `data.text_cache_dir` the encoded stream
+is saved once and memory-mapped by every later start.
 
 References: TFDS `data_source` guide; the lm1b builder ({'text': Text()}, splits train / test).
 """
