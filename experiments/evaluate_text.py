@@ -6,7 +6,8 @@ r"""Held-out bits per character (token) of a text run.
 A masked-diffusion run ('masked') gets its NELBO bound (an upper bound on the true bits),
 averaged over --num_time_samples (time, mask) draws per sequence; --num_steps=T gives the
 T-step bound instead of the continuous-time one. The autoregressive twin gets its exact NLL.
-The held-out text is `<data.text_dir>/valid.txt` packed into the run's seq_len (or --text);
+The held-out text is `<data.text_dir>/valid.txt` packed into the run's seq_len (a TFDS run,
+`data.tfds_name`: its `data.eval_split`, lm1b's 'test'), or --text;
 --max_sequences evaluates its first sequences only (a quick figure; the full split is cheap
 for the CPU configs). Results are printed and, with --out, written as JSON.
 
@@ -26,7 +27,8 @@ from experiments import sampling_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a text run.")
-flags.DEFINE_string("text", None, "Held-out text file or folder (default: data.text_dir/valid.txt).")
+flags.DEFINE_string("text", None, "Held-out text file or folder (default: data.text_dir/valid.txt, "
+                    "or the TFDS data.eval_split of a data.tfds_name run).")
 flags.DEFINE_integer("num_time_samples", 16, "(time, mask) draws per sequence (masked runs).",
                      lower_bound=1)
 flags.DEFINE_integer("num_steps", 0, "0: the continuous-time bound; T: the T-step bound.",
@@ -46,9 +48,15 @@ def evaluate(workdir: str, *, text: str | None = None, num_time_samples: int = 1
              use_ema: bool = True, checkpoint: str | int | None = None) -> dict:
   """The result dict of `text_run.heldout_bits` plus the run's family, step and settings."""
   loaded = restore.load_for_sampling(workdir, use_ema=use_ema, step=checkpoint)
-  if text is None:
-    text = f"{paths.absolute(loaded.config.data.text_dir)}/valid.txt"
-  seqs = text_lib.pack(loaded.tokenizer.encode(text_lib.read_text(text)), loaded.image_shape[0])
+  data = loaded.config.data
+  if text is None and text_run.tfds_name(data):
+    text = f"tfds:{data.tfds_name}/{data.eval_split}"
+    seqs = text_run.load_text_data(data, splits=("valid",), tokenizer=loaded.tokenizer).valid
+  else:
+    if text is None:
+      text = f"{paths.absolute(data.text_dir)}/valid.txt"
+    seqs = text_lib.pack(loaded.tokenizer.encode(text_lib.read_text(text)),
+                         loaded.image_shape[0])
   if max_sequences:
     seqs = seqs[:max_sequences]
   result = text_run.heldout_bits(loaded, seqs, num_time_samples=num_time_samples, seed=seed,
