@@ -1,16 +1,37 @@
 """diffusion_jax.training: train state, optax chain, per-device step, pmap / shard_map wrap,
-orbax checkpoints, the train loop and loading a run for sampling."""
-from diffusion_jax.training.checkpoint import Checkpointer
-from diffusion_jax.training.optim import make_lr_schedule, make_optimizer
-from diffusion_jax.training.parallel import ParallelStep, make_parallel_step
-from diffusion_jax.training.restore import Loaded, load_for_sampling
-from diffusion_jax.training.state import TrainState, create_train_state, ema_key, ema_update
-from diffusion_jax.training.step import StepConfig, make_train_step
-from diffusion_jax.training.trainer import NonFiniteError, Preempted, train_and_evaluate
+orbax checkpoints, the train loop and loading a run for sampling.
 
-__all__ = [
-    "Checkpointer", "Loaded", "NonFiniteError", "ParallelStep", "Preempted", "StepConfig",
-    "TrainState", "create_train_state", "ema_key", "ema_update", "load_for_sampling",
-    "make_lr_schedule", "make_optimizer", "make_parallel_step", "make_train_step",
-    "train_and_evaluate",
-]
+Submodules and the names below are imported on first use, so that reading the config schema
+(`diffusion_jax.training.default_config`, imported by every experiment config) does not import
+the trainer, orbax and grain.
+"""
+import importlib
+from typing import Any
+
+# Re-exported name -> its submodule.
+_NAMES = {
+    "Checkpointer": "checkpoint",
+    "make_lr_schedule": "optim", "make_optimizer": "optim",
+    "ParallelStep": "parallel", "make_parallel_step": "parallel",
+    "Loaded": "restore", "load_for_sampling": "restore",
+    "TrainState": "state", "create_train_state": "state", "ema_key": "state",
+    "ema_update": "state",
+    "StepConfig": "step", "make_train_step": "step",
+    "NonFiniteError": "trainer", "Preempted": "trainer", "train_and_evaluate": "trainer",
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+  if name in _NAMES:
+    return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+  try:
+    return importlib.import_module(f"{__name__}.{name}")
+  except ModuleNotFoundError as e:
+    if e.name != f"{__name__}.{name}":
+      raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+  return sorted(list(globals()) + list(_NAMES))
