@@ -1,9 +1,11 @@
 """Text runs end to end in-process: a tiny masked-diffusion run and its autoregressive twin
 train, resume exactly, write text previews, sample, infill (given characters kept) and evaluate
-held-out bits per character (the twin's checked against a float64 NumPy NLL)."""
+held-out bits per character (the twin's checked against a float64 NumPy NLL; experiments.
+evaluate_text resumed after an interruption, on another batch size and on two processes)."""
 import json
 import math
 import os
+import re
 
 import chex
 import numpy as np
@@ -137,7 +139,7 @@ def _shard_bits(result):
   """{shard file name: per-sequence bits [n, draws]} of an evaluate_text result."""
   out = {}
   for name in sorted(os.listdir(result["shards"])):
-    if name.startswith("shard_"):
+    if re.fullmatch(r"shard_\d{6}\.npz", name):
       with np.load(os.path.join(result["shards"], name)) as data:
         out[name] = data["bits"]
   return out
