@@ -9,8 +9,9 @@ r"""Held-out bits per character (token) and perplexity of a text run, resumable 
 A masked-diffusion run ('masked') gets its NELBO bound (an upper bound on the true bits),
 averaged over --num_time_samples (time, mask) draws per sequence; --num_steps=T gives the
 T-step bound instead of the continuous-time one. The autoregressive twin gets its exact NLL.
-The held-out text is `<data.text_dir>/valid.txt` packed into the run's seq_len (or --text);
---max_sequences evaluates its first sequences only.
+The held-out text is `<data.text_dir>/valid.txt` packed into the run's seq_len (a TFDS run,
+`data.tfds_name`: its `data.eval_split`, lm1b's 'test'), or --text; --max_sequences evaluates
+its first sequences only.
 
 Sequence m's draw j uses the key fold_in(fold_in(PRNGKey(--seed), j), m) and every compiled call
 runs --batch_size sequences (the last padded), so a sequence's bits do not depend on which
@@ -45,7 +46,8 @@ def define_flags() -> None:
   from experiments import multihost  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "Workdir of a text run.", required=True)
   flags.DEFINE_string("text", None, "Held-out text file or folder (default: "
-                      "data.text_dir/valid.txt).")
+                      "data.text_dir/valid.txt, or the TFDS data.eval_split of a "
+                      "data.tfds_name run).")
   flags.DEFINE_integer("num_time_samples", 16, "(time, mask) draws per sequence (masked runs).",
                        lower_bound=1)
   flags.DEFINE_integer("num_steps", 0, "0: the continuous-time bound; T: the T-step bound.",
@@ -87,10 +89,13 @@ def evaluate(workdir: str, *, text: str | None = None, num_time_samples: int = 1
   if not text_run.is_text(loaded.config):
     raise ValueError(f"{workdir} is not a text run (data.name={loaded.config.data.name!r}); "
                      "use experiments.evaluate for image runs.")
-  text = paths.absolute(text) if text else (
-      f"{paths.absolute(loaded.config.data.text_dir)}/valid.txt")
-  seq_len = int(loaded.image_shape[0])
-  all_seqs = text_lib.pack(loaded.tokenizer.encode(text_lib.read_text(text)), seq_len)
+  data, seq_len = loaded.config.data, int(loaded.image_shape[0])
+  if text is None and text_run.tfds_name(data):
+    text = f"tfds:{data.tfds_name}/{data.eval_split}"
+    all_seqs = text_run.load_text_data(data, splits=("valid",), tokenizer=loaded.tokenizer).valid
+  else:
+    text = paths.absolute(text) if text else f"{paths.absolute(data.text_dir)}/valid.txt"
+    all_seqs = text_lib.pack(loaded.tokenizer.encode(text_lib.read_text(text)), seq_len)
   seqs = all_seqs[:max_sequences] if max_sequences else all_seqs
   family = text_run.family(loaded.config)
   draws = 1 if family == "autoregressive" else num_time_samples

@@ -9,7 +9,8 @@ import os
 from typing import Any
 
 # Config keys (`section.key`) that hold paths a user may give relative to the current directory.
-CONFIG_PATH_KEYS = ("data.data_dir", "data.folder", "data.latents_dir", "autoencoder.workdir")
+CONFIG_PATH_KEYS = ("data.data_dir", "data.folder", "data.latents_dir", "data.text_dir",
+                    "data.text_cache_dir", "autoencoder.workdir")
 
 
 def absolute(path: str | None) -> str | None:

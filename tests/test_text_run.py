@@ -50,7 +50,9 @@ def tiny_config(corpus, variant="mdlm", **overrides):
 def test_text_run_trains_resumes_exactly_and_writes_text(tmp_path, corpus, variant):
   """4 steps at once == 2 steps then a resume to 4 (same data order, keys, program); the
   previews are .txt files of the corpus's characters; the loss is finite bits/char."""
-  full = trainer.train_and_evaluate(tiny_config(corpus, variant), str(tmp_path / "full"))
+  full_config = tiny_config(corpus, variant)
+  config_tokens_per_step = full_config.train.batch_size * full_config.data.seq_len
+  full = trainer.train_and_evaluate(full_config, str(tmp_path / "full"))
   assert int(full.step) == 4
   workdir = str(tmp_path / "resumed")
   trainer.train_and_evaluate(tiny_config(corpus, variant, **{"train.num_steps": 2}), workdir)
@@ -61,6 +63,11 @@ def test_text_run_trains_resumes_exactly_and_writes_text(tmp_path, corpus, varia
   # masked bound is the same in expectation: a masked position pays log2 V with weight 1/t, and
   # E[fraction masked / t] = 1); 4 steps of a tiny model move it by well under a bit.
   assert all(np.isfinite(r["loss"]) and 2.5 < r["loss"] < 6.0 for r in rows)
+  # Throughput is counted in tokens (batch x seq_len per step), not images.
+  logged = [r for r in rows if "steps_per_sec" in r]
+  assert logged and all("images_per_sec" not in r for r in logged)
+  assert all(r["tokens_per_sec"] == pytest.approx(r["steps_per_sec"] * config_tokens_per_step)
+             for r in logged)
   info = json.loads(open(tmp_path / "full" / "dataset_info.json").read())
   assert info["image_shape"] == [16] and info["vocab_size"] == len(set(
       open(os.path.join(corpus, "train.txt")).read() + open(os.path.join(corpus,

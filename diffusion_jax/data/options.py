@@ -52,6 +52,10 @@ class DataOptions:
   latent_sample: latents only: train on a posterior sample z = mean + std * eps (eps drawn from
     the seed and the stream position) instead of the posterior mean.
   text_dir, seq_len, tokenizer: text runs (name 'text'), read by `training.text_run`.
+  tfds_name, text_key: a text run on a TFDS text dataset (e.g. 'lm1b') instead of text_dir: the
+    records of feature text_key in `split` (training) and `eval_split` (held-out), read by
+    `data.text_tfds` from data_dir. text_cache_dir: where the tokenized TFDS text is saved
+    once and memory-mapped by later starts (None: encode the split at every start).
   """
   name: str
   data_dir: str
@@ -77,6 +81,9 @@ class DataOptions:
   text_dir: Optional[str] = None
   seq_len: int = 256
   tokenizer: str = "char"
+  tfds_name: Optional[str] = None
+  text_key: str = "text"
+  text_cache_dir: Optional[str] = None
 
   @classmethod
   def from_config(cls, config: Any) -> "DataOptions":

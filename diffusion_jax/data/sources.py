@@ -89,7 +89,7 @@ def maybe_in_memory(source: ImageSource, options: DataOptions) -> ImageSource:
 
 
 # Builders in this package that prepare offline, without TensorFlow: prepared on first use.
-OFFLINE_BUILDERS = ("digits", "synthetic_images")
+OFFLINE_BUILDERS = ("digits", "synthetic_images", "synthetic_text")
 
 
 def _prepare_hint(name: str, data_dir: str) -> str:
@@ -118,22 +118,24 @@ def network_error() -> str | None:
     return f"no network: cannot reach {NETWORK_PROBE[0]}:{NETWORK_PROBE[1]} ({e})"
 
 
-def tfds_builder(options: DataOptions):
+def tfds_builder(options: DataOptions, key: str = "data_config.name"):
   """The TFDS builder of options.name, prepared (digits is prepared offline on first use).
+
+  `key`: the config key that named the dataset, for error messages.
 
   Raises ValueError for an unknown name and FileNotFoundError for a dataset that is not prepared
   (and, with download=True, could not be downloaded and prepared).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   # Registers the package's builders with TFDS.
-  from diffusion_jax.data import digits, synthetic  # noqa: F401  # pylint: disable=unused-import
+  from diffusion_jax.data import digits, synthetic, synthetic_text  # noqa: F401  # pylint: disable=unused-import
   try:
     builder = tfds.builder(options.name, data_dir=options.data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     known = tfds.list_builders(with_community_datasets=False)
     close = difflib.get_close_matches(options.name, known, n=3)
     raise ValueError(
-        f"Unknown dataset name {options.name!r} (data_config.name). Use 'digits' (offline, "
+        f"Unknown dataset name {options.name!r} ({key}). Use 'digits' (offline, "
         f"bundled), 'folder' (with data_config.folder), or a TFDS dataset name"
         f"{'; did you mean ' + ', '.join(repr(c) for c in close) + '?' if close else '.'} "
         f"A TFDS dataset must be prepared in {options.data_dir}. "

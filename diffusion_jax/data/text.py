@@ -15,7 +15,8 @@ under any process count with the same global batch).
 A tokenizer is any object with `vocab_size`, `encode(str) -> int32 [n]` and
 `decode(ids) -> str` (`Tokenizer`); `ByteTokenizer` (UTF-8 bytes, 256 ids) needs nothing, and
 `CharTokenizer` (the corpus's characters, sorted) is saved beside a run as JSON so samples decode
-the same way.
+the same way. Any other tokenizer (WordPiece, BPE, ...) plugs in as a zero-argument function
+'package.module:function' that returns one (`FactoryTokenizer`; config `data.tokenizer`).
 
 References: MDLM (Sahoo et al. 2024) and MD4 (Shi et al. 2024) train on packed fixed-length
 sequences; text8 / enwik8 practice of holding out the corpus's last characters.
@@ -98,25 +99,66 @@ class CharTokenizer:
     return {"kind": "char", "chars": "".join(self.chars)}
 
 
-TOKENIZERS = ("byte", "char")
+class FactoryTokenizer:
+  """A user's tokenizer, made by a zero-argument callable named 'package.module:function'.
+
+  The callable returns any `Tokenizer` (vocab_size, encode, decode); this wrapper delegates to
+  it and saves only the callable's name, so a restored run rebuilds the same tokenizer by
+  importing and calling it again (the callable must be importable, and deterministic).
+  """
+
+  def __init__(self, factory: str):
+    import importlib  # pylint: disable=import-outside-toplevel
+    module, _, name = factory.partition(":")
+    if not module or not name:
+      raise ValueError(f"a tokenizer factory must be written 'package.module:function', got "
+                       f"{factory!r}.")
+    try:
+      fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+      raise ValueError(f"cannot import the tokenizer factory {factory!r}: {e}") from e
+    inner = fn()
+    for attr in ("vocab_size", "encode", "decode"):
+      if not hasattr(inner, attr):
+        raise ValueError(f"the tokenizer made by {factory!r} has no {attr!r} (a tokenizer needs "
+                         "vocab_size, encode(str) -> int [n] and decode(ids) -> str).")
+    self.factory, self.inner = factory, inner
+    self.vocab_size = int(inner.vocab_size)
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self.inner.encode(text), np.int32).reshape(-1)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    ids = np.asarray(ids)
+    _check_ids(ids, self.vocab_size)
+    return self.inner.decode(ids)
+
+  def to_json(self) -> dict[str, Any]:
+    return {"kind": "factory", "factory": self.factory}
 
 
-def tokenizer_from_json(spec: dict[str, Any]) -> ByteTokenizer | CharTokenizer:
-  """The tokenizer `to_json()` described ({'kind': 'byte'} or {'kind': 'char', 'chars': ...})."""
+TOKENIZERS = ("byte", "char", "factory")
+
+
+def tokenizer_from_json(spec: dict[str, Any]) -> ByteTokenizer | CharTokenizer | FactoryTokenizer:
+  """The tokenizer `to_json()` described ({'kind': 'byte'}, {'kind': 'char', 'chars': ...} or
+  {'kind': 'factory', 'factory': 'package.module:function'})."""
   kind = spec.get("kind")
   if kind == "byte":
     return ByteTokenizer()
   if kind == "char":
     return CharTokenizer(list(spec["chars"]))
+  if kind == "factory":
+    return FactoryTokenizer(spec["factory"])
   raise ValueError(f"Unknown tokenizer kind={kind!r}; allowed: {list(TOKENIZERS)}.")
 
 
-def save_tokenizer(tokenizer: ByteTokenizer | CharTokenizer, path: str) -> None:
+def save_tokenizer(tokenizer: ByteTokenizer | CharTokenizer | FactoryTokenizer, path: str) -> None:
   with open(path, "w", encoding="utf-8") as f:
     json.dump(tokenizer.to_json(), f, ensure_ascii=False)
 
 
-def load_tokenizer(path: str) -> ByteTokenizer | CharTokenizer:
+def load_tokenizer(path: str) -> ByteTokenizer | CharTokenizer | FactoryTokenizer:
   with open(path, encoding="utf-8") as f:
     return tokenizer_from_json(json.load(f))
 
@@ -144,14 +186,16 @@ def read_text(path: str) -> str:
     return f.read().replace("\r\n", "\n")
 
 
-def pack(ids: np.ndarray, seq_len: int) -> np.ndarray:
-  """Consecutive, non-overlapping chunks of a token stream: int32 [n // seq_len, seq_len].
+def pack(ids: np.ndarray, seq_len: int, dtype: Any = np.int32) -> np.ndarray:
+  """Consecutive, non-overlapping chunks of a token stream: [n // seq_len, seq_len] of `dtype`
+  (int32; a large corpus may keep its tokens in a smaller unsigned dtype, which the train
+  iterator widens per batch).
 
   The last n % seq_len tokens are dropped. ValueError if the stream is shorter than one chunk.
   """
   if seq_len < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
-  ids = np.asarray(ids, np.int32).reshape(-1)
+  ids = np.asarray(ids, dtype).reshape(-1)
   n = ids.size // seq_len
   if n == 0:
     raise ValueError(f"{ids.size} tokens make no sequence of seq_len={seq_len}.")
@@ -179,7 +223,7 @@ class _TextBatch:
   def __call__(self, k: int) -> dict[str, np.ndarray]:
     local = k * self.per_host_batch + np.arange(self.per_host_batch, dtype=np.int64)
     positions = local * self.process_count + self.process_index
-    tokens = self.sequences[self.stream.indices(positions)]
+    tokens = self.sequences[self.stream.indices(positions)].astype(np.int32)
     return {"tokens": tokens.reshape(self.num_local_devices, -1, tokens.shape[-1])}
 
 
@@ -189,13 +233,15 @@ def make_text_train_iterator(sequences: np.ndarray, *, global_batch_size: int, s
                              num_local_devices: Optional[int] = None,
                              shuffle: bool = True, num_threads: int = 2,
                              prefetch: int = 4) -> pipeline.TrainIterator:
-  """The endless, shuffled, sharded iterator over packed sequences [N, L].
+  """The endless, shuffled, sharded iterator over packed sequences [N, L] (any integer dtype).
 
   Yields {'tokens': int32 [num_local_devices, per_device_batch, L]}; the order, sharding and
   resume state follow `pipeline` (see this module's docstring). process_index, process_count and
   num_local_devices default to jax's.
   """
-  sequences = np.asarray(sequences, np.int32)
+  sequences = np.asarray(sequences)
+  if sequences.dtype.kind not in "iu":
+    sequences = sequences.astype(np.int32)
   if sequences.ndim != 2 or not len(sequences):
     raise ValueError(f"sequences must be int [N, L] with N >= 1, got shape {sequences.shape}.")
   process_index, process_count, num_local_devices = pipeline.resolve_hosts(

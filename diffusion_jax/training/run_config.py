@@ -29,7 +29,7 @@ MUST_MATCH = (
     "diffusion.*",        # schedule, T, prediction target, loss: what the network learned
     "vdm.*", "edm.*",     # the family's schedule, loss and preconditioning
     "data.name", "data.image_size", "data.channels", "data.folder", "data.split",
-    "data.latents_dir", "data.latent_sample",
+    "data.latents_dir", "data.latent_sample", "data.tfds_name", "data.text_key",
     "autoencoder.workdir",  # the latent space the model learned
     "train.batch_size",   # examples per step: the data iterator's position and the step count
     "train.ema_decays",   # the EMA copies kept in the state
@@ -47,8 +47,8 @@ MAY_CHANGE = (
     "optim.b1", "optim.b2", "optim.eps", "optim.min_lr*", "optim.schedule*",
     "sample.*", "autoencoder.decode_batch_size",
     "eval.*",             # a record of other eval settings is replaced (evaluation.hook)
-    "data.data_dir", "data.text_dir", "data.download", "data.on_corrupt", "data.random_flip",
-    "data.num_workers", "data.prefetch*", "data.shuffle_buffer*",
+    "data.data_dir", "data.text_dir", "data.text_cache_dir", "data.download", "data.on_corrupt",
+    "data.random_flip", "data.num_workers", "data.prefetch*", "data.shuffle_buffer*",
 )
 
 _ABSENT = "<absent>"

@@ -3,7 +3,9 @@
 
 What differs from an image run, all read here:
   data:    `data.text_dir` holds train.txt, valid.txt and (tokenizer 'char') tokenizer.json, as
-           `experiments.prepare_text` writes them; packed into sequences of `data.seq_len`
+           `experiments.prepare_text` writes them; or `data.tfds_name` names a TFDS text
+           dataset (lm1b), whose `data.split` / `data.eval_split` records (`data.text_key`)
+           are joined by newlines (`data.text_tfds`); packed into sequences of `data.seq_len`
            tokens; batches are {'tokens': int32 [D, b, L]}.
   model:   a `TextTransformer` preset with `vocab_size` = the tokenizer's V (id V is the mask /
            BOS token); 'masked' uses `model.time_conditioning` (default of the preset), the
@@ -62,12 +64,32 @@ class TextData(NamedTuple):
   valid: np.ndarray | None     # int32 [M, L] (None without valid.txt)
 
 
+def tfds_name(data_config: Any) -> str | None:
+  """`data.tfds_name` (None: the corpus is `data.text_dir`; configs older than the key too)."""
+  return data_config.get("tfds_name") or None
+
+
 def load_tokenizer(data_config: Any) -> Any:
-  """The tokenizer of `data.tokenizer`: 'char' reads `<text_dir>/tokenizer.json`, 'byte' needs
-  nothing."""
-  kind = _checks.check_choice("data.tokenizer", data_config.tokenizer, TOKENIZERS)
+  """The tokenizer of `data.tokenizer`: 'char' reads `<text_dir>/tokenizer.json` (with
+  `data.tfds_name`: the characters of the TFDS training split), 'byte' needs nothing.
+
+  Any other tokenizer plugs in here as `data.tokenizer='package.module:function'`: a
+  zero-argument function returning an object with `vocab_size`, `encode(str) -> int [n]` and
+  `decode(ids) -> str` (`data.text.Tokenizer`); the run saves that name in tokenizer.json and
+  a restore imports and calls it again (`data.text.FactoryTokenizer`).
+  """
+  kind = data_config.tokenizer
+  if isinstance(kind, str) and ":" in kind:
+    return text_lib.FactoryTokenizer(kind)
+  if kind not in TOKENIZERS:
+    raise ValueError(f"Unknown data.tokenizer={kind!r}; allowed: {list(TOKENIZERS)}, or a "
+                     "tokenizer factory 'package.module:function'.")
   if kind == "byte":
     return text_lib.ByteTokenizer()
+  if tfds_name(data_config):
+    from diffusion_jax.data import text_tfds  # pylint: disable=import-outside-toplevel
+    options = text_tfds.tfds_options(data_config)
+    return text_lib.CharTokenizer(text_tfds.tfds_alphabet(options, options.split))
   path = os.path.join(_text_dir(data_config), TOKENIZER_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"data.tokenizer='char' needs {path} (written by "
@@ -78,7 +100,8 @@ def load_tokenizer(data_config: Any) -> Any:
 def _text_dir(data_config: Any) -> str:
   if not data_config.text_dir:
     raise ValueError("data.name='text' needs data.text_dir: a folder with train.txt and "
-                     "valid.txt (`python -m experiments.prepare_text --out=DIR`).")
+                     "valid.txt (`python -m experiments.prepare_text --out=DIR`), or "
+                     "data.tfds_name: a TFDS text dataset such as 'lm1b'.")
   return os.path.expanduser(str(data_config.text_dir))
 
 
@@ -89,10 +112,23 @@ def seq_len(data_config: Any) -> int:
   return n
 
 
-def load_text_data(data_config: Any, splits: tuple[str, ...] = ("train", "valid")) -> TextData:
-  """Tokenizer and packed [N, L] sequences of `<text_dir>/train.txt` and `valid.txt`."""
-  tokenizer = load_tokenizer(data_config)
-  length, folder = seq_len(data_config), _text_dir(data_config)
+def load_text_data(data_config: Any, splits: tuple[str, ...] = ("train", "valid"),
+                   tokenizer: Any = None) -> TextData:
+  """Tokenizer and packed [N, L] sequences of `<text_dir>/train.txt` and `valid.txt`, or of the
+  TFDS dataset `data.tfds_name`'s `data.split` and `data.eval_split` (in the smallest unsigned
+  dtype of the vocabulary). `tokenizer`: None loads `data.tokenizer`'s (`load_tokenizer`)."""
+  tokenizer = tokenizer if tokenizer is not None else load_tokenizer(data_config)
+  length = seq_len(data_config)
+  if tfds_name(data_config):
+    from diffusion_jax.data import text_tfds  # pylint: disable=import-outside-toplevel
+    options = text_tfds.tfds_options(data_config)
+    out = {}
+    for split, tfds_split in (("train", options.split), ("valid", options.eval_split)):
+      if split in splits:
+        stream = text_tfds.tfds_token_stream(options, tfds_split, tokenizer)
+        out[split] = text_lib.pack(stream, length, dtype=stream.dtype)
+    return TextData(tokenizer, out.get("train"), out.get("valid"))
+  folder = _text_dir(data_config)
   out = {}
   for split in ("train", "valid"):
     path = os.path.join(folder, f"{split}.txt")

@@ -346,12 +346,16 @@ class _Hooks:
       return
     sps = self.chrono.steps_per_sec(step)
     batch = int(self.config.train.batch_size)
-    means.update(steps_per_sec=sps, images_per_sec=sps * batch)
+    if text_run.is_text(self.config):   # a text example is seq_len tokens, not an image
+      unit, rate = "tokens", sps * batch * int(self.config.data.seq_len)
+    else:
+      unit, rate = "images", sps * batch
+    means.update({"steps_per_sec": sps, f"{unit}_per_sec": rate})
     self.writer.write_scalars(step, means)
     if self.host0:
       logging.info("step %d/%d | loss %.5f | grad_norm %.3f | lr %.3g | %.2f steps/s | "
-                   "%.1f images/s | ETA %s", step, self.sched.num_steps, means["loss"],
-                   means["grad_norm"], means["lr"], sps, sps * batch,
+                   "%.1f %s/s | ETA %s", step, self.sched.num_steps, means["loss"],
+                   means["grad_norm"], means["lr"], sps, rate, unit,
                    self.chrono.eta(step, sps))
 
   def samples(self, step: int, host_state: state_lib.TrainState) -> None:

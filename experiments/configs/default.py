@@ -55,7 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Text (name 'text', diffusion.family 'masked' or 'autoregressive'; `training.text_run`).
   d.text_dir = _ph(str)               # prepared corpus: train.txt, valid.txt, tokenizer.json (experiments.prepare_text)
   d.seq_len = 256                     # tokens per packed training sequence
-  d.tokenizer = "char"                # 'char' (text_dir/tokenizer.json) or 'byte' (UTF-8 bytes, V = 256)
+  d.tokenizer = "char"                # 'char' (text_dir/tokenizer.json; TFDS: the train split's characters), 'byte' (UTF-8 bytes, V = 256), or 'package.module:function' returning a tokenizer
+  d.tfds_name = _ph(str)              # text from TFDS instead of text_dir ('lm1b'): records of text_key in split / eval_split, from data_dir
+  d.text_key = "text"                 # TFDS feature holding the text
+  d.text_cache_dir = _ph(str)         # TFDS text: save the tokenized splits here once (None: encode at every start)
 
   # The autoencoder of a latent-diffusion run: samples are decoded by it before they are written
   # (trainer previews, experiments.sample) or measured (experiments.evaluate).

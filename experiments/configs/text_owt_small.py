@@ -15,9 +15,10 @@ decay 0, constant lr after 2500 warmup steps, gradient clipping 1.0; 1,000,000 s
 
 Where this config differs, and why:
   - tokenizer: GPT-2 BPE (50,257 tokens) cannot be fetched offline, so this config runs on UTF-8
-    bytes ('byte', V = 256). The plug point is `training.text_run.load_tokenizer`: any object
-    with `vocab_size`, `encode(str) -> int32 [n]` and `decode(ids) -> str`
-    (`data.text.Tokenizer`); model.vocab_size follows the tokenizer.
+    bytes ('byte', V = 256). Another tokenizer plugs in as data.tokenizer=
+    'package.module:function', a zero-argument function returning any object with
+    `vocab_size`, `encode(str) -> int32 [n]` and `decode(ids) -> str` (`data.text.Tokenizer`);
+    model.vocab_size follows the tokenizer.
   - data: OpenWebText is not bundled; point data.text_dir at a prepared folder of its text.
   - times: the trainer draws i.i.d. times per example (each example's noise depends on its key
     only, so the step is independent of the device split), not MDLM's antithetic times.
