@@ -130,6 +130,18 @@ def test_autoregressive_heldout_bits_match_a_float64_nll(trained):
   np.testing.assert_allclose(got["bits_per_token"], want.mean(), rtol=1e-5)
 
 
+def test_evaluate_text_on_the_autoregressive_twin(trained_dirs, trained, tmp_path):
+  """The sharded evaluation of the twin: its exact NLL, one draw, the same bits as the
+  in-memory `heldout_bits` with the same batch size (the same compiled call per batch)."""
+  from experiments import evaluate_text  # pylint: disable=import-outside-toplevel
+  result = evaluate_text.evaluate(trained_dirs["ar"], max_sequences=5, batch_size=2,
+                                  shard_size=2, eval_dir=str(tmp_path), progress=False)
+  assert (result["bound"], result["num_time_samples"], result["family"]) == (
+      "exact", 1, "autoregressive")
+  memory = text_run.heldout_bits(trained["ar"], _valid(trained["ar"])[:5], batch_size=2)
+  assert result["bits_per_token"] == memory["bits_per_token"]
+
+
 def test_masked_heldout_bound_is_the_mean_of_its_draws(trained):
   """The bound over 4 (time, mask) draws per sequence is positive and finite, and does not
   depend on the batch size (per-sequence keys)."""
