@@ -4,15 +4,18 @@
 
 Where the U-Net's train step loses to PyTorch, op by op. The convolutions are read out of the
 model itself: the jaxpr of `get_model('ddpm_cifar10').apply` is walked for
-`conv_general_dilated`, and each distinct (input, kernel, stride, padding) is timed once and
-weighted by how often the network uses it. Per convolution and side:
+`conv_general_dilated` (and for the 1x1 convolutions that `layers.Conv1x1` computes as matmuls
+over channels), and each distinct (input, kernel, stride, padding) is timed once and weighted by
+how often the network uses it. Per convolution and side:
 - forward: the convolution;
 - kernel gradient: d(loss)/d(kernel) given the output's cotangent (JAX: `jax.vjp`'s kernel part
   under `jit`; PyTorch: `aten.convolution_backward` with only the weight output);
 - input gradient: the same for d(loss)/d(input).
 PyTorch runs the same shapes in NCHW with `torch.set_num_threads(cores)` (oneDNN), asymmetric
 padding applied with `F.pad` first, as diffusers does for its stride-2 convolutions (the pad is
-timed with the forward). Protocol: benchmarks/protocol.py (each side in its own process,
+timed with the forward). A third side, JAX with the 1x1 convolutions as `lax` convolutions
+(flax `nn.Conv`'s form), measures what computing them as matmuls gains.
+Protocol: benchmarks/protocol.py (each side in its own process,
 alternated; load printed before and after; no ratio under load). Each side prints, per shape,
 the median over all timed calls; the totals are sums of medians x uses per forward pass.
 """
@@ -55,6 +58,12 @@ def unet_convolutions(batch: int) -> list[dict]:
 
   def walk(jp) -> None:
     for eqn in jp.eqns:
+      if eqn.primitive.name == "dot_general" and [v.aval.ndim for v in eqn.invars] == [4, 2]:
+        # layers.Conv1x1: a 1x1 convolution computed as a matmul over channels.
+        (lhs_contract, rhs_contract), _ = eqn.params["dimension_numbers"]
+        lhs, rhs = (v.aval.shape for v in eqn.invars)
+        if tuple(lhs_contract) == (3,) and tuple(rhs_contract) == (0,):
+          found[(tuple(lhs), (1, 1) + tuple(rhs), (1, 1), ((0, 0), (0, 0)))] += 1
       if eqn.primitive.name == "conv_general_dilated":
         lhs, rhs = (v.aval.shape for v in eqn.invars)
         dn = eqn.params["dimension_numbers"]
@@ -83,8 +92,15 @@ def _median_ms(fn, iters: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def jax_side(convs: list[dict], iters: int) -> dict:
+def is_pointwise(c: dict) -> bool:
+  return tuple(c["rhs"][:2]) == (1, 1) and tuple(c["strides"]) == (1, 1)
+
+
+def jax_side(convs: list[dict], iters: int, pointwise: str) -> dict:
+  """pointwise: 'matmul' times 1x1 convolutions as the model computes them (layers.Conv1x1),
+  'conv' as `lax.conv_general_dilated` (flax nn.Conv's form)."""
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
   import numpy as np
   from jax import lax
 
@@ -92,6 +108,8 @@ def jax_side(convs: list[dict], iters: int) -> dict:
   out = []
   for c in convs:
     def conv(x, w, c=c):
+      if pointwise == "matmul" and is_pointwise(c):
+        return jnp.einsum("...c,cf->...f", x, w[0, 0])
       return lax.conv_general_dilated(x, w, c["strides"], c["padding"],
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
     x = jax.device_put(rng.standard_normal(c["lhs"], np.float32))
@@ -150,15 +168,23 @@ def torch_side(convs: list[dict], iters: int, threads: int) -> dict:
 def report(convs: list[dict], results: dict[str, list[dict]], verdict: str | None) -> None:
   med = {side: [{k: statistics.median(r["per_conv_ms"][i][k] for r in rs) for k in KINDS}
                 for i in range(len(convs))] for side, rs in results.items()}
+  pointwise = [i for i, c in enumerate(convs) if is_pointwise(c)]
+  print("\n1x1 convolutions (JAX): as matmuls (layers.Conv1x1, what the model runs) vs as "
+        "convolutions (nn.Conv), sums of medians x uses, ms:")
+  for k in KINDS:
+    mm, cv = (sum(convs[i]["uses"] * med[side][i][k] for i in pointwise)
+              for side in ("jax", "jax_conv1x1"))
+    speed = f"speed-up {cv / mm:.2f}x" if not verdict else f"NO RATIO: {verdict}"
+    print(f"  {k:12s} matmul {mm:8.1f}   convolution {cv:8.1f}   {speed}")
   print(f"\n{'input NHWC':>18s} {'kernel HWIO':>16s} {'s':>2s} {'uses':>4s} | "
         + " | ".join(f"{k:>11s} JAX / PyTorch ms" for k in KINDS))
-  totals = {side: dict.fromkeys(KINDS, 0.0) for side in med}
+  totals = {side: dict.fromkeys(KINDS, 0.0) for side in ("jax", "pytorch")}
   for i, c in enumerate(convs):
     cells = []
     for k in KINDS:
       j, p = med["jax"][i][k], med["pytorch"][i][k]
       cells.append(f"{j:8.2f} / {p:8.2f} ({p / j:4.2f}x)")
-      for side in med:
+      for side in totals:
         totals[side][k] += c["uses"] * med[side][i][k]
     print(f"{str(c['lhs']):>18s} {str(c['rhs']):>16s} {c['strides'][0]:2d} {c['uses']:4d} | "
           + " | ".join(cells))
@@ -177,10 +203,11 @@ def main() -> None:
   parser.add_argument("--iters", type=int, default=5, help="timed calls per shape and round")
   parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--convs", help=argparse.SUPPRESS)
+  parser.add_argument("--pointwise", default="matmul", help=argparse.SUPPRESS)
   a = parser.parse_args()
   if a.side:
     convs = json.loads(a.convs)
-    protocol.emit(jax_side(convs, a.iters) if a.side == "jax"
+    protocol.emit(jax_side(convs, a.iters, a.pointwise) if a.side == "jax"
                   else torch_side(convs, a.iters, protocol.cores()))
     return
   print(protocol.machine_line(), flush=True)
@@ -191,6 +218,7 @@ def main() -> None:
   base = [script, f"--iters={a.iters}", "--convs", json.dumps(convs)]
   before = protocol.print_load("before")
   results = protocol.alternate({"jax": base + ["--side", "jax"],
+                                "jax_conv1x1": base + ["--side", "jax", "--pointwise", "conv"],
                                 "pytorch": base + ["--side", "torch"]}, a.rounds, verbose=False)
   after = protocol.print_load("after")
   report(convs, results, protocol.load_verdict(before, after))

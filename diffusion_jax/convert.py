@@ -21,8 +21,8 @@ Files are read with safetensors or `torch.load(..., weights_only=True)`: nothing
 beyond tensors.
 
 CLI: writes OUT as a run workdir, like the trainer's (`config.json` from
-`experiments/configs/default.py` with the converted model and the release's diffusion settings,
-`dataset_info.json`, `checkpoints/0/{state, data}`, plus `source.json`), so that
+`diffusion_jax/training/default_config.py` with the converted model and the release's diffusion
+settings, `dataset_info.json`, `checkpoints/0/{state, data}`, plus `source.json`), so that
 `python -m experiments.sample --workdir=OUT` samples from it:
 
   python -m diffusion_jax.convert --format diffusers_unet \
@@ -61,9 +61,9 @@ from diffusion_jax.models import autoencoder
 from diffusion_jax.models.registry import (AUTOENCODER_PRESETS, PRESETS, get_autoencoder, get_model,
                                            init_params)
 from diffusion_jax.training import components
+from diffusion_jax.training import default_config
 from diffusion_jax.training import restore
 from diffusion_jax.training import state as state_lib
-from experiments.configs import default as default_config
 
 StateDict = Mapping[str, np.ndarray]
 FORMATS = ("diffusers_unet", "dit_official", "diffusers_dit", "diffusers_vae", "ldm_vae")
@@ -589,7 +589,7 @@ def write_run(out_dir: str, module: nn.Module, params: Any, image_shape: tuple[i
               autoencoder_dir: str | None = None) -> None:
   """Write `out_dir` as a run workdir that `experiments.sample` and `load_for_sampling` read.
 
-  `config.json`: `experiments/configs/default.py` with the model (closest preset and the fields
+  `config.json`: `training/default_config.py` with the model (closest preset and the fields
   that differ from it) and `diffusion` (default: `default_diffusion(module)`);
   `dataset_info.json`: image_shape [H, W, C] and the model's num_classes;
   `checkpoints/0/{state, data}` in the trainer's layout, the state holding `step`, `params` and

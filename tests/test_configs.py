@@ -1,5 +1,5 @@
-"""The configs: one declaration of every key (experiments/configs/default.py), each experiment
-config built and checked (ddpm_cifar10 against the published values of REFERENCE.md), one
+"""The configs: one declaration of every key (diffusion_jax/training/default_config.py), each
+experiment config built and checked (ddpm_cifar10 against the published values of REFERENCE.md), one
 training step of each at a tiny size, backbone swaps and RGB folders by overrides alone, the
 unknown-key error, the one variance rule, and a light `import diffusion_jax`."""
 import dataclasses
@@ -23,9 +23,9 @@ from diffusion_jax import reverse
 from diffusion_jax import schedules
 from diffusion_jax.data import options as data_options
 from diffusion_jax.training import components
+from diffusion_jax.training import default_config
 from diffusion_jax.training import sampling
 from diffusion_jax.training import trainer
-from experiments.configs import default
 from experiments.configs import overrides
 
 # Every experiment config, as `--config=experiments/configs/<file>.py[:arg]` names it.
@@ -59,7 +59,7 @@ def flat_keys(config, prefix=""):
 def test_default_declares_every_constructor_argument():
   """Model, data, diffusion (schedule + loss) and optimizer arguments each have a key, so each
   can be set from the command line."""
-  config = default.get_config()
+  config = default_config.get_config()
   model_keys = set(config.model) - {"name"}
   for cls in {cls for cls, _ in models.PRESETS.values()}:
     fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
@@ -81,7 +81,7 @@ def test_default_declares_every_constructor_argument():
 @pytest.mark.parametrize("spec", CONFIGS)
 def test_each_config_has_exactly_the_default_keys(spec):
   config = load(spec)
-  assert set(flat_keys(config)) == set(flat_keys(default.get_config()))
+  assert set(flat_keys(config)) == set(flat_keys(default_config.get_config()))
   model = components.build_model(config.model, (32, 32, 3))
   assert models.count_params(model, (32, 32, 3)) > 0
 

@@ -179,13 +179,13 @@ def test_tfds_text_errors(tiny_dir, tmp_path):
 def test_lm1b_config_is_mdlms_lm1b_recipe():
   """kuleshov-group/mdlm configs/config.yaml, configs/model/small.yaml, configs/data/lm1b.yaml
   and scripts/train_lm1b_*.sh (model.length=128); bytes instead of bert-base-uncased."""
-  from experiments.configs import default  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.training import default_config  # pylint: disable=import-outside-toplevel
   c = text_lm1b.get_config()
   def keys(tree, prefix=""):
     return {k for name, v in tree.items() for k in (
         keys(v, f"{prefix}{name}.") if isinstance(v, dict) else {prefix + name})}
 
-  assert keys(c.to_dict()) == keys(default.get_config().to_dict())
+  assert keys(c.to_dict()) == keys(default_config.get_config().to_dict())
   assert (c.data.name, c.data.tfds_name, c.data.split, c.data.eval_split, c.data.text_key,
           c.data.seq_len, c.data.tokenizer, c.data.text_dir) == \
       ("text", "lm1b", "train", "test", "text", 128, "byte", None)

@@ -187,8 +187,8 @@ def test_command_killed_and_rerun_gives_the_same_numbers(run_copy):
 def test_in_training_hook(tmp_path):
   from diffusion_jax.data import load_split_as_numpy
   from diffusion_jax.evaluation import digits, hook
-  from experiments.configs import default
-  config = default.get_config().eval
+  from diffusion_jax.training import default_config
+  config = default_config.get_config().eval
   config.every = 100
   h = hook.EvalHook(config, "ddpm")
   assert [h.due(s, 250) for s in (0, 50, 100, 200, 250)] == [False, False, True, True, True]

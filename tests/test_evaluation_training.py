@@ -15,10 +15,10 @@ import training_testlib as tl
 from diffusion_jax.evaluation import digits
 from diffusion_jax.evaluation import hook
 from diffusion_jax.training import components
+from diffusion_jax.training import default_config
 from diffusion_jax.training import restore
 from diffusion_jax.training import sampling
 from diffusion_jax.training import trainer
-from experiments.configs import default
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +127,9 @@ def test_bad_eval_settings_are_refused_before_anything_is_written(tmp_path, data
 
 
 def test_eval_keys_are_declared_once():
-  # default.py declares config.eval; the hook reads it (no second set of defaults).
+  # default_config.py declares config.eval; the hook reads it (no second set of defaults).
   assert not hasattr(hook, "default_config")
-  config = default.get_config()
+  config = default_config.get_config()
   assert config.eval.every == 0
   hook.EvalHook(config.eval)   # the defaults are valid
   # Evaluation settings may change on resume (a record of other settings is replaced).

@@ -2,15 +2,15 @@
 run (or a subprocess) started from another directory reads the same files."""
 import os
 
+from diffusion_jax.training import default_config
 from experiments import paths
-from experiments.configs import default
 
 
 def test_every_path_key_exists_in_the_schema_and_is_made_absolute(tmp_path, monkeypatch):
-  config = default.get_config()
+  config = default_config.get_config()
   for dotted in paths.CONFIG_PATH_KEYS:
     section, key = dotted.split(".")
-    assert key in config[section], f"{dotted} is not declared in default.py"
+    assert key in config[section], f"{dotted} is not declared in default_config.py"
     config[section][key] = f"rel/{key}"
   config.data.text_dir = "data/shakespeare"
   monkeypatch.chdir(tmp_path)
@@ -22,7 +22,7 @@ def test_every_path_key_exists_in_the_schema_and_is_made_absolute(tmp_path, monk
 
 
 def test_remote_and_unset_paths_are_left_alone():
-  config = default.get_config()
+  config = default_config.get_config()
   config.data.data_dir = "gs://bucket/tfds"
   config.data.text_dir = None
   paths.resolve_config_paths(config)

@@ -15,10 +15,10 @@ from diffusion_jax import data as data_lib
 from diffusion_jax.data import latents as latent_format
 from diffusion_jax.models import autoencoder, count_params, get_autoencoder
 from diffusion_jax.training import components
+from diffusion_jax.training import default_config
 from diffusion_jax.training import latent_decoder
 from diffusion_jax.training import run_config
 from experiments import encode_latents
-from experiments.configs import default
 from experiments.configs import dit_xl2_imagenet256
 from experiments.configs import latent_digits
 
@@ -123,7 +123,7 @@ def test_latent_data_errors(encoded, tmp_path):
 
 def test_decoder_batches_give_the_autoencoders_images(encoded):
   vae, params, ae_dir, lat = encoded
-  config = default.get_config()
+  config = default_config.get_config()
   config.data.update(_data_config(lat))
   config.autoencoder.workdir = ae_dir
   config.autoencoder.decode_batch_size = 8
@@ -148,7 +148,7 @@ def test_decoder_batches_give_the_autoencoders_images(encoded):
 def test_latent_run_needs_the_autoencoder_that_encoded_it(encoded, tmp_path):
   from diffusion_jax import convert
   _, _, _, lat = encoded
-  config = default.get_config()
+  config = default_config.get_config()
   config.data.update(_data_config(lat))
   with pytest.raises(ValueError, match="needs config.autoencoder.workdir"):
     latent_decoder.load_decoder(config)
@@ -157,7 +157,7 @@ def test_latent_run_needs_the_autoencoder_that_encoded_it(encoded, tmp_path):
   config.autoencoder.workdir = str(tmp_path / "other")
   with pytest.raises(ValueError, match="decoding would not invert the encoding"):
     latent_decoder.load_decoder(config)
-  pixels = default.get_config()
+  pixels = default_config.get_config()
   assert latent_decoder.load_decoder(pixels) is None
 
 
@@ -196,7 +196,7 @@ def test_latent_configs_declare_only_default_keys():
       else:
         out.add(prefix + k)
     return out
-  declared = keys(default.get_config())
+  declared = keys(default_config.get_config())
   for config in (latent_digits.get_config(), dit_xl2_imagenet256.get_config()):
     assert keys(config) == declared
 
@@ -207,7 +207,7 @@ def test_preview_sampling_follows_sample_steps_and_guidance_scale():
   from diffusion_jax import samplers
   from diffusion_jax.models import get_model, init_params
   from diffusion_jax.training import sampling
-  config = default.get_config()
+  config = default_config.get_config()
   config.diffusion.update(dict(num_timesteps=50, loss_type="hybrid", variance="learned_range"))
   config.sample.update(dict(steps=5, guidance_scale=1.5))
   model = get_model("dit_tiny", in_channels=2)

@@ -1,5 +1,6 @@
 """U-Net: side by side with diffusers UNet2DModel, zero-init, dtype, remat, dropout, bad input."""
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,3 +175,26 @@ def test_fourier_features_match_the_closed_form_and_widen_only_the_first_conv():
   assert n(p_fourier) - n(p_plain) == extra
   out = fourier.apply({"params": p_fourier}, x, jnp.array([3, 7]))
   assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_conv1x1_is_nn_conv_with_the_same_parameters(dtype):
+  """layers.Conv1x1 (a matmul over channels) == flax nn.Conv(features, (1, 1)): same parameter
+  tree and initial values for a key, same outputs and gradients on the same parameters."""
+  from diffusion_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 48))
+  ours = layers.Conv1x1(32, dtype=dtype)
+  conv = nn.Conv(32, (1, 1), kernel_init=layers.default_kernel_init, dtype=dtype)
+  p_ours = ours.init(jax.random.key(1), x)["params"]
+  p_conv = conv.init(jax.random.key(1), x)["params"]
+  chex.assert_trees_all_equal(p_ours, p_conv)
+  p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), p_conv)
+
+  def out_and_grads(module):
+    f = lambda p, x: jnp.sum(jnp.sin(module.apply({"params": p}, x).astype(jnp.float32)))
+    return module.apply({"params": p}, x), jax.grad(f, argnums=(0, 1))(p, x)
+  # Each output is a 48-term dot product of O(1) terms (plus a bias): float32 rounding of the
+  # sum is ~sqrt(48) * 2^-24 relative, 1e-5 leaves room for a different summation order; in
+  # bfloat16 both round their inputs the same way, then 8 mantissa bits: 2^-8 relative.
+  tol = 1e-5 if dtype == jnp.float32 else 2 ** -7
+  chex.assert_trees_all_close(out_and_grads(ours), out_and_grads(conv), rtol=tol, atol=tol)

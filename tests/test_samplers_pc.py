@@ -279,13 +279,13 @@ def test_a_config_samples_with_pc_and_its_kwargs():
   # config.sample.sampler = 'pc' with sample.kwargs: the trainer's preview path
   # (`training.sampling.sample_from_config`) gives the sampler its static settings, snr included.
   from diffusion_jax.training import sampling
-  from experiments.configs import default
+  from diffusion_jax.training import default_config
 
   class Toy:
     def apply(self, variables, x, t, y, train):
       return toy_model(x, t) * variables["params"]["w"]
 
-  config = default.get_config()
+  config = default_config.get_config()
   config.sample.sampler = "pc"
   config.sample.kwargs = {"predictor": "ancestral", "corrector": "none"}
   schedule = dj.get_schedule("linear", 25)

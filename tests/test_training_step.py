@@ -11,8 +11,8 @@ import optax
 import pytest
 
 import diffusion_jax as dj
+from diffusion_jax.training import default_config
 from diffusion_jax.training import optim, parallel, state as state_lib, step as step_lib
-from experiments.configs import default as default_config
 from numerics_testlib import f32_tol
 
 T = 50

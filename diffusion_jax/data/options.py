@@ -1,8 +1,8 @@
 """The data options, read once from a data config and validated eagerly.
 
 `data_config` is a mapping (an `ml_collections.ConfigDict` or a dict) of the `DataOptions` fields;
-`name` is required, the others have the defaults below (the same as `experiments/configs/default.py`
-declares, which a test checks).
+`name` is required, the others have the defaults below (the same as
+`diffusion_jax/training/default_config.py` declares, which a test checks).
 """
 from __future__ import annotations
 

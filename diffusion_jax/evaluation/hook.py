@@ -1,6 +1,6 @@
 """In-training evaluation: the metric of `config.eval` on a trainer's samples, and the best record.
 
-The keys are declared (with their defaults) in `experiments/configs/default.py`, section `eval`;
+The keys are declared (with their defaults) in `training/default_config.py`, section `eval`;
 this module reads them. The trainer (`training/trainer.py`) owns sampling and checkpoints:
 
   hook = EvalHook(config.eval)                       # once, before training: checks the keys

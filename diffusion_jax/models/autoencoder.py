@@ -182,8 +182,7 @@ class AutoencoderKL(nn.Module):
                   dtype=self.dtype, param_dtype=self.param_dtype)
     self.encoder = Encoder(latent_channels=self.latent_channels, **shared)
     self.decoder = Decoder(out_channels=self.out_channels, **shared)
-    conv1x1 = lambda c: nn.Conv(c, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
-                                kernel_init=layers.default_kernel_init)
+    conv1x1 = lambda c: layers.Conv1x1(c, dtype=self.dtype, param_dtype=self.param_dtype)
     if self.use_quant_conv:
       self.quant_conv = conv1x1(2 * self.latent_channels)
     if self.use_post_quant_conv:

@@ -3,7 +3,7 @@ the initial train state. Shared by the trainer and by `restore.load_for_sampling
 the model and the schedule only).
 
 This is where the diffusion math and the network meet, through `model_fn(x_t, t)`. Every key
-read here is declared, with its default, in `experiments/configs/default.py`.
+read here is declared, with its default, in `default_config.py`.
 
 References: Ho et al. 2020 (the DDPM training objective); `families` (VDM, EDM);
 ARCHITECTURE.md (config keys).

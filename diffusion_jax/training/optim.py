@@ -37,7 +37,7 @@ def make_optimizer(optim_config: Any, num_steps: int
                    ) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
   """Returns (tx, lr_schedule) from `optim.{name, lr, warmup_steps, decay, end_lr_factor,
   grad_clip, weight_decay, b1, b2, eps, accumulate}` (a mapping holding every one of these keys,
-  as `experiments/configs/default.py` declares them).
+  as `default_config.py` declares them).
 
   With `accumulate = k > 1` the chain is wrapped in `optax.MultiSteps`: the params change once
   every k calls (mean of the k gradients) and `lr_schedule` counts parameter updates.

@@ -23,10 +23,10 @@ from diffusion_jax import schedules
 from diffusion_jax.data import text as text_lib
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
+from diffusion_jax.training import default_config
 from diffusion_jax.training import families
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training import text_run
-from experiments.configs import default as default_config
 
 PyTree = Any
 
@@ -43,8 +43,8 @@ class Loaded(NamedTuple):
 
 
 def load_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
-  """The run's `config.json` over `experiments/configs/default.py` (keys a run written by an
-  older version lacks take today's defaults; a key that is not declared is a ValueError)."""
+  """The run's `config.json` over `default_config.get_config()` (keys a run written by an older
+  version lacks take today's defaults; a key that is not declared is a ValueError)."""
   saved = json.loads((epath.Path(workdir) / "config.json").read_text())
   config = default_config.get_config()
   _merge(config, saved, "config")
@@ -55,7 +55,7 @@ def _merge(node: ml_collections.ConfigDict, saved: dict, where: str) -> None:
   for key, value in saved.items():
     if key not in node:
       raise ValueError(f"{where}.{key} in config.json is not a declared config key (see "
-                       f"experiments/configs/default.py)")
+                       f"diffusion_jax/training/default_config.py)")
     if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
       if key == "kwargs":   # free-form sampler settings
         node[key] = ml_collections.ConfigDict(value)

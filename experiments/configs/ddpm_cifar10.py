@@ -9,12 +9,12 @@ Needs the TFDS cifar10 dataset prepared in data_dir (ArrayRecord).
 """
 import ml_collections
 
-from experiments.configs import default
+from diffusion_jax.training import default_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
-  c = default.get_config()
+  c = default_config.get_config()
   c.data.name = "cifar10"
   c.data.image_size = 32
   c.data.random_flip = True

@@ -4,16 +4,17 @@
   python -m experiments.train --config=experiments/configs/digits.py --workdir=runs/digits
   python -m experiments.sample --workdir=runs/digits --num_samples=64 --out=runs/digits/samples.npz
 
-Every key and its default: `default.py`; this file changes only the data size and the network.
+Every key and its default: `diffusion_jax/training/default_config.py`; this file changes only the
+data size and the network.
 """
 import ml_collections
 
-from experiments.configs import default
+from diffusion_jax.training import default_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
-  c = default.get_config()
+  c = default_config.get_config()
   c.data.image_size = 8            # native 8x8
 
   # Smaller than the unet_digits preset: one res block per level, two levels (8x8, 4x4),

@@ -29,7 +29,7 @@ Variants: `dit_xl2_imagenet256.py:DiT-B/4` (any DiT preset; the ablations of the
 """
 import ml_collections
 
-from experiments.configs import default
+from diffusion_jax.training import default_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if not name.startswith("DiT-"):
     raise ValueError(f"dit_xl2_imagenet256 variant must be a DiT preset such as 'DiT-B/4', "
                      f"got {name!r}")
-  c = default.get_config()
+  c = default_config.get_config()
   c.data.name = "latents"
   c.data.latents_dir = "latents/imagenet256"   # experiments.encode_latents --flip output
   c.data.random_flip = True

@@ -15,12 +15,12 @@ non-leaking augmentation pipeline (p = 0.12, with its 9 conditioning inputs).
 """
 import ml_collections
 
-from experiments.configs import default
+from diffusion_jax.training import default_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
-  c = default.get_config()
+  c = default_config.get_config()
   c.data.name = "cifar10"
   c.data.image_size = 32
 

@@ -44,7 +44,7 @@ def unknown_key_message(config: Any, path: str, flag_name: str = "config") -> st
       level = f"Keys of {where}: {', '.join(sorted(keys))}." if keys else \
           f"{where} is a value, not a group of keys."
       return (f"Unknown config key --{flag_name}.{path}: {where} has no key {part!r}.{hint} "
-              f"{level} Every key and its default: experiments/configs/default.py.")
+              f"{level} Every key and its default: diffusion_jax/training/default_config.py.")
     node = node[part]
     done.append(part)
   return None

@@ -34,7 +34,7 @@ Where this config differs, and why:
     `lm1b-gpt2` / 'wrap' setting), as the file corpora are.
   - times: i.i.d. per example, not antithetic; the text transformer has no dropout.
 
-Every key and its default: `default.py`.
+Every key and its default: `diffusion_jax/training/default_config.py`.
 """
 import ml_collections
 
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.split = "train"
   c.data.eval_split = "test"
   c.data.text_key = "text"
-  c.data.text_cache_dir = None        # set a folder to encode lm1b once (see default.py)
+  c.data.text_cache_dir = None        # set a folder to encode lm1b once (see default_config.py)
   c.data.seq_len = 128
   c.data.tokenizer = "byte"            # MDLM: bert-base-uncased (see the module docstring)
   return c

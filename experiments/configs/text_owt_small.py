@@ -24,16 +24,16 @@ Where this config differs, and why:
     only, so the step is independent of the device split), not MDLM's antithetic times.
   - the text transformer has no dropout, and no separate 128-wide conditioning (it ignores t).
 
-Every key and its default: `default.py`.
+Every key and its default: `diffusion_jax/training/default_config.py`.
 """
 import ml_collections
 
-from experiments.configs import default
+from diffusion_jax.training import default_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
-  c = default.get_config()
+  c = default_config.get_config()
   c.data.name = "text"
   c.data.text_dir = "data/owt"
   c.data.seq_len = 1024

@@ -15,11 +15,11 @@ time conditioning off (MDLM notes the SUBS network need not see t: the masked fr
 it), AdamW with a constant learning rate after warmup. The twin: causal, no time conditioning,
 exact NLL. Both log their loss in bits per character (a bound for the diffusion model).
 
-Every key and its default: `default.py`.
+Every key and its default: `diffusion_jax/training/default_config.py`.
 """
 import ml_collections
 
-from experiments.configs import default
+from diffusion_jax.training import default_config
 
 VARIANTS = ("mdlm", "ar")
 
@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "mdlm"
   if variant not in VARIANTS:
     raise ValueError(f"text_shakespeare variant must be one of {VARIANTS}, got {variant!r}.")
-  c = default.get_config()
+  c = default_config.get_config()
   c.data.name = "text"
   c.data.text_dir = "data/shakespeare"
   c.data.seq_len = 128

@@ -1,7 +1,7 @@
 """Every configuration key, with its default and what it means.
 
-The experiment configs (`digits.py`, `ddpm_cifar10.py`, `dit_cifar10.py`, `tpu.py`) start from
-`get_config()` here and change only what differs; the code reads keys directly
+The experiment configs (`experiments/configs/`: `digits.py`, `ddpm_cifar10.py`, `dit_cifar10.py`,
+`tpu.py`) start from `get_config()` here and change only what differs; the code reads keys directly
 (`config.train.num_steps`), so a key exists here or nowhere. Any key can be overridden on the
 command line (`--config.optim.lr=1e-4`); a key that is not declared here is refused with the
 nearest valid names.
