@@ -29,7 +29,6 @@ diffusion_jax/evaluation/metrics.py.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -41,6 +40,7 @@ import numpy as np
 from diffusion_jax.evaluation import features as features_lib
 from diffusion_jax.evaluation import metrics
 from diffusion_jax.evaluation import reference as reference_lib
+from experiments import shards
 
 GRID_SAMPLES = 64
 
@@ -68,12 +68,6 @@ def define_flags() -> None:
   flags.DEFINE_string("save_ref", None, "Also write the reference mu/sigma here (pytorch-fid .npz).")
   sampling_lib.define_flags()
   multihost.define_flags()
-
-
-def _atomic_savez(path: str, **arrays: np.ndarray) -> None:
-  tmp = f"{path}.{os.getpid()}.tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
 
 
 def make_feature_fn(net: features_lib.FeatureNet, devices: Sequence[jax.Device],
@@ -107,9 +101,7 @@ def make_feature_fn(net: features_lib.FeatureNet, devices: Sequence[jax.Device],
   return compute
 
 
-def settings_key(settings: dict[str, Any]) -> str:
-  """A short hash of the settings that determine the shards' contents."""
-  return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+settings_key = shards.settings_key
 
 
 def run_shards(sample_fn: Callable[[int, int], np.ndarray],
@@ -120,68 +112,29 @@ def run_shards(sample_fn: Callable[[int, int], np.ndarray],
   """Samples and featurises examples [0, num_samples) shard by shard, committing each to disk.
 
   sample_fn(start, count) -> uint8 [count, H, W, C] (examples start..start+count-1, each from
-  its own key); feature_fn(images) -> {'pool', 'logits'}. Shard i ([i S, (i + 1) S)) is
-  written atomically to shard_dir/shard_<i>.npz; shards already there (with the same settings,
-  checked against shard_dir/settings.json) are read back instead of recomputed.
+  its own key); feature_fn(images) -> {'pool', 'logits'}. Shard i ([i S, (i + 1) S)) holds the
+  images and their features, written atomically to shard_dir/shard_<i>.npz by process
+  i % process_count; shards already there (with the same settings, checked against
+  shard_dir/settings.json) are read back instead of recomputed (`experiments.shards.run`).
 
   Returns:
     {'images': uint8 [min(64, N), ...] (for the grid), 'pool': [N, D], 'logits': [N, K]}.
   """
   if num_samples < 1 or shard_size < 1:
     raise ValueError(f"num_samples and shard_size must be >= 1, got {num_samples}, {shard_size}.")
-  os.makedirs(shard_dir, exist_ok=True)
-  settings_path = os.path.join(shard_dir, "settings.json")
-  if os.path.exists(settings_path):
-    with open(settings_path) as f:
-      stored = json.load(f)
-    if stored != shard_settings:
-      raise ValueError(f"{shard_dir} holds shards for other settings ({stored}); expected "
-                       f"{shard_settings}.")
-  elif process_index == 0:
-    with open(settings_path + ".tmp", "w") as f:
-      json.dump(shard_settings, f, indent=1, sort_keys=True)
-    os.replace(settings_path + ".tmp", settings_path)
 
-  num_shards = -(-num_samples // shard_size)
-  bounds = [(i * shard_size, min((i + 1) * shard_size, num_samples)) for i in range(num_shards)]
-  path = lambda i: os.path.join(shard_dir, f"shard_{i:06d}.npz")
+  def compute(start: int, count: int) -> dict[str, np.ndarray]:
+    images = sample_fn(start, count)
+    return {"images": images, **feature_fn(images)}
 
-  def complete(i: int) -> bool:
-    if not os.path.exists(path(i)):
-      return False
-    with np.load(path(i)) as data:
-      return len(data["pool"]) == bounds[i][1] - bounds[i][0]
-
-  mine = [i for i in range(num_shards) if i % process_count == process_index]
-  todo = [i for i in mine if not complete(i)]
-  bar = None
-  if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
-    done = sum(bounds[i][1] - bounds[i][0] for i in mine if i not in todo)
-    desc = "sample+features" + (f" (process {process_index}/{process_count})"
-                                 if process_count > 1 else "")
-    bar = tqdm.tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in mine), initial=done,
-                    unit="img", desc=desc, smoothing=0.1)
-  for i in todo:
-    start, stop = bounds[i]
-    images = sample_fn(start, stop - start)
-    feats = feature_fn(images)
-    _atomic_savez(path(i), images=images, **feats)
-    if bar is not None:
-      bar.update(stop - start)
-  if bar is not None:
-    bar.close()
-  if process_count > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("evaluate_shards")
-    missing = [i for i in range(num_shards) if not complete(i)]
-    if missing:   # e.g. a workdir that is not on a file system every process shares
-      raise RuntimeError(f"shards {missing} of {shard_dir} are missing after every process "
-                         "finished its own: the shard directory must be shared by all processes.")
+  paths = shards.run(compute, num_items=num_samples, shard_size=shard_size,
+                     shard_dir=shard_dir, settings=shard_settings, process_index=process_index,
+                     process_count=process_count, progress=progress, desc="sample+features",
+                     unit="img")
   parts: dict[str, list[np.ndarray]] = {"pool": [], "logits": []}
   grid: list[np.ndarray] = []
-  for i in range(num_shards):
-    with np.load(path(i)) as data:
+  for path in paths:
+    with np.load(path) as data:
       for key in parts:
         parts[key].append(data[key])
       if sum(len(g) for g in grid) < GRID_SAMPLES:
@@ -241,7 +194,7 @@ def build_reference(ref: str, feature_fn: Callable[[np.ndarray], dict[str, np.nd
       from diffusion_jax.data import load_split_as_numpy  # pylint: disable=g-import-not-at-top
       real = feature_fn(load_split_as_numpy(data_config, split)["image"])["pool"]
       os.makedirs(cache_dir, exist_ok=True)
-      _atomic_savez(cache, features=real)
+      shards.atomic_savez(cache, features=real)
     reference = reference_lib.from_features(real)
   else:
     reference = reference_lib.load_reference(ref)

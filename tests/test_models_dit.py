@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import hlo_testlib
 import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
@@ -241,20 +242,6 @@ def test_scanned_blocks_match_unrolled_blocks():
     assert rel_err(np.asarray(a), np.asarray(b)) < 1e-5
 
 
-def _largest_fusion(hlo_text: str) -> int:
-  """Instruction count of the largest fused computation in an optimized HLO module's text."""
-  sizes, current = {}, None
-  for line in hlo_text.splitlines():
-    if line.startswith("%") and line.endswith("{"):
-      current = line.split()[0]
-      sizes[current] = 0
-    elif line.startswith("}"):
-      current = None
-    elif current is not None and " = " in line:
-      sizes[current] += 1
-  return max((n for name, n in sizes.items() if "fused" in name or "fusion" in name), default=0)
-
-
 def test_gradient_fusions_do_not_grow_with_depth():
   """Regression guard for issue 12: unrolled, XLA:CPU fused each block's residual cotangent
   with every later block's, so fusions (and the gradient's cost) grew with depth; with the
@@ -267,5 +254,5 @@ def test_gradient_fusions_do_not_grow_with_depth():
     module = get_model("dit_tiny", depth=depth)
     params = jax.eval_shape(lambda m=module: m.init(jax.random.PRNGKey(0), x, t, y)["params"])
     compiled = _dit_loss_grad(module, x, t, y).lower(params).compile()
-    sizes.append(_largest_fusion(compiled.as_text()))
+    sizes.append(hlo_testlib.largest_fusion(compiled.as_text()))
   assert sizes[1] <= 1.1 * sizes[0], sizes

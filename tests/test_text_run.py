@@ -1,12 +1,15 @@
 """Text runs end to end in-process: a tiny masked-diffusion run and its autoregressive twin
 train, resume exactly, write text previews, sample, infill (given characters kept) and evaluate
-held-out bits per character (the twin's checked against a float64 NumPy NLL)."""
+held-out bits per character (the twin's checked against a float64 NumPy NLL; experiments.
+evaluate_text resumed after an interruption, on another batch size and on two processes)."""
 import json
 import math
 import os
+import re
 
 import chex
 import numpy as np
+import numerics_testlib
 import pytest
 import training_testlib  # also: the persistent compilation cache of the trainer tests
 
@@ -78,13 +81,19 @@ def test_text_run_trains_resumes_exactly_and_writes_text(tmp_path, corpus, varia
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, corpus):
+def trained_dirs(tmp_path_factory, corpus):
+  """Workdirs of a 2-step masked run and its autoregressive twin."""
   runs = {}
   for variant in ("mdlm", "ar"):
     workdir = str(tmp_path_factory.mktemp(variant))
     trainer.train_and_evaluate(tiny_config(corpus, variant, **{"train.num_steps": 2}), workdir)
-    runs[variant] = restore.load_for_sampling(workdir)
+    runs[variant] = workdir
   return runs
+
+
+@pytest.fixture(scope="module")
+def trained(trained_dirs):
+  return {variant: restore.load_for_sampling(workdir) for variant, workdir in trained_dirs.items()}
 
 
 def test_infill_keeps_the_given_characters(trained):
@@ -121,6 +130,18 @@ def test_autoregressive_heldout_bits_match_a_float64_nll(trained):
   np.testing.assert_allclose(got["bits_per_token"], want.mean(), rtol=1e-5)
 
 
+def test_evaluate_text_on_the_autoregressive_twin(trained_dirs, trained, tmp_path):
+  """The sharded evaluation of the twin: its exact NLL, one draw, the same bits as the
+  in-memory `heldout_bits` with the same batch size (the same compiled call per batch)."""
+  from experiments import evaluate_text  # pylint: disable=import-outside-toplevel
+  result = evaluate_text.evaluate(trained_dirs["ar"], max_sequences=5, batch_size=2,
+                                  shard_size=2, eval_dir=str(tmp_path), progress=False)
+  assert (result["bound"], result["num_time_samples"], result["family"]) == (
+      "exact", 1, "autoregressive")
+  memory = text_run.heldout_bits(trained["ar"], _valid(trained["ar"])[:5], batch_size=2)
+  assert result["bits_per_token"] == memory["bits_per_token"]
+
+
 def test_masked_heldout_bound_is_the_mean_of_its_draws(trained):
   """The bound over 4 (time, mask) draws per sequence is positive and finite, and does not
   depend on the batch size (per-sequence keys)."""
@@ -132,6 +153,124 @@ def test_masked_heldout_bound_is_the_mean_of_its_draws(trained):
   assert np.isfinite(four["stderr"])
   other = text_run.heldout_bits(loaded, seqs, num_time_samples=4, batch_size=2)
   np.testing.assert_allclose(other["bits_per_token"], four["bits_per_token"], rtol=1e-6)
+
+
+def _shard_bits(result):
+  """{shard file name: per-sequence bits [n, draws]} of an evaluate_text result."""
+  out = {}
+  for name in sorted(os.listdir(result["shards"])):
+    if re.fullmatch(r"shard_\d{6}\.npz", name):
+      with np.load(os.path.join(result["shards"], name)) as data:
+        out[name] = data["bits"]
+  return out
+
+
+def test_evaluate_text_resumes_bit_for_bit_and_ignores_batch_size(trained_dirs, trained,
+                                                                   tmp_path, monkeypatch):
+  """experiments.evaluate_text in-process on 20 held-out sequences in shards of 6 (6, 6, 6, 2):
+  a run interrupted after two committed shards, then rerun, and a run with one shard deleted,
+  then rerun, give the per-sequence bits and figures of an uninterrupted run exactly (same
+  per-call batch, keys per sequence index); the committed shards are not recomputed. Another
+  batch size gives the same figures up to float32 rounding; the in-memory `heldout_bits` with
+  the same batch size gives them exactly."""
+  from experiments import evaluate_text, shards  # pylint: disable=import-outside-toplevel
+  run = lambda name, **kw: evaluate_text.evaluate(
+      trained_dirs["mdlm"], num_time_samples=2, max_sequences=20, shard_size=6, progress=False,
+      eval_dir=str(tmp_path / name), **{"batch_size": 4, **kw})
+  whole = run("whole")
+  assert whole["num_sequences"] == 20 and whole["num_tokens"] == 20 * 16
+  assert whole["bound"] == "continuous" and whole["num_time_samples"] == 2
+  assert sorted(_shard_bits(whole)) == [f"shard_{i:06d}.npz" for i in range(4)]
+  assert json.loads(open(whole["path"]).read())["bits_per_token"] == whole["bits_per_token"]
+  np.testing.assert_allclose(whole["perplexity"], 2 ** whole["bits_per_token"], rtol=1e-12)
+  figures = lambda r: {k: r[k] for k in ("bits_per_token", "stderr", "perplexity",
+                                         "num_sequences", "num_tokens")}
+
+  commit = shards.atomic_savez
+  committed = []
+
+  def dies_after_two(path, **arrays):
+    if len(committed) == 2:
+      raise KeyboardInterrupt("killed")
+    commit(path, **arrays)
+    committed.append(path)
+
+  monkeypatch.setattr(shards, "atomic_savez", dies_after_two)
+  with pytest.raises(KeyboardInterrupt):
+    run("resumed")
+  monkeypatch.setattr(shards, "atomic_savez", commit)
+  mtimes = {p: os.stat(p).st_mtime_ns for p in committed}
+  resumed = run("resumed")
+  assert {p: os.stat(p).st_mtime_ns for p in committed} == mtimes     # not recomputed
+  assert figures(resumed) == figures(whole)
+  for name, bits in _shard_bits(whole).items():
+    np.testing.assert_array_equal(_shard_bits(resumed)[name], bits)
+
+  os.remove(os.path.join(resumed["shards"], "shard_000002.npz"))
+  again = run("resumed")
+  assert figures(again) == figures(whole)
+
+  memory = text_run.heldout_bits(trained["mdlm"], _valid(trained["mdlm"])[:20],
+                                 num_time_samples=2, batch_size=4)
+  assert figures(memory) == figures(whole)
+  other = run("batch5", batch_size=5)
+  # The same per-sequence float32 computation in another batch shape (numerics_testlib): one
+  # block (~30 ops), embedding and log-softmax (~20), a sum over 16 positions: ops = 70.
+  for name, bits in _shard_bits(whole).items():
+    numerics_testlib.assert_f32_close(_shard_bits(other)[name], bits, ops=70, err_msg=name)
+  numerics_testlib.assert_f32_close(other["bits_per_token"], whole["bits_per_token"], ops=70)
+
+
+@pytest.mark.slow
+def test_evaluate_text_on_two_processes_equals_one_process(trained_dirs, tmp_path):
+  """`python -m experiments.evaluate_text` on 2 processes (jax.distributed on CPU, gloo, one
+  device each; shards 0, 2, 4 on process 0 and 1, 3 on process 1) commits the same per-sequence
+  bits as 1 process and process 0 alone writes the same figures."""
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  # No compilation cache: a warm one lets one process reach the barrier long before the other
+  # (tests/test_multihost_eval.py).
+  env = {k: v for k, v in training_testlib.subprocess_env(num_devices=1).items()
+         if k != "JAX_COMPILATION_CACHE_DIR"}
+  command = lambda name: [sys.executable, "-m", "experiments.evaluate_text",
+                          f"--workdir={trained_dirs['mdlm']}", "--num_time_samples=2",
+                          "--max_sequences=20", "--shard_size=4", "--batch_size=4",
+                          f"--eval_dir={tmp_path / name}", "--compile_cache="]
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(command("one"), env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=str(tmp_path))]
+  procs += [subprocess.Popen(command("two") + [
+      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+      "--cpu_collectives=gloo"], env=env, text=True, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, cwd=str(tmp_path)) for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=600)
+      assert p.returncode == 0, err[-3000:]
+      outs.append(out)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  one, two = (json.loads(out.strip().splitlines()[-1]) for out in outs[:2])
+  assert "process 1/2: done" in outs[2]
+  assert (one["process_count"], two["process_count"]) == (1, 2)
+  a, b = _shard_bits(one), _shard_bits(two)
+  assert sorted(a) == sorted(b) == [f"shard_{i:06d}.npz" for i in range(5)]
+  for name, bits in a.items():
+    np.testing.assert_array_equal(b[name], bits, err_msg=name)
+  for key in ("bits_per_token", "stderr", "perplexity", "num_sequences", "num_tokens"):
+    assert one[key] == two[key], key
+
+
+def _valid(loaded):
+  path = os.path.join(loaded.config.data.text_dir, "valid.txt")
+  return text_lib.pack(loaded.tokenizer.encode(text_lib.read_text(path)), 16)
 
 
 def test_text_config_errors(tmp_path, corpus):

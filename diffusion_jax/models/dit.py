@@ -24,10 +24,6 @@ import jax.numpy as jnp
 from diffusion_jax.models import layers
 
 Dtype = Any
-# What the scanned blocks keep for the backward pass: the matmul outputs; the elementwise parts
-# (LayerNorm, modulation, GELU, softmax) are recomputed, which was ~10 % faster on XLA:CPU than
-# writing all of them into the scan's stacked buffers (benchmarks/README.md). Same values.
-_SCAN_SAVE_POLICY = jax.checkpoint_policies.dots_saveable
 xavier = nn.initializers.xavier_uniform()
 # Xavier-uniform over the conv kernel viewed as a [p*p*C, D] matrix, as the official code does.
 patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
@@ -162,12 +158,9 @@ class DiT(nn.Module):
   def _blocks(self, h: jax.Array, c: jax.Array) -> jax.Array:
     """The `depth` blocks, [B, N, D] -> [B, N, D]; parameters stay `block_0` ... `block_{depth-1}`.
 
-    At init the blocks run one after the other (creating their parameters); when applied they
-    run as one `lax.scan` over the blocks' stacked parameters. The loop body is a separate XLA
-    computation, so the compiler cannot fuse the elementwise residual stream (or its cotangent)
-    across blocks: unrolled, XLA:CPU re-computed the whole cotangent chain inside each block's
-    backward fusions, and the gradient cost grew with depth squared (see benchmarks/README.md).
-    It also compiles one block instead of `depth`.
+    At init (and with scan_blocks=False) the blocks run one after the other, creating their
+    parameters; when applied they run as one `lax.scan` over the blocks' stacked parameters
+    (`layers.scan_blocks`, which says why).
     """
     kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
     args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.norm_eps)
@@ -176,20 +169,8 @@ class DiT(nn.Module):
       for i in range(self.depth):
         h = block_cls(*args, name=f"block_{i}", **kw)(h, c)
       return h
-    params = self.variables["params"]
-    stacked = jax.tree.map(lambda *p: jnp.stack(p),
-                           *(params[f"block_{i}"] for i in range(self.depth)))
-    block = DiTBlock(*args, parent=None, **kw)
-
-    def body(carry: jax.Array, p: Any) -> tuple[jax.Array, None]:
-      return block.apply({"params": p}, carry, c), None
-
-    if self.remat:
-      body = jax.checkpoint(body)
-    elif _SCAN_SAVE_POLICY is not None:
-      body = jax.checkpoint(body, policy=_SCAN_SAVE_POLICY)
-    h, _ = jax.lax.scan(body, h, stacked)
-    return h
+    return layers.scan_blocks(DiTBlock(*args, parent=None, **kw), self.variables["params"],
+                              self.depth, h, c, remat=self.remat)
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,

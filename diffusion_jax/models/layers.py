@@ -1,4 +1,4 @@
-"""Building blocks shared by the U-Net and the DiT.
+"""Building blocks shared by the U-Net, the DiT and the text transformer.
 
 All blocks take NHWC (or [B, N, D] token) inputs, keep parameters in `param_dtype` (float32) and
 compute in `dtype` (bfloat16 on accelerators). Normalisation statistics and softmax are computed in
@@ -12,7 +12,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -20,6 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
+# What scanned transformer blocks keep for the backward pass: the matmul outputs; the elementwise
+# parts (LayerNorm, modulation, GELU, softmax) are recomputed, which was ~10 % faster on XLA:CPU
+# than writing all of them into the scan's stacked buffers (benchmarks/README.md). Same values.
+SCAN_SAVE_POLICY = jax.checkpoint_policies.dots_saveable
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 RESAMPLE_MODES = ("none", "up", "down")
 
@@ -322,3 +326,44 @@ def check_inputs(x: jax.Array, t: jax.Array, y: jax.Array | None, *, in_channels
     if jnp.shape(y) != (x.shape[0],):
       raise ValueError(f"y must be of shape [B]=({x.shape[0]},), got {jnp.shape(y)}")
   return t
+
+
+def scan_blocks(block: nn.Module, params: Mapping[str, Any], depth: int, h: jax.Array, *args: Any,
+                per_block: Any = None, remat: bool = False) -> Any:
+  """Applies `depth` blocks of one architecture as a single `lax.scan` over their stacked
+  parameters `params['block_0']` ... `params['block_{depth-1}']` (the tree an unrolled loop of
+  blocks named `block_i` creates, so checkpoints are the same either way).
+
+  Block i computes `block.apply({'params': params['block_i']}, h, *args)`, or with `per_block`
+  (a pytree whose leaves have a leading axis of size depth, e.g. stacked KV caches)
+  `block.apply(..., h, *args, per_block[i])`, which must return (h, new per_block[i]).
+  The body runs under `jax.checkpoint`: with `remat` nothing is saved for the backward pass,
+  else the matmul outputs (`SCAN_SAVE_POLICY`).
+
+  Why: the loop body is a separate XLA computation, so the compiler cannot fuse the elementwise
+  residual stream (or its cotangent) across blocks; unrolled, XLA:CPU re-computed the whole
+  cotangent chain inside each block's backward fusions and the gradient cost grew with depth
+  squared (benchmarks/README.md). One block is compiled instead of `depth`.
+
+  Args:
+    block: an unbound module (`parent=None`) of the blocks' architecture.
+    params: the parent's parameters (holding the `block_i` subtrees).
+    depth: number of blocks (>= 1).
+    h: the carried activations, e.g. [B, N, D].
+    args: the same extra arguments for every block (conditioning, positions).
+  Returns:
+    h after the last block, or (h, stacked new per_block) with `per_block`.
+  """
+  if depth < 1:
+    raise ValueError(f"scan_blocks needs depth >= 1, got {depth}")
+  stacked = jax.tree.map(lambda *p: jnp.stack(p), *(params[f"block_{i}"] for i in range(depth)))
+
+  def body(carry: jax.Array, xs: tuple[Any, Any]) -> tuple[jax.Array, Any]:
+    p, extra = xs
+    if per_block is None:
+      return block.apply({"params": p}, carry, *args), None
+    return block.apply({"params": p}, carry, *args, extra)
+
+  body = jax.checkpoint(body) if remat else jax.checkpoint(body, policy=SCAN_SAVE_POLICY)
+  h, ys = jax.lax.scan(body, h, (stacked, per_block))
+  return h if per_block is None else (h, ys)

@@ -39,7 +39,8 @@ class TextTransformer(nn.Module):
   [B, L, vocab_size + 1] float32. t is ignored unless `time_conditioning`.
 
   `decode(tokens [B, N], positions [N], caches)` (method=`TextTransformer.decode`, causal models)
-  runs N tokens at `positions` against the KV caches of every block (`init_caches`) and returns
+  runs N tokens at `positions` against the KV caches of every block (`init_caches`: one
+  `KVCache` whose k and v are [depth, B, S, heads, head_dim]) and returns
   (logits [B, N, vocab_size + 1], caches).
 
   Attributes:
@@ -52,6 +53,9 @@ class TextTransformer(nn.Module):
       output layer).
     rope_base: rotary embedding base.
     norm_eps: LayerNorm epsilon.
+    scan_blocks: apply the blocks as one `lax.scan` over their stacked parameters (default; the
+      same parameters and outputs up to float32 rounding, gradient cost linear in depth on
+      XLA:CPU, one block compiled; `layers.scan_blocks`); False unrolls them.
     dtype, param_dtype: computation and parameter dtypes (logits are float32).
   """
   vocab_size: int = 256
@@ -64,6 +68,7 @@ class TextTransformer(nn.Module):
   tie_embeddings: bool = True
   rope_base: float = 10000.0
   norm_eps: float = 1e-6
+  scan_blocks: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -80,13 +85,20 @@ class TextTransformer(nn.Module):
     if self.time_conditioning:
       self.t_embedder_0 = nn.Dense(d, kernel_init=normal, **kw)
       self.t_embedder_2 = nn.Dense(d, kernel_init=normal, **kw)
-    self.blocks = [DiTBlock(d, self.num_heads, self.mlp_ratio, self.norm_eps,
-                            rope_base=self.rope_base, causal=self.causal, name=f"block_{i}", **kw)
-                   for i in range(self.depth)]
+    self.blocks = [self._block(name=f"block_{i}") for i in range(self.depth)]
     zeros = nn.initializers.zeros
     self.final_adaLN_modulation = nn.Dense(2 * d, kernel_init=zeros, **kw)
     if not self.tie_embeddings:
       self.final_linear = nn.Dense(self.vocab_size + 1, kernel_init=zeros, **kw)
+
+  def _block(self, **kwargs: Any) -> DiTBlock:
+    return DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.norm_eps,
+                    rope_base=self.rope_base, causal=self.causal, dtype=self.dtype,
+                    param_dtype=self.param_dtype, **kwargs)
+
+  def _scanned(self) -> bool:
+    """Whether the blocks run as one scan (never at init: that creates `block_i` one by one)."""
+    return self.scan_blocks and self.depth > 0 and not self.is_initializing()
 
   def _conditioning(self, batch: int, t: jax.Array | None) -> jax.Array:
     """c [B, D]: the time embedding, or zeros without time conditioning."""
@@ -116,26 +128,39 @@ class TextTransformer(nn.Module):
     self._check_tokens(tokens)
     c = self._conditioning(tokens.shape[0], t)
     h = self.token_embedder(tokens)
-    for block in self.blocks:
-      h = block(h, c)
+    if self._scanned():
+      h = layers.scan_blocks(self._block(parent=None), self.variables["params"], self.depth, h, c)
+    else:
+      for block in self.blocks:
+        h = block(h, c)
     return self._logits(h, c)
 
-  def init_caches(self, batch: int, length: int) -> list[KVCache]:
-    """Empty KV caches for `length` positions, one per block (call through `apply` or `bind`)."""
+  def init_caches(self, batch: int, length: int) -> KVCache:
+    """Empty KV caches for `length` positions of every block, stacked: k, v [depth, batch,
+    length, heads, head_dim] (call through `apply` or `bind`)."""
     head_dim = self.hidden_size // self.num_heads
-    zeros = jnp.zeros((batch, length, self.num_heads, head_dim), self.dtype)
-    return [KVCache(zeros, zeros) for _ in range(self.depth)]
+    zeros = jnp.zeros((self.depth, batch, length, self.num_heads, head_dim), self.dtype)
+    return KVCache(zeros, zeros)
 
   def decode(self, tokens: jax.Array, positions: jax.Array,
-             caches: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
-    """Causal decoding of tokens [B, N] at consecutive `positions` [N] with KV caches."""
+             caches: KVCache) -> tuple[jax.Array, KVCache]:
+    """Causal decoding of tokens [B, N] at consecutive `positions` [N] with the stacked KV caches
+    of `init_caches`; block i reads and updates caches[i] (scanned with its parameters)."""
     if not self.causal:
       raise ValueError("decode needs a causal TextTransformer (causal=True)")
     self._check_tokens(tokens)
+    if caches.k.shape[0] != self.depth:
+      raise ValueError(f"caches hold {caches.k.shape[0]} blocks, the model has depth="
+                       f"{self.depth}; make them with init_caches")
     c = self._conditioning(tokens.shape[0], None)
     h = self.token_embedder(tokens)
-    new_caches = []
-    for block, cache in zip(self.blocks, caches, strict=True):
-      h, cache = block(h, c, positions, cache)
-      new_caches.append(cache)
-    return self._logits(h, c), new_caches
+    if self._scanned():
+      h, caches = layers.scan_blocks(self._block(parent=None), self.variables["params"],
+                                     self.depth, h, c, positions, per_block=caches)
+    else:
+      new = []
+      for i, block in enumerate(self.blocks):
+        h, cache = block(h, c, positions, KVCache(caches.k[i], caches.v[i]))
+        new.append(cache)
+      caches = KVCache(*(jnp.stack(parts) for parts in zip(*new, strict=True))) if new else caches
+    return self._logits(h, c), caches

@@ -321,51 +321,91 @@ def sample_texts(loaded: Any, num_samples: int, *, seed: int = 0, steps: int | N
   return decode(loaded.tokenizer, tokens), tokens
 
 
-def heldout_bits(loaded: Any, sequences: np.ndarray, *, num_time_samples: int = 16,
-                 seed: int = 0, batch_size: int = 64, num_steps: int | None | str = None
-                 ) -> dict[str, float]:
-  """Bits per token of held-out sequences [M, L] under a restored text run.
+def sequence_bits_fn(loaded: Any, *, num_time_samples: int = 16, seed: int = 0,
+                     batch_size: int = 64, num_steps: int | None | str = None
+                     ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+  """bits(sequences [n, L] int, indices [n] int) -> float32 [n, draws]: bits per token of each
+  held-out sequence under a restored text run, one column per draw.
 
-  'autoregressive': the exact NLL (num_time_samples ignored). 'masked': the NELBO bound
-  (continuous time with `num_steps=None`, the T-step bound with T, 'config': the run's
-  masked.num_steps, always without t_min), each sequence averaged over `num_time_samples`
-  i.i.d. (time, mask) draws; sequence m's draw j uses the key fold_in(fold_in(PRNGKey(seed), j),
-  m), so the value does not depend on `batch_size`.
-
-  Returns {'bits_per_token', 'stderr' (over sequences and draws), 'num_sequences',
-  'num_time_samples'}.
+  'autoregressive': the exact NLL (one draw; num_time_samples ignored). 'masked': one NELBO
+  estimate per (time, mask) draw (continuous time with `num_steps=None`, the T-step bound with
+  T, 'config': the run's masked.num_steps; always without t_min); sequence `indices[m]`'s draw j
+  uses the key fold_in(fold_in(PRNGKey(seed), j), indices[m]). Every compiled call runs exactly
+  `batch_size` sequences (the last call padded, then cut), so a sequence's values are the same
+  bits whichever other sequences share its call, shard or process.
   """
   from diffusion_jax import rng as rng_lib  # pylint: disable=import-outside-toplevel
-  sequences = np.asarray(sequences, np.int32)
-  if sequences.ndim != 2 or not len(sequences):
-    raise ValueError(f"sequences must be int [M, L] with M >= 1, got {sequences.shape}.")
   config, vocab = loaded.config.copy_and_resolve_references(), loaded.tokenizer.vocab_size
   config.masked.t_min = 0.0
-  ar = family(config) == "autoregressive"
-  draws = 1 if ar else int(num_time_samples)
+  draws = 1 if family(config) == "autoregressive" else int(num_time_samples)
   if draws < 1:
     raise ValueError(f"num_time_samples must be >= 1, got {num_time_samples}.")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   bits = bits_fn(config, vocab, num_steps)
-  model_fn_of = lambda params: (lambda z, t: loaded.model.apply({"params": params}, z, t))
-  batch = min(batch_size, len(sequences))
 
   @jax.jit
   def one(params, tokens, keys):
-    return bits(model_fn_of(params), tokens, keys)
+    return bits(lambda z, t: loaded.model.apply({"params": params}, z, t), tokens, keys)
 
   base = jax.random.PRNGKey(seed)
-  values = np.zeros((draws, len(sequences)), np.float64)
-  for j in range(draws):
-    draw_key = jax.random.fold_in(base, j)
-    for start in range(0, len(sequences), batch):
-      idx = np.arange(start, start + batch)
-      rows = np.minimum(idx, len(sequences) - 1)   # the last batch padded, then cut
-      keys = rng_lib.keys_for_indices(draw_key, jnp.asarray(idx))
-      out = np.asarray(one(loaded.params, jnp.asarray(sequences[rows]), keys), np.float64)
-      keep = idx < len(sequences)
-      values[j, idx[keep]] = out[keep]
-  per_seq = values.mean(axis=0)
-  # Draws of one sequence are i.i.d. given it; sequences are treated as i.i.d. samples.
-  stderr = float(per_seq.std(ddof=1) / np.sqrt(len(per_seq))) if len(per_seq) > 1 else float("nan")
-  return {"bits_per_token": float(per_seq.mean()), "stderr": stderr,
-          "num_sequences": int(len(sequences)), "num_time_samples": draws}
+
+  def compute(sequences: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    sequences, indices = np.asarray(sequences, np.int32), np.asarray(indices)
+    if sequences.ndim != 2 or indices.shape != sequences.shape[:1]:
+      raise ValueError(f"sequences must be int [n, L] and indices [n], got {sequences.shape} "
+                       f"and {indices.shape}.")
+    n = len(sequences)
+    out = np.zeros((n, draws), np.float32)
+    for start in range(0, n, batch_size):
+      rows = np.minimum(np.arange(start, start + batch_size), n - 1)   # padded with the last
+      take = min(batch_size, n - start)
+      for j in range(draws):
+        keys = rng_lib.keys_for_indices(jax.random.fold_in(base, j), jnp.asarray(indices[rows]))
+        value = one(loaded.params, jnp.asarray(sequences[rows]), keys)
+        out[start:start + take, j] = np.asarray(value)[:take]
+    return out
+
+  return compute
+
+
+def summarize_bits(bits: np.ndarray, tokens: np.ndarray) -> dict[str, float | int]:
+  """Held-out figures from per-sequence bits [M, draws] (bits per token of each draw) and token
+  counts [M], in float64.
+
+  bits_per_token = sum_m n_m b_m / sum_m n_m with b_m the mean over sequence m's draws (the
+  NELBO bound for a masked run is an upper bound on the true bits); stderr: the ratio
+  estimator's standard error, sequences treated as i.i.d. (for equal n_m, the standard error of
+  the mean of b_m); perplexity = 2 ** bits_per_token (a bound for a masked run).
+  """
+  bits, tokens = np.asarray(bits, np.float64), np.asarray(tokens, np.float64)
+  if bits.ndim != 2 or tokens.shape != bits.shape[:1] or not len(bits):
+    raise ValueError(f"bits must be [M, draws] with M >= 1 and tokens [M], got {bits.shape} and "
+                     f"{tokens.shape}.")
+  per_seq = bits.mean(axis=1)
+  bpt = float(np.sum(tokens * per_seq) / np.sum(tokens))
+  m = len(per_seq)
+  stderr = (float(np.sqrt(np.sum((tokens * (per_seq - bpt)) ** 2) / (m * (m - 1)))
+                  / tokens.mean()) if m > 1 else float("nan"))
+  return {"bits_per_token": bpt, "stderr": stderr, "perplexity": float(2.0 ** bpt),
+          "num_sequences": int(m), "num_tokens": int(tokens.sum()),
+          "num_time_samples": int(bits.shape[1])}
+
+
+def heldout_bits(loaded: Any, sequences: np.ndarray, *, num_time_samples: int = 16,
+                 seed: int = 0, batch_size: int = 64, num_steps: int | None | str = None
+                 ) -> dict[str, float | int]:
+  """Bits per token of held-out sequences [M, L] under a restored text run, in memory
+  (`sequence_bits_fn` with min(batch_size, M) sequences per call, then `summarize_bits`;
+  `experiments.evaluate_text` does the same resumably, shard by shard).
+
+  Returns {'bits_per_token', 'stderr', 'perplexity', 'num_sequences', 'num_tokens',
+  'num_time_samples'}.
+  """
+  sequences = np.asarray(sequences, np.int32)
+  if sequences.ndim != 2 or not len(sequences):
+    raise ValueError(f"sequences must be int [M, L] with M >= 1, got {sequences.shape}.")
+  bits = sequence_bits_fn(loaded, num_time_samples=num_time_samples, seed=seed,
+                          batch_size=min(batch_size, len(sequences)), num_steps=num_steps)
+  values = bits(sequences, np.arange(len(sequences)))
+  return summarize_bits(values, np.full(len(sequences), sequences.shape[1]))
