@@ -3,6 +3,7 @@ train, resume exactly, write text previews, sample, infill (given characters kep
 held-out bits per character (the twin's checked against a float64 NumPy NLL; experiments.
 evaluate_text resumed after an interruption, on another batch size and on two processes)."""
 import json
+import logging
 import math
 import os
 import re
@@ -48,9 +49,11 @@ def tiny_config(corpus, variant="mdlm", **overrides):
 
 
 @pytest.mark.parametrize("variant", ["mdlm", pytest.param("ar", marks=pytest.mark.slow)])
-def test_text_run_trains_resumes_exactly_and_writes_text(tmp_path, corpus, variant):
+def test_text_run_trains_resumes_exactly_and_writes_text(tmp_path, corpus, variant, caplog):
   """4 steps at once == 2 steps then a resume to 4 (same data order, keys, program); the
-  previews are .txt files of the corpus's characters; the loss is finite bits/char."""
+  previews are .txt files of the corpus's characters, the first also printed in the log; the
+  loss is finite bits/char."""
+  caplog.set_level(logging.INFO)
   full_config = tiny_config(corpus, variant)
   config_tokens_per_step = full_config.train.batch_size * full_config.data.seq_len
   full = trainer.train_and_evaluate(full_config, str(tmp_path / "full"))
@@ -78,6 +81,8 @@ def test_text_run_trains_resumes_exactly_and_writes_text(tmp_path, corpus, varia
   body = "".join(line for line in preview.splitlines(keepends=True)
                  if not line.startswith("=== sample"))
   assert preview.count("=== sample") == 2 and set(body) <= alphabet | {"\n"}
+  first = preview.split("=== sample 1 ===")[0].removeprefix("=== sample 0 ===\n").rstrip("\n")
+  assert any(first in r.getMessage() for r in caplog.records if "text samples" in r.getMessage())
 
 
 @pytest.fixture(scope="module")

@@ -367,8 +367,8 @@ class _Hooks:
       texts = text_run.decode(self.tokenizer, np.asarray(tokens))
       path = self.workdir / "samples" / f"step_{step:07d}.txt"
       path.write_text("".join(f"=== sample {i} ===\n{t}\n" for i, t in enumerate(texts)))
-      logging.info("Wrote %d text samples (%s params) to %s (%.1f s).", len(texts), which, path,
-                   time.perf_counter() - t0)
+      logging.info("Wrote %d text samples (%s params) to %s (%.1f s). The first:\n%s",
+                   len(texts), which, path, time.perf_counter() - t0, texts[0])
       return
     images = latent_decoder.to_images(
         self.sample_fn(params, jax.random.fold_in(self.sample_rng, step)), self.decoder)
