@@ -10,7 +10,7 @@ import textwrap
 import chex
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+import tfds_testlib
 import training_testlib
 
 from diffusion_jax.data import synthetic_text
@@ -27,11 +27,7 @@ TINY = "synthetic_text/tiny"
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
   """The TFDS dataset built in this test: 300 train / 40 test sentences as ArrayRecord."""
-  data_dir = str(tmp_path_factory.mktemp("tfds_text"))
-  builder = tfds.builder(TINY, data_dir=data_dir)
-  builder.download_and_prepare(file_format="array_record")
-  assert "array_record" in str(builder.info.file_format).lower()
-  return data_dir
+  return tfds_testlib.build_array_record(str(tmp_path_factory.mktemp("tfds_text")), TINY)
 
 
 def data_config(tiny_dir, tokenizer="byte", seq_len=16, **kw):

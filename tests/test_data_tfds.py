@@ -8,6 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import tfds_testlib
 import tensorflow_datasets as tfds
 
 from diffusion_jax import data as dd
@@ -19,11 +20,7 @@ TINY = "synthetic_images/tiny"
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
   """A TFDS dataset built in this test: 240 train / 50 test PNG images as ArrayRecord."""
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  builder = tfds.builder(TINY, data_dir=data_dir)
-  builder.download_and_prepare(file_format="array_record")
-  assert "array_record" in str(builder.info.file_format).lower()
-  return data_dir
+  return tfds_testlib.build_array_record(str(tmp_path_factory.mktemp("tfds")), TINY)
 
 
 _READER = textwrap.dedent("""

@@ -41,6 +41,7 @@ def is_flipped(images: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class SyntheticConfig(tfds.core.BuilderConfig):
+  """A config of the offline synthetic builders (images here, text in synthetic_text.py)."""
   num_train: int = 0
   num_test: int = 0
 

@@ -11,10 +11,10 @@ References: TFDS `GeneratorBasedBuilder`; the lm1b builder's features ({'text': 
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import tensorflow_datasets as tfds
+
+from diffusion_jax.data.synthetic import SyntheticConfig
 
 WORDS = ("the", "a", "masked", "diffusion", "model", "learns", "text", "café", "naïve", "über",
          "—", "déjà", "vu", "of", "tokens", "and", "bytes", "ünïcödé", "end", ".")
@@ -27,18 +27,12 @@ def synthetic_sentence(i: int, split: str) -> str:
   return f"{split} {i}: " + " ".join(WORDS[w] for w in words)
 
 
-@dataclasses.dataclass
-class SyntheticTextConfig(tfds.core.BuilderConfig):
-  num_train: int = 0
-  num_test: int = 0
-
-
 class SyntheticText(tfds.core.GeneratorBasedBuilder):
   """Synthetic one-sentence text records (see the module docstring)."""
 
   VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [SyntheticTextConfig(name="tiny", num_train=300, num_test=40),
-                     SyntheticTextConfig(name="bench", num_train=200_000, num_test=1_000)]
+  BUILDER_CONFIGS = [SyntheticConfig(name="tiny", num_train=300, num_test=40),
+                     SyntheticConfig(name="bench", num_train=200_000, num_test=1_000)]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
