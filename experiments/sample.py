@@ -35,22 +35,27 @@ from experiments import paths
 from experiments import sampling_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Workdir of a training run.")
-flags.DEFINE_integer("num_samples", 64, "Number of samples (>= 1).", lower_bound=1)
-flags.DEFINE_string("out", None, "Output .npz path (a .png grid is written beside it).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_bool("use_ema", True, "Sample with EMA params (else the raw params).")
-flags.DEFINE_integer("batch_size", 256, "Samples per compiled call (over all local devices).")
-flags.DEFINE_enum("variance", None, list(reverse.VARIANCES), "Reverse-process variance; unset: "
-                  "the run's own (sample.variance, else diffusion.variance).")
-flags.DEFINE_float("temperature", 1.0, "Text runs: sampling temperature (> 0).")
-flags.DEFINE_float("top_p", 1.0, "Text runs: nucleus mass in (0, 1] (1: off).")
-flags.DEFINE_string("infill", None, "Text runs (masked): a template whose --hole runs are filled.")
-flags.DEFINE_string("prompt", None, "Text runs (masked): a prefix; the rest is generated.")
-flags.DEFINE_string("hole", "_", "The hole marker of --infill: each occurrence is one generated token.")
-sampling_lib.define_flags()
-compile_cache.define_flag()
-flags.mark_flags_as_required(["workdir", "out"])
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program or by a test that runs `main`,
+  never at import, so that importing this module beside another entry point cannot collide)."""
+  flags.DEFINE_string("workdir", None, "Workdir of a training run.")
+  flags.DEFINE_integer("num_samples", 64, "Number of samples (>= 1).", lower_bound=1)
+  flags.DEFINE_string("out", None, "Output .npz path (a .png grid is written beside it).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_bool("use_ema", True, "Sample with EMA params (else the raw params).")
+  flags.DEFINE_integer("batch_size", 256, "Samples per compiled call (over all local devices).")
+  flags.DEFINE_enum("variance", None, list(reverse.VARIANCES), "Reverse-process variance; unset: "
+                    "the run's own (sample.variance, else diffusion.variance).")
+  flags.DEFINE_float("temperature", 1.0, "Text runs: sampling temperature (> 0).")
+  flags.DEFINE_float("top_p", 1.0, "Text runs: nucleus mass in (0, 1] (1: off).")
+  flags.DEFINE_string("infill", None, "Text runs (masked): a template whose --hole runs are filled.")
+  flags.DEFINE_string("prompt", None, "Text runs (masked): a prefix; the rest is generated.")
+  flags.DEFINE_string("hole", "_", "The hole marker of --infill: each occurrence is one generated token.")
+  sampling_lib.define_flags()
+  compile_cache.define_flag()
+  flags.mark_flags_as_required(["workdir", "out"])
 
 
 def sample_images(loaded: restore.Loaded, num_samples: int, seed: int, batch_size: int,
@@ -117,4 +122,5 @@ def write_texts(loaded: restore.Loaded) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -203,11 +203,15 @@ def test_sample_command_flags(tmp_path, tiny_runs, monkeypatch):
           "--sampler=ddim", "--steps=5", "--eta=0.5", "--guidance_scale=2.5", "--labels=7,1",
           "--use_ema=false", "--seed=3", "--batch_size=2", "--thresholding=clip",
           "--variance=fixed_large"]
+  before = set(flags.FLAGS)
+  sample.define_flags()   # as `python -m experiments.sample` does; removed again below
   try:
     flags.FLAGS(argv)
     sample.main([])
   finally:
     flags.FLAGS.unparse_flags()
+    for name in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, name)
   assert seen["load"] == (tiny_runs["cond"], {"use_ema": False, "step": None})
   kw = seen["generate"]
   assert (kw["sampler"], kw["steps"], kw["eta"], kw["guidance_scale"]) == ("ddim", 5, 0.5, 2.5)
