@@ -2,8 +2,8 @@
 
   python benchmarks/profile_step.py --model DiT-S/2 [--batch 8] [--steps 3] [--top 30]
 
-The step is bench_train.py's (`get_model` + `dj.training_loss` + `optax.adam` under `jit`, random
-weights). It runs twice untimed, then `--steps` times under `jax.profiler.trace` with
+The step is bench_train.py's (`workloads.jax_train_step`: `get_model` + `dj.training_loss` +
+`optax.adam` under `jit`, random weights). It runs twice untimed, then `--steps` times under `jax.profiler.trace` with
 `XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true`, which records one event per executed thunk. The
 events are read back with `jax._src.lib._profile_data.ProfileData`. Printed: the `--top` thunks by
 time per step, and the time per step of each op class (the thunk name's prefix: `ynn_fusion` is
@@ -26,13 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import protocol  # noqa: E402
+import workloads  # noqa: E402
 from jax._src.lib import _profile_data  # noqa: E402
-
-import diffusion_jax as dj  # noqa: E402
 
 # Events that are not thunks: the executor's own spans, Python frames, thread-pool waits.
 _NOT_OPS = ("ThunkExecutor", "$", "PjitFunction", "CommonPjRt", "SlinkyThreadPool", "Handle ",
@@ -50,30 +46,6 @@ def op_class(name: str) -> str:
   return "elementwise fusion" if base.endswith("fusion") else base
 
 
-def train_step(model: str, batch: int):
-  """(jitted step, its arguments) as in benchmarks/workloads.py's 'train' task."""
-  size, cin, ncls = (32, 4, 1000) if model.startswith("DiT-") else (32, 3, 0)
-  kw = {"learn_sigma": False} if model.startswith("DiT-") else {"dropout": 0.0}
-  module = dj.get_model(model, **kw)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.uniform(-1, 1, (batch, size, size, cin)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, ncls, batch), jnp.int32) if ncls else None
-  t = jnp.zeros((batch,), jnp.int32)
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, t, y)["params"])
-  params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype),
-                        shapes)
-  schedule = dj.get_schedule("linear", 1000)
-  tx = optax.adam(2e-4)
-
-  def step(p, opt, x, key):
-    loss = lambda p: dj.training_loss(lambda xt, tt: module.apply({"params": p}, xt, tt, y),
-                                      schedule, x, key).mean()
-    value, grads = jax.value_and_grad(loss)(p)
-    updates, opt = tx.update(grads, opt, p)
-    return optax.apply_updates(p, updates), opt, value
-  return jax.jit(step, donate_argnums=(0, 1)), [params, tx.init(params), x, jax.random.key(1)]
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +56,7 @@ def main() -> None:
   a = parser.parse_args()
   print(protocol.machine_line(), flush=True)
   before = protocol.print_load("before")
-  step, args = train_step(a.model, a.batch)
+  step, args = workloads.jax_train_step(a.model, a.batch)
 
   def run():
     args[0], args[1], value = step(*args)

@@ -60,15 +60,17 @@ def _timed(fn, iters: int) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------- JAX
-def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: str) -> dict:
+def jax_setup(model: str, batch: int, dtype: str, size: int | None = None):
+  """(module, params, x [B, size, size, C], t [B], y [B] or None) with random weights: the
+  benchmarked network (DiT without learned sigma, U-Net without dropout) computing in `dtype`.
+  size: the input's side (default `_shape`'s: 32)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
-  import optax
 
   import diffusion_jax as dj
-  from diffusion_jax.samplers import ancestral, ddim, respacing
 
-  size, cin, ncls, _ = _shape(model)
+  default_size, cin, ncls, _ = _shape(model)
+  size = size or default_size
   kw = {"learn_sigma": False} if model.startswith("DiT-") else {"dropout": 0.0}
   module = dj.get_model(model, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, **kw)
   rng = np.random.default_rng(0)
@@ -78,33 +80,56 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, t, y)["params"])
   params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype),
                         shapes)
+  return module, params, x, t, y
+
+
+def jax_train_step(model: str, batch: int, dtype: str = "float32", size: int | None = None):
+  """(jitted step, its argument list) of the 'train' task: `dj.training_loss` (eps, MSE, linear
+  T = 1000) + `optax.adam(2e-4)`; step(params, opt_state, x, key) -> (params, opt_state, loss),
+  params and opt_state donated."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax
+
+  import diffusion_jax as dj
+
+  module, params, x, _, y = jax_setup(model, batch, dtype, size)
   schedule = dj.get_schedule("linear", 1000)
-  model_fn = lambda p: (lambda xt, tt: module.apply({"params": p}, xt, tt, y))
+  tx = optax.adam(2e-4)
 
-  if task == "forward":
-    fn = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t, y))
-    args = (params, x, t)
-  elif task == "train":
-    tx = optax.adam(2e-4)
+  def step(p, opt, x, key):
+    model_fn = lambda xt, tt: module.apply({"params": p}, xt, tt, y)
+    loss = lambda p: dj.training_loss(model_fn, schedule, x, key).mean()
+    value, grads = jax.value_and_grad(loss)(p)
+    updates, opt = tx.update(grads, opt, p)
+    return optax.apply_updates(p, updates), opt, value
+  return jax.jit(step, donate_argnums=(0, 1)), [params, tx.init(params), x, jax.random.key(1)]
 
-    def step(p, opt, x, key):
-      loss = lambda p: dj.training_loss(model_fn(p), schedule, x, key).mean()
-      value, grads = jax.value_and_grad(loss)(p)
-      updates, opt = tx.update(grads, opt, p)
-      return optax.apply_updates(p, updates), opt, value
-    fn = jax.jit(step, donate_argnums=(0, 1))
-    args = [params, tx.init(params), x, jax.random.key(1)]
-  elif task in ("ddpm", "ddim"):
-    sched, timesteps = respacing.respace(schedule, steps)
-    if task == "ddpm":
-      fn = jax.jit(lambda p, key: ancestral.sample(
-          respacing.respaced_model_fn(model_fn(p), timesteps), sched, x.shape, key))
-    else:
-      fn = jax.jit(lambda p, key: ddim.sample(model_fn(p), sched, x.shape, key,
-                                              timesteps=timesteps))
-    args = (params, jax.random.key(2))
-  else:
+
+def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: str) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  import diffusion_jax as dj
+  from diffusion_jax.samplers import ancestral, ddim, respacing
+
+  if task not in ("forward", "train", "ddpm", "ddim"):
     raise ValueError(f"task must be forward, train, ddpm or ddim, got {task!r}")
+  if task == "train":
+    fn, args = jax_train_step(model, batch, dtype)
+  else:
+    module, params, x, t, y = jax_setup(model, batch, dtype)
+    if task == "forward":
+      fn = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t, y))
+      args = (params, x, t)
+    else:
+      model_fn = lambda p: (lambda xt, tt: module.apply({"params": p}, xt, tt, y))
+      sched, timesteps = respacing.respace(dj.get_schedule("linear", 1000), steps)
+      if task == "ddpm":
+        fn = jax.jit(lambda p, key: ancestral.sample(
+            respacing.respaced_model_fn(model_fn(p), timesteps), sched, x.shape, key))
+      else:
+        fn = jax.jit(lambda p, key: ddim.sample(model_fn(p), sched, x.shape, key,
+                                                timesteps=timesteps))
+      args = (params, jax.random.key(2))
 
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()

@@ -1,0 +1,114 @@
+"""Model FLOPs utilisation (MFU) of the JAX train step against the device's measured matmul peak.
+
+  python benchmarks/bench_mfu.py --model DiT-XL/2 --batch 32 --dtype bfloat16     # a GPU
+  python benchmarks/bench_mfu.py --model DiT-S/2 --batch 4 --peak_size 2048       # CPU smoke
+
+Issue 12's accelerator goal: a DiT-XL/2 bfloat16 train step at >= 50 % of the card's measured
+matmul peak. Measured in one process on the default device:
+- peak: an [n, n] @ [n, n] matmul in the step's dtype (`--peak_size` n), FLOP/s = 2 n^3 / the
+  median call;
+- model FLOPs per step: 3 x the forward pass's FLOPs as XLA counts them
+  (`compiled.cost_analysis()['flops']` of the jitted forward, blocks unrolled: the cost analysis
+  counts a loop body once), the usual convention (one forward, two for the backward;
+  recomputation and the optimizer are not counted). Cross-check: DiT reports 6.06 / 118.6
+  GFLOPs (multiply-adds) per image for DiT-S/2 / DiT-XL/2 at 256px, so XLA's count (2 FLOPs per
+  multiply-add) should print about twice that;
+- step time: the median of `--iters` calls of `workloads.jax_train_step` (bench_train.py's step:
+  `dj.training_loss` + `optax.adam`, random weights; DiT inputs are 32x32x4 latents, i.e. 256px
+  images through the SD VAE, with class labels), after one warm-up call.
+MFU = model FLOPs / step time / peak. Prints the machine and the load average before and after
+(benchmarks/protocol.py); a figure taken under load is not final.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import protocol  # noqa: E402
+import workloads  # noqa: E402
+
+
+def median_seconds(fn, iters: int) -> float:
+  """Median wall time of `iters` calls of fn() (which must block), after one warm-up call."""
+  fn()
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def xla_flops(compiled) -> float:
+  """FLOPs of a compiled computation as XLA's cost analysis counts them."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):   # older jax: one dict per computation
+    cost = cost[0]
+  if not cost or "flops" not in cost:
+    raise RuntimeError("XLA's cost analysis gave no 'flops' on this backend")
+  return float(cost["flops"])
+
+
+def matmul_peak(n: int, dtype: str, iters: int) -> float:
+  """Measured FLOP/s of an [n, n] @ [n, n] matmul in `dtype` on the default device."""
+  dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  a = jax.random.normal(jax.random.key(0), (n, n), dt)
+  b = jax.random.normal(jax.random.key(1), (n, n), dt)
+  matmul = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+  return 2.0 * n ** 3 / median_seconds(lambda: matmul(a, b).block_until_ready(), iters)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="DiT-XL/2")
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--peak_size", type=int, default=8192)
+  a = parser.parse_args()
+  print(protocol.machine_line(), flush=True)
+  before = protocol.print_load("before")
+
+  peak = matmul_peak(a.peak_size, a.dtype, a.iters)
+  print(f"matmul peak ({a.dtype}, {a.peak_size}^3): {peak / 1e12:.2f} TFLOP/s", flush=True)
+
+  module, params, x, t, y = workloads.jax_setup(a.model, a.batch, a.dtype)
+  # Counted on the unrolled network: XLA's cost analysis counts a loop body once, not once per
+  # iteration, so the scanned blocks would be undercounted depth-fold.
+  if hasattr(module, "scan_blocks"):
+    module = module.clone(scan_blocks=False)
+  forward = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t, y)).lower(params, x, t)
+  forward_flops = xla_flops(forward.compile())
+  model_flops = 3.0 * forward_flops
+  del params
+  step, args = workloads.jax_train_step(a.model, a.batch, a.dtype)
+  t0 = time.perf_counter()
+  compiled = step.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+
+  def run():
+    args[0], args[1], value = compiled(*args)
+    value.block_until_ready()
+  seconds = median_seconds(run, a.iters)
+  after = protocol.print_load("after")
+  verdict = protocol.load_verdict(before, after)
+
+  achieved = model_flops / seconds
+  print(f"{a.model} train step, batch {a.batch}, {a.dtype}: {seconds * 1e3:.1f} ms (median of "
+        f"{a.iters}), compile {compile_s:.1f} s")
+  print(f"  model FLOPs per step: 3 x {forward_flops / 1e9:.1f} GFLOP (XLA's count of the "
+        f"forward pass, {forward_flops / a.batch / 1e9:.2f} GFLOP per image) = "
+        f"{model_flops / 1e12:.3f} TFLOP")
+  print(f"  {achieved / 1e12:.2f} TFLOP/s: MFU {100 * achieved / peak:.1f} % of the measured "
+        f"matmul peak" + (f"  [UNDER LOAD: {verdict}]" if verdict else ""))
+
+
+if __name__ == "__main__":
+  main()
