@@ -53,7 +53,9 @@ def test_text_run_trains_resumes_exactly_and_writes_text(tmp_path, corpus, varia
   """4 steps at once == 2 steps then a resume to 4 (same data order, keys, program); the
   previews are .txt files of the corpus's characters, the first also printed in the log; the
   loss is finite bits/char."""
-  caplog.set_level(logging.INFO)
+  # Set on the absl logger itself: an earlier test in this process may have raised its level
+  # (absl.logging.set_verbosity); caplog restores it after the test.
+  caplog.set_level(logging.INFO, logger="absl")
   full_config = tiny_config(corpus, variant)
   config_tokens_per_step = full_config.train.batch_size * full_config.data.seq_len
   full = trainer.train_and_evaluate(full_config, str(tmp_path / "full"))
