@@ -83,23 +83,26 @@ def jax_setup(model: str, batch: int, dtype: str, size: int | None = None):
   return module, params, x, t, y
 
 
-def jax_train_step(model: str, batch: int, dtype: str = "float32", size: int | None = None):
+def jax_train_step(model: str, batch: int, dtype: str = "float32", size: int | None = None,
+                   setup: tuple | None = None):
   """(jitted step, its argument list) of the 'train' task: `dj.training_loss` (eps, MSE, linear
   T = 1000) + `optax.adam(2e-4)`; step(params, opt_state, x, key) -> (params, opt_state, loss),
-  params and opt_state donated."""
+  params and opt_state donated. setup: `jax_setup`'s result, if the caller already made it."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax
 
   import diffusion_jax as dj
 
-  module, params, x, _, y = jax_setup(model, batch, dtype, size)
+  module, params, x, _, y = setup or jax_setup(model, batch, dtype, size)
   schedule = dj.get_schedule("linear", 1000)
   tx = optax.adam(2e-4)
 
-  def step(p, opt, x, key):
+  def loss(p, x, key):
     model_fn = lambda xt, tt: module.apply({"params": p}, xt, tt, y)
-    loss = lambda p: dj.training_loss(model_fn, schedule, x, key).mean()
-    value, grads = jax.value_and_grad(loss)(p)
+    return dj.training_loss(model_fn, schedule, x, key).mean()
+
+  def step(p, opt, x, key):
+    value, grads = jax.value_and_grad(loss)(p, x, key)
     updates, opt = tx.update(grads, opt, p)
     return optax.apply_updates(p, updates), opt, value
   return jax.jit(step, donate_argnums=(0, 1)), [params, tx.init(params), x, jax.random.key(1)]
