@@ -127,8 +127,8 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
       model_fn = lambda p: (lambda xt, tt: module.apply({"params": p}, xt, tt, y))
       sched, timesteps = respacing.respace(dj.get_schedule("linear", 1000), steps)
       if task == "ddpm":
-        fn = jax.jit(lambda p, key: ancestral.sample(
-            respacing.respaced_model_fn(model_fn(p), timesteps), sched, x.shape, key))
+        fn = jax.jit(lambda p, key: ancestral.sample(model_fn(p), sched, x.shape, key,
+                                                     timesteps=timesteps))
       else:
         fn = jax.jit(lambda p, key: ddim.sample(model_fn(p), sched, x.shape, key,
                                                 timesteps=timesteps))
