@@ -32,13 +32,24 @@ from experiments import sweep_lib
 from experiments import sweep_report
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "Base training config file (path[:arg]).")
-flags.DEFINE_string("sweep", None, "Sweep file (path[:arg]) defining get_sweep().")
-flags.DEFINE_string("workdir", None, "Directory of the sweep: one sub-directory per run.")
-flags.DEFINE_integer("parallel", 1, "Runs trained at the same time on this machine.")
-flags.DEFINE_enum("emit", None, ["commands"], "Print the launch commands instead of running.")
-flags.DEFINE_string("report", None, "Only rebuild results and plots of this sweep directory.")
-flags.DEFINE_integer("num_eval_samples", 500, "Samples drawn to evaluate each run.")
+
+
+def define_flags() -> None:
+  """The command-line flags, defined only when run as a program (never at import, so importing
+  this module beside another entry point cannot collide)."""
+  flags.DEFINE_string("config", None, "Base training config file (path[:arg]).")
+  flags.DEFINE_string("sweep", None, "Sweep file (path[:arg]) defining get_sweep().")
+  flags.DEFINE_string("workdir", None, "Directory of the sweep: one sub-directory per run.")
+  flags.DEFINE_integer("parallel", 1, "Runs trained at the same time on this machine.")
+  flags.DEFINE_enum("emit", None, ["commands"], "Print the launch commands instead of running.")
+  flags.DEFINE_string("report", None, "Only rebuild results and plots of this sweep directory.")
+  flags.DEFINE_integer("num_eval_samples", 500, "Samples drawn to evaluate each run.")
+
+
+def _absolute_with_arg(spec: str) -> str:
+  """'path[:arg]' with the path made absolute and the config argument kept."""
+  path, sep, arg = spec.partition(":")
+  return paths.absolute(path) + sep + arg
 
 
 class _Children:
@@ -174,10 +185,8 @@ def main(argv):
       raise app.UsageError(f"--{name} is required (or give --report=DIR).")
   if FLAGS.parallel < 1 or FLAGS.num_eval_samples < 1:
     raise app.UsageError("--parallel and --num_eval_samples must be >= 1.")
-  config_path = paths.absolute(FLAGS.config.partition(":")[0]) + (
-      ":" + FLAGS.config.partition(":")[2] if ":" in FLAGS.config else "")
-  sweep_path = paths.absolute(FLAGS.sweep.partition(":")[0]) + (
-      ":" + FLAGS.sweep.partition(":")[2] if ":" in FLAGS.sweep else "")
+  config_path = _absolute_with_arg(FLAGS.config)
+  sweep_path = _absolute_with_arg(FLAGS.sweep)
   workdir = paths.absolute(FLAGS.workdir)
   if FLAGS.emit == "commands":
     config = sweep_lib.load_config(config_path)
@@ -191,4 +200,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

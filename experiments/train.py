@@ -31,11 +31,17 @@ from experiments import paths
 from experiments.configs import overrides
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-multihost.define_flags()
-compile_cache.define_flag()
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+  """The command-line flags, defined only when run as a program (never at import, so importing
+  this module beside another entry point cannot collide)."""
+  config_flags.DEFINE_config_file("config", None, "Training configuration file.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+  multihost.define_flags()
+  compile_cache.define_flag()
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 # Errors that refuse a launch with a message saying what to do: printed without a traceback.
@@ -69,4 +75,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=overrides.parse_flags)
