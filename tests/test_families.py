@@ -70,7 +70,7 @@ def test_family_step_equals_pure_loss_and_lowers_it(name):
   config = _config(name)
   comp = components.build(config, SHAPE)
   state = components.init_state(config, comp, jax.random.PRNGKey(0))
-  step = jax.jit(step_lib.make_train_step(comp.model.apply, components.make_loss_fn(
+  step = jax.jit(step_lib.make_train_step(comp.model.apply, families.make_loss_fn(
       config, comp.schedule), comp.tx, comp.lr_fn, axis_name=None))
   batch, rng = _batch(), jax.random.PRNGKey(1)
   x0 = batch["image"]
@@ -139,8 +139,8 @@ def test_vdm_variance_minimising_update_equals_pure_function():
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(3), i))(jnp.arange(8))
   net = lambda p: step_lib.ModelFn(comp.model.apply, p, p, None, jax.random.PRNGKey(0),
                                    jnp.float32)
-  per_example = lambda p: components.make_loss_fn(plain, comp.schedule)(net(p), x0, keys)
-  trainer_loss = lambda p: jnp.mean(components.make_loss_fn(varmin, comp.schedule)(net(p), x0,
+  per_example = lambda p: families.make_loss_fn(plain, comp.schedule)(net(p), x0, keys)
+  trainer_loss = lambda p: jnp.mean(families.make_loss_fn(varmin, comp.schedule)(net(p), x0,
                                                                                    keys))
   value, got = jax.jit(jax.value_and_grad(trainer_loss))(params)
   want_value, want = jax.jit(lambda p: vdm.variance_minimising_grads(

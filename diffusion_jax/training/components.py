@@ -100,21 +100,14 @@ def run_schedule(config: Any) -> schedules.Schedule:
   return families.base_schedule(config)
 
 
-def make_loss_fn(config: Any, schedule: schedules.Schedule
-                 ) -> Callable[[Callable, jax.Array, jax.Array], jax.Array]:
-  """loss_fn(model_fn, x0 [B, ...], keys [B]) -> [B] of the run's family (`families.make_loss_fn`:
-  for 'ddpm' `losses.training_loss` with the config's prediction, loss type, weighting and
-  variance)."""
-  return families.make_loss_fn(config, schedule)
-
-
 def run_loss_fn(config: Any, comp: Components) -> Callable[[Callable, jax.Array, jax.Array],
                                                          jax.Array]:
-  """The train step's loss of the run: `make_loss_fn` for images, `text_run.make_loss_fn`
-  (bits per token) for text."""
+  """The train step's loss_fn(model_fn, x0 [B, ...], keys [B]) -> [B] of the run: the image
+  families' `families.make_loss_fn` (ddpm / vdm / edm), or bits per token for text
+  (`text_run.bits_fn`: the masked NELBO, or the autoregressive twin's exact NLL)."""
   if comp.vocab_size:
-    return text_run.make_loss_fn(config, comp.vocab_size)
-  return make_loss_fn(config, comp.schedule)
+    return text_run.bits_fn(config, comp.vocab_size)
+  return families.make_loss_fn(config, comp.schedule)
 
 
 def model_num_classes(model: Any) -> int:

@@ -193,12 +193,6 @@ def bits_fn(config: Any, vocab_size: int, num_steps: int | None | str = "config"
   return masked_bits
 
 
-def make_loss_fn(config: Any, vocab_size: int) -> Callable[[Callable, jax.Array, jax.Array],
-                                                            jax.Array]:
-  """The train step's loss_fn(model_fn, tokens [B, L], keys [B]) -> bits per token [B]."""
-  return bits_fn(config, vocab_size)
-
-
 def check_sampling(config: Any) -> None:
   """ValueErrors for bad `sample.text_*` settings (before a run starts)."""
   s = config.sample
