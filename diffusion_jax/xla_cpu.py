@@ -1,0 +1,51 @@
+"""XLA:CPU's own convolutions instead of YNNPACK's, the one XLA setting this library chooses.
+
+jax 0.10's XLA:CPU hands every convolution to YNNPACK. For the U-Nets here, XLA's own
+convolutions were faster, forward and backward. On the 2-core AMD EPYC benchmark machine, idle,
+ddpm_cifar10 at batch 8 took 967 ms per train step with XLA's convolutions against 1128 ms with
+YNNPACK's, and 250 ms per forward pass against 276 ms. One 3x3 kernel gradient
+(8x32x32x128 -> 128) took 6.0 ms against 9.7 ms (benchmarks/README.md). The DiT, whose only
+convolution is the patch embedding, and the text models do not change. Matmuls stay with YNNPACK.
+
+The choice is an XLA flag, read once when JAX creates its CPU backend. The entry points
+(`experiments/`) and the test suite set it before that. In a notebook, call
+`use_xla_convolutions()` before the first JAX computation:
+
+    from diffusion_jax import xla_cpu
+    xla_cpu.use_xla_convolutions()
+
+A user's own `XLA_FLAGS` setting of `xla_cpu_experimental_ynn_fusion_type` is left alone. Set it
+to `+individual_convolution` to keep YNNPACK's convolutions. The flag is ignored on GPU and TPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
+FLAG = f"--{FLAG_NAME}=-individual_convolution"
+
+
+def _backends_initialized() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):   # a JAX without it: assume not yet
+    return False
+
+
+def use_xla_convolutions() -> bool:
+  """Adds `FLAG` to `XLA_FLAGS` unless it already names `FLAG_NAME`.
+
+  Returns whether `XLA_FLAGS` now holds `FLAG`: False when the user's own setting differs, and
+  False with a warning when JAX's backends already exist (the flag could no longer take effect).
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if FLAG_NAME in flags:
+    return FLAG in flags.split()
+  if _backends_initialized():
+    logging.warning("xla_cpu.use_xla_convolutions() was called after JAX created its backends; "
+                    "call it before the first JAX computation for it to take effect.")
+    return False
+  os.environ["XLA_FLAGS"] = (flags + " " + FLAG).strip()
+  return True
