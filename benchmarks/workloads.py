@@ -12,6 +12,8 @@ Workloads (float32 unless --dtype):
 - train: the step a notebook user writes: `get_model` + `dj.training_loss` (eps, MSE, linear
   T=1000 schedule) + `optax.adam(2e-4)` under `jax.jit`; PyTorch: the same loss on the diffusers
   model (`UNet2DModel`, `DiTTransformer2DModel` with the same configuration) + `torch.optim.Adam`.
+- JAX on CPU uses XLA's own convolutions, as the entry points do (`diffusion_jax.xla_cpu`);
+  `--convolutions=ynnpack` keeps JAX's default (YNNPACK).
 - ddpm / ddim: sampling `--steps` steps of ddpm_cifar10 (ancestral over the full schedule
   respaced to `--steps`; DDIM eta=0) with the fused-scan samplers, against diffusers'
   `DDPMPipeline` / `DDIMPipeline` with `num_inference_steps=--steps`. Per-step work does not
@@ -224,7 +226,13 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=50, help="sampling steps (ddpm / ddim)")
   p.add_argument("--threads", type=int, default=protocol.cores(), help="PyTorch threads")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="JAX compute")
+  p.add_argument("--convolutions", default="xla", choices=("xla", "ynnpack"),
+                 help="XLA:CPU convolutions: XLA's own (as the entry points) or YNNPACK's")
   a = p.parse_args()
+  if a.side == "jax" and a.convolutions == "xla":
+    from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+    if not xla_cpu.use_xla_convolutions():
+      raise SystemExit("--convolutions=xla, but XLA_FLAGS chose otherwise or JAX started early")
   if a.side == "jax":
     res = jax_side(a.task, a.model, a.batch, a.iters, a.steps, a.dtype)
   else:
