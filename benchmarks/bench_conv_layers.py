@@ -1,6 +1,6 @@
 """Every convolution of the ddpm_cifar10 U-Net, JAX vs PyTorch, forward and both gradients.
 
-  python benchmarks/bench_conv_layers.py [--batch 8] [--rounds 3] [--iters 5]
+  python benchmarks/bench_conv_layers.py [--batch 8] [--rounds 3] [--iters 5] [--convolutions xla]
 
 Where the U-Net's train step loses to PyTorch, op by op. The convolutions are read out of the
 model itself: the jaxpr of `get_model('ddpm_cifar10').apply` is walked for
@@ -204,7 +204,14 @@ def main() -> None:
   parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--convs", help=argparse.SUPPRESS)
   parser.add_argument("--pointwise", default="matmul", help=argparse.SUPPRESS)
+  parser.add_argument("--convolutions", default="xla", choices=("xla", "ynnpack"),
+                      help="JAX's convolution kernels: XLA's own (the entry points' choice, "
+                           "diffusion_jax.xla_cpu) or YNNPACK's (JAX's default)")
   a = parser.parse_args()
+  if a.side == "jax" and a.convolutions == "xla":
+    from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+    if not xla_cpu.use_xla_convolutions():
+      raise SystemExit("--convolutions=xla, but XLA_FLAGS chose otherwise or JAX started early")
   if a.side:
     convs = json.loads(a.convs)
     protocol.emit(jax_side(convs, a.iters, a.pointwise) if a.side == "jax"
@@ -215,7 +222,9 @@ def main() -> None:
   print(f"ddpm_cifar10, batch {a.batch}: {len(convs)} distinct convolutions, "
         f"{sum(c['uses'] for c in convs)} per forward pass", flush=True)
   script = os.path.join("benchmarks", "bench_conv_layers.py")
-  base = [script, f"--iters={a.iters}", "--convs", json.dumps(convs)]
+  print(f"JAX convolution kernels: {a.convolutions}", flush=True)
+  base = [script, f"--iters={a.iters}", "--convs", json.dumps(convs),
+          f"--convolutions={a.convolutions}"]
   before = protocol.print_load("before")
   results = protocol.alternate({"jax": base + ["--side", "jax"],
                                 "jax_conv1x1": base + ["--side", "jax", "--pointwise", "conv"],

@@ -79,7 +79,7 @@ def alternate(sides: dict[str, list[str]], rounds: int, verbose: bool = True,
       out[name].append(res)
       if verbose:
         ts = res.get("times_s", [])
-        what = "compile" if name == "jax" else "first call"
+        what = "compile" if name.startswith("jax") else "first call"
         print(f'    round {r + 1} {name:8s}: {what} {res.get("compile_s", float("nan")):6.2f} s, '
               f'calls {", ".join(f"{t * 1e3:.0f}" for t in ts)} ms  (load '
               f'{loadavg()[0]:.2f})', flush=True)
