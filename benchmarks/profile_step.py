@@ -19,6 +19,7 @@ import glob
 import os
 import sys
 import tempfile
+import time
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_cpu_enable_xprof_traceme=true").strip()
@@ -40,7 +41,7 @@ def op_class(name: str) -> str:
   """'ynn_fusion.42' -> 'ynn_fusion'; 'copy_bitcast_fusion.5' -> 'copy';
   'multiply_tanh_fusion' -> 'elementwise fusion'."""
   base = name.split(".")[0]
-  for prefix in ("ynn_fusion", "wrapped_broadcast", "copy", "transpose"):
+  for prefix in ("ynn_fusion", "wrapped_broadcast", "copy", "transpose", "convolution"):
     if base.startswith(prefix):   # copy_bitcast_fusion: a transposed copy, not arithmetic
       return prefix
   return "elementwise fusion" if base.endswith("fusion") else base
@@ -53,7 +54,13 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--top", type=int, default=30)
+  parser.add_argument("--convolutions", default="xla", choices=("xla", "ynnpack"),
+                      help="XLA's own convolution kernels (the entry points') or YNNPACK's")
   a = parser.parse_args()
+  if a.convolutions == "xla":
+    from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+    if not xla_cpu.use_xla_convolutions():
+      raise SystemExit("--convolutions=xla, but XLA_FLAGS chose otherwise or JAX started early")
   print(protocol.machine_line(), flush=True)
   before = protocol.print_load("before")
   step, args = workloads.jax_train_step(a.model, a.batch)
@@ -65,8 +72,10 @@ def main() -> None:
     run()
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
+      t0 = time.perf_counter()
       for _ in range(a.steps):
         run()
+      wall_ms = (time.perf_counter() - t0) / a.steps * 1e3
     path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
     profile = _profile_data.ProfileData.from_file(path)
   per_op: collections.Counter = collections.Counter()
@@ -81,8 +90,13 @@ def main() -> None:
   verdict = protocol.load_verdict(before, after, own_threads=protocol.cores())
   ms = lambda ns: ns / a.steps / 1e6
   total = sum(per_op.values())
-  print(f"\n{a.model} train step, batch {a.batch}: {ms(total):.0f} ms of thunk time per step"
+  print(f"\n{a.model} train step, batch {a.batch}: {ms(total):.0f} ms of thunk time per step, "
+        f"{wall_ms:.0f} ms wall time per profiled step"
         + (f"  [UNDER LOAD: {verdict}]" if verdict else ""))
+  if ms(total) < 0.8 * wall_ms:
+    print("  (the thunk events cover less than the step. With --convolutions=ynnpack they "
+          "cover all of it, so the missing time is most likely XLA's own convolutions, whose "
+          "work these events do not capture)")
   print(f"\nthe {a.top} largest thunks (ms per step, executions per step):")
   for name, ns in per_op.most_common(a.top):
     print(f"  {ms(ns):8.1f}  {calls[name] // a.steps:4d}x  {name}")
