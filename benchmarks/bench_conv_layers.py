@@ -1,6 +1,6 @@
 """Every convolution of the ddpm_cifar10 U-Net, JAX vs PyTorch, forward and both gradients.
 
-  python benchmarks/bench_conv_layers.py [--batch 8] [--rounds 3] [--iters 5] [--convolutions xla]
+  python benchmarks/bench_conv_layers.py [--batch 8] [--rounds 3] [--iters 5] [--convolutions ynnpack|xla]
 
 Where the U-Net's train step loses to PyTorch, op by op. The convolutions are read out of the
 model itself: the jaxpr of `get_model('ddpm_cifar10').apply` is walked for
@@ -204,9 +204,9 @@ def main() -> None:
   parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--convs", help=argparse.SUPPRESS)
   parser.add_argument("--pointwise", default="matmul", help=argparse.SUPPRESS)
-  parser.add_argument("--convolutions", default="xla", choices=("xla", "ynnpack"),
-                      help="JAX's convolution kernels: XLA's own (the entry points' choice, "
-                           "diffusion_jax.xla_cpu) or YNNPACK's (JAX's default)")
+  parser.add_argument("--convolutions", default="ynnpack", choices=("xla", "ynnpack"),
+                      help="JAX's convolution kernels: YNNPACK's (JAX's default) or XLA's own "
+                           "(the opt-in diffusion_jax.xla_cpu)")
   a = parser.parse_args()
   if a.side == "jax" and a.convolutions == "xla":
     from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top

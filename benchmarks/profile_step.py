@@ -54,8 +54,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--top", type=int, default=30)
-  parser.add_argument("--convolutions", default="xla", choices=("xla", "ynnpack"),
-                      help="XLA's own convolution kernels (the entry points') or YNNPACK's")
+  parser.add_argument("--convolutions", default="ynnpack", choices=("xla", "ynnpack"),
+                      help="YNNPACK's convolution kernels (JAX's default) or XLA's own (opt-in)")
   a = parser.parse_args()
   if a.convolutions == "xla":
     from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top

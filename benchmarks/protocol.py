@@ -185,9 +185,9 @@ def common_args(parser, models: str, rounds: int = 3, iters: int = 3, batch: int
   parser.add_argument("--no_torch", action="store_true", help="JAX side only (accelerators)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="JAX compute dtype")
-  parser.add_argument("--convolutions", default="xla", choices=("xla", "ynnpack"),
-                      help="JAX side on CPU: XLA's own convolutions (what the entry points use, "
-                           "diffusion_jax.xla_cpu) or YNNPACK's (JAX's default)")
+  parser.add_argument("--convolutions", default="ynnpack", choices=("xla", "ynnpack"),
+                      help="JAX side on CPU: YNNPACK's convolutions (JAX's default) or XLA's own "
+                           "(the opt-in diffusion_jax.xla_cpu)")
   parser.add_argument("--force_ratio", action="store_true",
                       help="print the ratio even when the load check fails (marked UNDER LOAD)")
   return parser

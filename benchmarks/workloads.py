@@ -12,8 +12,8 @@ Workloads (float32 unless --dtype):
 - train: the step a notebook user writes: `get_model` + `dj.training_loss` (eps, MSE, linear
   T=1000 schedule) + `optax.adam(2e-4)` under `jax.jit`; PyTorch: the same loss on the diffusers
   model (`UNet2DModel`, `DiTTransformer2DModel` with the same configuration) + `torch.optim.Adam`.
-- JAX on CPU uses XLA's own convolutions, as the entry points do (`diffusion_jax.xla_cpu`);
-  `--convolutions=ynnpack` keeps JAX's default (YNNPACK).
+- JAX on CPU uses JAX's default (YNNPACK) convolutions; `--convolutions=xla` measures the
+  opt-in XLA kernels (`diffusion_jax.xla_cpu`).
 - ddpm / ddim: sampling `--steps` steps of ddpm_cifar10 (ancestral over the full schedule
   respaced to `--steps`; DDIM eta=0) with the fused-scan samplers, against diffusers'
   `DDPMPipeline` / `DDIMPipeline` with `num_inference_steps=--steps`. Per-step work does not
@@ -226,8 +226,8 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=50, help="sampling steps (ddpm / ddim)")
   p.add_argument("--threads", type=int, default=protocol.cores(), help="PyTorch threads")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="JAX compute")
-  p.add_argument("--convolutions", default="xla", choices=("xla", "ynnpack"),
-                 help="XLA:CPU convolutions: XLA's own (as the entry points) or YNNPACK's")
+  p.add_argument("--convolutions", default="ynnpack", choices=("xla", "ynnpack"),
+                 help="XLA:CPU convolutions: YNNPACK's (JAX's default) or XLA's own (opt-in)")
   a = p.parse_args()
   if a.side == "jax" and a.convolutions == "xla":
     from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top

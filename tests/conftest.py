@@ -3,7 +3,7 @@ session-wide `quickstart_run` fixture (the README Quickstart, trained once per t
 shared by every slow test, on every xdist worker, that needs a trained digits model).
 
 The device flag must be set before JAX initialises its backends, hence at import of conftest
-(nothing imported here creates a JAX backend).
+(nothing imported here imports JAX).
 """
 import dataclasses
 import os
@@ -18,10 +18,6 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The convolutions the entry points choose (experiments/__init__.py), so that a computation in
-# this process and one in an entry point's subprocess run the same kernels.
-from diffusion_jax import xla_cpu  # noqa: E402  (imports JAX without creating a backend)
-xla_cpu.use_xla_convolutions()
 
 if os.environ.get("TOLERANCE_REPORT"):      # measurement aid, see tests/numerics_testlib.py
   import numerics_testlib

@@ -1,10 +1,11 @@
 """`xla_cpu.use_xla_convolutions()`: the flag reaches XLA (a convolution compiles without a
-YNNPACK fusion, and with one when the flag is absent), importing `experiments` sets it, a user's
-own setting wins, and a call after JAX created its backend says it came too late."""
+YNNPACK fusion, and with one when the flag is absent), a user's own setting wins, and a call
+after JAX created its backend says it came too late."""
 import json
-import os
 import subprocess
 import sys
+
+import pytest
 
 import training_testlib as tl
 
@@ -32,17 +33,12 @@ def _run(setup: str, xla_flags: str | None) -> dict:
 
 
 def test_flag_moves_convolutions_off_ynnpack():
-  default = _run("", None)
-  assert default["ynn"] == [True, True], "XLA:CPU no longer uses YNNPACK for convolutions"
   ours = _run("from diffusion_jax import xla_cpu\nassert xla_cpu.use_xla_convolutions()", None)
   assert ours["ynn"] == [False, False]
   assert xla_cpu_flag() in ours["flags"].split()
-
-
-def test_importing_experiments_sets_the_flag():
-  result = _run("import experiments", "--xla_force_host_platform_device_count=2")
-  assert result["ynn"] == [False, False]
-  assert result["flags"].split() == ["--xla_force_host_platform_device_count=2", xla_cpu_flag()]
+  default = _run("", None)
+  if default["ynn"] != [True, True]:   # e.g. a CPU YNNPACK does not serve: nothing to move
+    pytest.skip(f"JAX's default does not use YNNPACK for these convolutions here: {default}")
 
 
 def test_users_own_setting_wins():
@@ -69,8 +65,3 @@ def test_too_late_after_the_backend_exists():
 def xla_cpu_flag() -> str:
   from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   return xla_cpu.FLAG
-
-
-def test_this_process_uses_the_flag():
-  """conftest sets it, so in-process results match the entry points' subprocesses."""
-  assert xla_cpu_flag() in os.environ["XLA_FLAGS"].split()

@@ -6,7 +6,6 @@ import tempfile
 import jax
 import numpy as np
 
-from diffusion_jax import xla_cpu
 from experiments.configs import digits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,8 +59,7 @@ def train_command(workdir: str, data_dir: str, **overrides) -> list[str]:
 
 def subprocess_env(num_devices: int = 8) -> dict:
   env = dict(os.environ)
-  # The convolutions of the entry points and of the test process itself (conftest).
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices} {xla_cpu.FLAG}"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
