@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -83,13 +82,7 @@ def unet_convolutions(batch: int) -> list[dict]:
 
 
 def _median_ms(fn, iters: int) -> float:
-  fn()  # warm-up
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+  return 1e3 * statistics.median(protocol.timed(fn, iters))
 
 
 def is_pointwise(c: dict) -> bool:
@@ -208,10 +201,8 @@ def main() -> None:
                       help="JAX's convolution kernels: YNNPACK's (JAX's default) or XLA's own "
                            "(the opt-in diffusion_jax.xla_cpu)")
   a = parser.parse_args()
-  if a.side == "jax" and a.convolutions == "xla":
-    from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top
-    if not xla_cpu.use_xla_convolutions():
-      raise SystemExit("--convolutions=xla, but XLA_FLAGS chose otherwise or JAX started early")
+  if a.side == "jax":
+    protocol.use_convolutions(a.convolutions)
   if a.side:
     convs = json.loads(a.convs)
     protocol.emit(jax_side(convs, a.iters, a.pointwise) if a.side == "jax"

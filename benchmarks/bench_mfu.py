@@ -34,17 +34,6 @@ import protocol  # noqa: E402
 import workloads  # noqa: E402
 
 
-def median_seconds(fn, iters: int) -> float:
-  """Median wall time of `iters` calls of fn() (which must block), after one warm-up call."""
-  fn()
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def xla_flops(lowered) -> float:
   """FLOPs of a lowered (or compiled) computation as XLA's cost analysis counts them."""
   cost = lowered.cost_analysis()
@@ -61,7 +50,7 @@ def matmul_peak(n: int, dtype: str, iters: int) -> float:
   a = jax.random.normal(jax.random.key(0), (n, n), dt)
   b = jax.random.normal(jax.random.key(1), (n, n), dt)
   matmul = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
-  return 2.0 * n ** 3 / median_seconds(lambda: matmul(a, b).block_until_ready(), iters)
+  return 2.0 * n ** 3 / statistics.median(protocol.timed(lambda: matmul(a, b).block_until_ready(), iters))
 
 
 def main() -> None:
@@ -99,7 +88,7 @@ def main() -> None:
   def run():
     args[0], args[1], value = compiled(*args)
     value.block_until_ready()
-  seconds = median_seconds(run, a.iters)
+  seconds = statistics.median(protocol.timed(run, a.iters))
   after = protocol.print_load("after")
   verdict = protocol.load_verdict(before, after)
 

@@ -57,10 +57,7 @@ def main() -> None:
   parser.add_argument("--convolutions", default="ynnpack", choices=("xla", "ynnpack"),
                       help="YNNPACK's convolution kernels (JAX's default) or XLA's own (opt-in)")
   a = parser.parse_args()
-  if a.convolutions == "xla":
-    from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top
-    if not xla_cpu.use_xla_convolutions():
-      raise SystemExit("--convolutions=xla, but XLA_FLAGS chose otherwise or JAX started early")
+  protocol.use_convolutions(a.convolutions)
   print(protocol.machine_line(), flush=True)
   before = protocol.print_load("before")
   step, args = workloads.jax_train_step(a.model, a.batch)

@@ -22,6 +22,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -191,6 +192,26 @@ def common_args(parser, models: str, rounds: int = 3, iters: int = 3, batch: int
   parser.add_argument("--force_ratio", action="store_true",
                       help="print the ratio even when the load check fails (marked UNDER LOAD)")
   return parser
+
+
+def timed(fn, iters: int) -> list[float]:
+  """Seconds of each of `iters` calls of fn() (which must block), after one untimed warm-up."""
+  fn()
+  out = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+def use_convolutions(choice: str) -> None:
+  """Before JAX starts: 'xla' turns on the opt-in XLA convolutions (`diffusion_jax.xla_cpu`),
+  'ynnpack' keeps JAX's default. Exits when 'xla' cannot take effect."""
+  if choice == "xla":
+    from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+    if not xla_cpu.use_xla_convolutions():
+      raise SystemExit("--convolutions=xla, but XLA_FLAGS chose otherwise or JAX started early")
 
 
 def jax_args(args) -> list[str]:

@@ -51,16 +51,6 @@ def _shape(model: str) -> tuple[int, int, int, int]:
   return 32, 3, 0, 3
 
 
-def _timed(fn, iters: int) -> list[float]:
-  fn()  # warm-up (not timed)
-  out = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t0)
-  return out
-
-
 # ----------------------------------------------------------------------------------------- JAX
 def jax_setup(model: str, batch: int, dtype: str, size: int | None = None):
   """(module, params, x [B, size, size, C], t [B], y [B] or None) with random weights: the
@@ -146,7 +136,7 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
       value.block_until_ready()
   else:
     run = lambda: jax.block_until_ready(compiled(*args))
-  return {"compile_s": compile_s, "times_s": _timed(run, iters)}
+  return {"compile_s": compile_s, "times_s": protocol.timed(run, iters)}
 
 
 # ------------------------------------------------------------------------------------- PyTorch
@@ -211,7 +201,7 @@ def torch_side(task: str, model: str, batch: int, iters: int, steps: int, thread
   t0 = time.perf_counter()
   run()
   first = time.perf_counter() - t0
-  return {"compile_s": first, "times_s": _timed(run, iters), "threads": threads,
+  return {"compile_s": first, "times_s": protocol.timed(run, iters), "threads": threads,
           "torch": torch.__version__}
 
 
@@ -229,10 +219,8 @@ def main() -> None:
   p.add_argument("--convolutions", default="ynnpack", choices=("xla", "ynnpack"),
                  help="XLA:CPU convolutions: YNNPACK's (JAX's default) or XLA's own (opt-in)")
   a = p.parse_args()
-  if a.side == "jax" and a.convolutions == "xla":
-    from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top
-    if not xla_cpu.use_xla_convolutions():
-      raise SystemExit("--convolutions=xla, but XLA_FLAGS chose otherwise or JAX started early")
+  if a.side == "jax":
+    protocol.use_convolutions(a.convolutions)
   if a.side == "jax":
     res = jax_side(a.task, a.model, a.batch, a.iters, a.steps, a.dtype)
   else:
