@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -130,6 +131,12 @@ def ratio_line(label: str, ours: Sequence[float], peer: Sequence[float],
   return f"  {label}: speed-up {med:.2f}x (medians), {best:.2f}x (best of each){note}"
 
 
+def faults_note(results: Sequence[dict[str, Any]]) -> str:
+  """'; N page faults per call' (the median over the timed calls), when the children count them."""
+  faults = [f for r in results for f in r.get("faults", [])]
+  return f"; {statistics.median(faults):.0f} page faults per call" if faults else ""
+
+
 def all_times(results: Sequence[dict[str, Any]], key: str = "times_s") -> list[float]:
   return [t for r in results for t in r[key]]
 
@@ -166,7 +173,7 @@ def compare(task: str, models: Sequence[str], *, batch: int, iters: int, rounds:
       comp = [r["compile_s"] for r in rs]
       what = "compile" if name == "jax" else "first call"
       line = (f"  {name:8s} {fmt_ms(ts)} per call; {what} {statistics.median(comp):.2f} s "
-              f"(min {min(comp):.2f}, max {max(comp):.2f})")
+              f"(min {min(comp):.2f}, max {max(comp):.2f}){faults_note(rs)}")
       if scale != 1.0 or per != "call":
         line += f"; {statistics.median(ts) * scale:.2f} s per {per}"
       print(line, flush=True)
@@ -189,20 +196,41 @@ def common_args(parser, models: str, rounds: int = 3, iters: int = 3, batch: int
   parser.add_argument("--convolutions", default="ynnpack", choices=("xla", "ynnpack"),
                       help="JAX side on CPU: YNNPACK's convolutions (JAX's default) or XLA's own "
                            "(the opt-in diffusion_jax.xla_cpu)")
+  parser.add_argument("--host_memory", default="release", choices=("release", "keep"),
+                      help="JAX side: glibc's default malloc, or freed memory kept in the "
+                           "process (the opt-in diffusion_jax.host_memory)")
   parser.add_argument("--force_ratio", action="store_true",
                       help="print the ratio even when the load check fails (marked UNDER LOAD)")
   return parser
 
 
-def timed(fn, iters: int) -> list[float]:
-  """Seconds of each of `iters` calls of fn() (which must block), after one untimed warm-up."""
+def minor_faults() -> int:
+  """Minor page faults of this process so far (first touches of fresh pages)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed(fn, iters: int, faults: list[int] | None = None) -> list[float]:
+  """Seconds of each of `iters` calls of fn() (which must block), after one untimed warm-up.
+  With a `faults` list, each timed call's minor page faults are appended to it."""
   fn()
   out = []
   for _ in range(iters):
+    f0 = minor_faults()
     t0 = time.perf_counter()
     fn()
     out.append(time.perf_counter() - t0)
+    if faults is not None:
+      faults.append(minor_faults() - f0)
   return out
+
+
+def use_host_memory(choice: str) -> None:
+  """Before JAX starts: 'keep' turns on the opt-in `diffusion_jax.host_memory` (freed memory
+  stays in the process), 'release' keeps glibc's defaults."""
+  if choice == "keep":
+    from diffusion_jax import host_memory  # pylint: disable=g-import-not-at-top
+    if not host_memory.keep_freed_memory():
+      raise SystemExit("--host_memory=keep needs glibc's malloc")
 
 
 def use_convolutions(choice: str) -> None:
@@ -216,4 +244,5 @@ def use_convolutions(choice: str) -> None:
 
 def jax_args(args) -> list[str]:
   """The JAX side's workload flags from `common_args`' parsed `args`."""
-  return [f"--dtype={args.dtype}", f"--convolutions={args.convolutions}"]
+  return [f"--dtype={args.dtype}", f"--convolutions={args.convolutions}",
+          f"--host_memory={args.host_memory}"]

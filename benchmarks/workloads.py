@@ -136,7 +136,8 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
       value.block_until_ready()
   else:
     run = lambda: jax.block_until_ready(compiled(*args))
-  return {"compile_s": compile_s, "times_s": protocol.timed(run, iters)}
+  faults: list[int] = []
+  return {"compile_s": compile_s, "times_s": protocol.timed(run, iters, faults), "faults": faults}
 
 
 # ------------------------------------------------------------------------------------- PyTorch
@@ -201,8 +202,9 @@ def torch_side(task: str, model: str, batch: int, iters: int, steps: int, thread
   t0 = time.perf_counter()
   run()
   first = time.perf_counter() - t0
-  return {"compile_s": first, "times_s": protocol.timed(run, iters), "threads": threads,
-          "torch": torch.__version__}
+  faults: list[int] = []
+  return {"compile_s": first, "times_s": protocol.timed(run, iters, faults), "faults": faults,
+          "threads": threads, "torch": torch.__version__}
 
 
 def main() -> None:
@@ -218,10 +220,12 @@ def main() -> None:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="JAX compute")
   p.add_argument("--convolutions", default="ynnpack", choices=("xla", "ynnpack"),
                  help="XLA:CPU convolutions: YNNPACK's (JAX's default) or XLA's own (opt-in)")
+  p.add_argument("--host_memory", default="release", choices=("release", "keep"),
+                 help="JAX side: glibc's default malloc, or freed memory kept (opt-in)")
   a = p.parse_args()
   if a.side == "jax":
+    protocol.use_host_memory(a.host_memory)
     protocol.use_convolutions(a.convolutions)
-  if a.side == "jax":
     res = jax_side(a.task, a.model, a.batch, a.iters, a.steps, a.dtype)
   else:
     res = torch_side(a.task, a.model, a.batch, a.iters, a.steps, a.threads)

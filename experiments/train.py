@@ -21,6 +21,7 @@ import jax
 from ml_collections import config_flags
 
 from diffusion_jax import compile_cache
+from diffusion_jax import host_memory
 from diffusion_jax.training import checkpoint
 from diffusion_jax.training import console
 from diffusion_jax.training import run_config
@@ -41,6 +42,7 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
   multihost.define_flags()
   compile_cache.define_flag()
+  host_memory.define_flag()
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -52,6 +54,8 @@ _REFUSALS = (run_config.ConfigChangeError, workdir_lock.WorkdirLockedError,
 def main(argv):
   del argv
   console.quiet_libraries(FLAGS.verbosity)
+  if FLAGS.keep_host_memory:
+    host_memory.keep_freed_memory()
   compile_cache.enable(FLAGS.compile_cache)
   multihost.initialize(FLAGS)
   logging.info("JAX process %d/%d, %d local devices of %d: %s", jax.process_index(),
