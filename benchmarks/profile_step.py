@@ -56,7 +56,10 @@ def main() -> None:
   parser.add_argument("--top", type=int, default=30)
   parser.add_argument("--convolutions", default="ynnpack", choices=("xla", "ynnpack"),
                       help="YNNPACK's convolution kernels (JAX's default) or XLA's own (opt-in)")
+  parser.add_argument("--host_memory", default="release", choices=("release", "keep"),
+                      help="glibc's default malloc, or freed memory kept (diffusion_jax.host_memory)")
   a = parser.parse_args()
+  protocol.use_host_memory(a.host_memory)
   protocol.use_convolutions(a.convolutions)
   print(protocol.machine_line(), flush=True)
   before = protocol.print_load("before")
