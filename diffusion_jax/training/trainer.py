@@ -361,6 +361,13 @@ class _Hooks:
   def samples(self, step: int, host_state: state_lib.TrainState) -> None:
     t0 = time.perf_counter()
     params, which = self._sampling_params(host_state)
+    # One fused call with no progress of its own, so say what runs first: all T steps of a large
+    # model take many minutes on CPU.
+    cfg = self.config.sample
+    what = ("texts" if self.comp.vocab_size else
+            f"images ({cfg.sampler}, {cfg.get('steps', None) or 'all'} steps)")
+    logging.info("Sampling %d %s with the %s params for step %d ...", int(cfg.num_samples), what,
+                 which, step)
     (self.workdir / "samples").mkdir(exist_ok=True)
     if self.comp.vocab_size:
       tokens = self.sample_fn(params, jax.random.fold_in(self.sample_rng, step))
