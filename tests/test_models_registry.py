@@ -92,3 +92,25 @@ def test_unknown_name_lists_names():
 def test_unknown_override_raises():
   with pytest.raises(ValueError, match="allowed"):
     get_model("unet_tiny", channels=3)
+
+
+@pytest.mark.parametrize("name, shape, labels", [("unet_tiny", (16, 16, 3), False),
+                                                 ("dit_tiny", (32, 32, 3), True),
+                                                 ("text_tiny", (16,), False)])
+def test_init_params_equals_flax_init_on_concrete_inputs(name, shape, labels):
+  """`init_params` (Flax `lazy_init` on abstract inputs, no forward pass) gives the same bits as
+  Flax's `init` run on concrete zero inputs, outside and inside `jit`."""
+  module, rng = get_model(name), jax.random.key(3)
+  if len(shape) == 1:   # a token model: (tokens [1, L], t [1])
+    args = (jnp.zeros((1,) + shape, jnp.int32), jnp.zeros((1,), jnp.float32))
+    rngs = {"params": rng}
+  else:
+    x, t = jnp.zeros((1,) + shape, jnp.float32), jnp.zeros((1,), jnp.int32)
+    args = (x, t, jnp.zeros((1,), jnp.int32) if labels else None)
+    rngs = {"params": rng, "dropout": rng}
+  for wrap in (lambda f: f, jax.jit):
+    reference = wrap(lambda r: module.init(dict.fromkeys(rngs, r), *args)["params"])(rng)
+    got = wrap(lambda r: init_params(module, r, shape, labels))(rng)
+    assert jax.tree.structure(got) == jax.tree.structure(reference)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -127,19 +127,24 @@ def init_params(module: nn.Module, rng: jax.Array, input_shape: Sequence[int],
   """Initialise parameters for inputs of `input_shape` ([H, W, C] or [B, H, W, C]; token models:
   [L] or [B, L]).
 
+  Runs Flax's `lazy_init` on abstract inputs: only the parameters' initialisers are computed,
+  not the forward pass (ddpm_cifar10 outside `jit`, one run each on the 2-core CPU machine:
+  6.0-6.6 s against 10.6-10.8 s for `init`, which executes the forward op by op). The values are
+  the same bits as `init`'s, inside `jit` or not (tests/test_models_registry.py).
   Returns the params pytree (without the 'params' collection wrapper).
   """
   shape = tuple(input_shape)
+  spec = jax.ShapeDtypeStruct
   if getattr(module, "is_token_model", False):
     shape = (1,) + shape if len(shape) == 1 else shape
-    tokens = jnp.zeros(shape, jnp.int32)
-    return module.init({"params": rng}, tokens, jnp.zeros((shape[0],), jnp.float32))["params"]
+    return module.lazy_init({"params": rng}, spec(shape, jnp.int32),
+                            spec((shape[0],), jnp.float32))["params"]
   if len(shape) == 3:
     shape = (1,) + shape
-  x = jnp.zeros(shape, jnp.float32)
-  t = jnp.zeros((shape[0],), jnp.int32)
-  y = jnp.zeros((shape[0],), jnp.int32) if with_labels else None
-  return module.init({"params": rng, "dropout": rng}, x, t, y)["params"]
+  batch = (shape[0],)
+  y = spec(batch, jnp.int32) if with_labels else None
+  return module.lazy_init({"params": rng, "dropout": rng}, spec(shape, jnp.float32),
+                          spec(batch, jnp.int32), y)["params"]
 
 
 def count_params(module: nn.Module, input_shape: Sequence[int], with_labels: bool = False) -> int:
