@@ -55,7 +55,9 @@ def main(argv):
   del argv
   console.quiet_libraries(FLAGS.verbosity)
   if FLAGS.keep_host_memory:
-    host_memory.keep_freed_memory()
+    kept = host_memory.keep_freed_memory()
+    logging.info("--keep_host_memory: %s", "freed host memory is kept in the process" if kept
+                 else "not available (needs glibc's malloc)")
   compile_cache.enable(FLAGS.compile_cache)
   multihost.initialize(FLAGS)
   logging.info("JAX process %d/%d, %d local devices of %d: %s", jax.process_index(),

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import training_testlib as tl
 
+from diffusion_jax import host_memory
+
 pytestmark = pytest.mark.slow
 LONG = {"train.num_steps": 12, "train.checkpoint_every": 3}
 
@@ -97,6 +99,20 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def test_keep_host_memory_trains_the_same_bits(tmp_path, data_dir, reference_run):
+  """--keep_host_memory changes where buffers live, not what is computed: the run's final state
+  equals the reference run's bit for bit."""
+  workdir = str(tmp_path / "kept")
+  proc = _run(tl.train_command(workdir, data_dir, **LONG) + ["--keep_host_memory"],
+              tl.subprocess_env(8))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  if host_memory._glibc() is not None:
+    assert "freed host memory is kept in the process" in proc.stderr + proc.stdout
+  (step, kept), (ref_step, ref) = tl.read_state(workdir), tl.read_state(reference_run)
+  assert step == ref_step == LONG["train.num_steps"]
+  assert tl.max_abs_diff(kept, ref) == 0.0
 
 
 def test_two_processes_of_4_devices_equal_one_process_of_8(tmp_path, data_dir, reference_run):
