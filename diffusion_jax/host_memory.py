@@ -47,6 +47,8 @@ import ctypes
 import ctypes.util
 import logging
 
+from diffusion_jax import xla_cpu
+
 # glibc's <malloc.h> parameter numbers for mallopt(3).
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -65,14 +67,6 @@ def _glibc() -> ctypes.CDLL | None:
   return libc
 
 
-def _backends_initialized() -> bool:
-  try:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    return bool(xla_bridge.backends_are_initialized())
-  except (ImportError, AttributeError):   # a JAX without it: assume not yet
-    return False
-
-
 def keep_freed_memory() -> bool:
   """Sets glibc's malloc to keep freed memory for reuse (see the module docstring).
 
@@ -82,7 +76,7 @@ def keep_freed_memory() -> bool:
   libc = _glibc()
   if libc is None:
     return False
-  if _backends_initialized():
+  if xla_cpu.backends_initialized():
     logging.warning("host_memory.keep_freed_memory() was called after JAX created its backends; "
                     "call it before the first JAX computation for it to reach XLA's threads.")
   settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

@@ -36,7 +36,9 @@ FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 FLAG = f"--{FLAG_NAME}=-individual_convolution"
 
 
-def _backends_initialized() -> bool:
+def backends_initialized() -> bool:
+  """Whether JAX has created its backends (after which process-level settings such as XLA
+  flags can no longer take effect)."""
   try:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
     return bool(xla_bridge.backends_are_initialized())
@@ -53,7 +55,7 @@ def use_xla_convolutions() -> bool:
   flags = os.environ.get("XLA_FLAGS", "")
   if FLAG_NAME in flags:
     return FLAG in flags.split()
-  if _backends_initialized():
+  if backends_initialized():
     logging.warning("xla_cpu.use_xla_convolutions() was called after JAX created its backends; "
                     "call it before the first JAX computation for it to take effect.")
     return False

@@ -70,3 +70,13 @@ def test_kept_memory_removes_the_per_call_page_faults_and_changes_no_result():
 def test_without_glibc_it_changes_nothing(monkeypatch):
   monkeypatch.setattr(host_memory, "_glibc", lambda: None)
   assert host_memory.keep_freed_memory() is False
+
+
+def test_a_call_after_jax_started_warns():
+  code = ("import jax.numpy as jnp\n"
+          "jnp.ones(2).block_until_ready()\n"
+          "from diffusion_jax import host_memory\n"
+          "host_memory.keep_freed_memory()\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=tl.REPO, env=tl.subprocess_env(1),
+                        capture_output=True, text=True, check=True)
+  assert "called after JAX created its backends" in proc.stderr
