@@ -7,9 +7,11 @@ serves a block that large with a fresh `mmap` and returns it with `munmap`. So e
 touches every page of the block anew: a page fault per 4 KiB page, and the kernel zeroes each
 page. On the 2-core benchmark machine that was ~228,000 faults and ~0.33 s of system CPU time
 per DiT-S/2 train step. With freed memory kept, a step has no faults, and the train steps were
-~8 % (DiT-S/2) and ~12 % (ddpm_cifar10) faster (benchmarks/README.md). PyTorch does not pay
-this cost. Its tensors are separate, smaller blocks that glibc reuses, so it has almost no
-faults in its steady state.
+1.07x (DiT-S/2) and 1.15x (ddpm_cifar10) faster (benchmarks/README.md). PyTorch's train steps
+pay far less: its tensors are separate, smaller blocks that glibc mostly reuses (5,000-10,000
+faults per step in the benchmarks, and the same settings did not speed them up). Its forward
+passes do fault more (19,000-61,000 per call), and the settings made its DiT-S/2 forward 1.12x
+faster.
 
 `keep_freed_memory()` sets three of glibc's malloc parameters (mallopt(3)):
 - one arena for all threads (`M_ARENA_MAX` = 1). A thread's own arena cannot hold a block over
@@ -25,7 +27,7 @@ The price:
 - the process's resident memory stays at its peak (e.g. ~0.9 GB more for the DiT-S/2 step).
 
 So it pays for long runs of models whose steps need more than glibc's 32 MiB mmap limit of
-temporaries, on CPU: ddpm_cifar10 saves ~0.13 s per step against ~2 s more compile time. It
+temporaries, on CPU: ddpm_cifar10 saves ~0.15 s per step against ~3 s more compile time. It
 did not pay for the Quickstart's digits model: its steps/s did not change, and a 600-step run
 took ~5 s longer. On GPU and TPU the host-side buffers are small.
 It is therefore opt-in. Results do not change; only where the buffers live does. The environment
