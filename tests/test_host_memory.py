@@ -30,13 +30,14 @@ _CHILD = textwrap.dedent("""
     f = jax.jit(lambda x, w: jnp.sin(x[:, None] * w[None, :]) @ w)
     x = jnp.linspace(-3.0, 3.0, n, dtype=jnp.float32)
     w = jnp.linspace(0.5, 1.5, n, dtype=jnp.float32)
-    temp_bytes = f.lower(x, w).compile().memory_analysis().temp_size_in_bytes
+    compiled = f.lower(x, w).compile()
+    temp_bytes = compiled.memory_analysis().temp_size_in_bytes
     for _ in range(10):
-      out = f(x, w).block_until_ready()
+      out = compiled(x, w).block_until_ready()
     faults = []
     for _ in range(10):
       before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      out = f(x, w).block_until_ready()
+      out = compiled(x, w).block_until_ready()
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     print("RESULT " + json.dumps({"kept": kept, "temp_bytes": temp_bytes, "faults": faults,
                                   "out": np.asarray(out).tolist()}))

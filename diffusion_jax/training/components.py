@@ -141,17 +141,22 @@ def init_params(comp: Components, rng: jax.Array) -> PyTree:
 
 
 # The step-0 state is computed once, in ~0.1 s, so XLA's backend optimisations only cost compile
-# time: without them the Quickstart's (unet_digits) initial state took 2.0 s instead of 5.8 s on
-# the 2-core CPU machine, with the same bits. (For dit_digits, 906 of 328,260 initial parameters,
+# time: without them the Quickstart's (unet_digits) initial state took 2.0 s instead of 5.8 s
+# (single runs on the 2-core CPU machine), with the same bits. (For dit_digits, 906 of 328,260 initial parameters,
 # normal draws, differ from an optimised compile by 1-2 float32 ulp: tests/test_training_step.py.)
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def make_state_fn(config: Any, comp: Components) -> Callable[[jax.Array], state_lib.TrainState]:
+  """rng -> the step-0 train state (params, optimizer state, EMA copies); pure, for `jit`."""
+  decays = tuple(float(d) for d in config.train.ema_decays)
+  return lambda r: state_lib.create_train_state(init_params(comp, r), comp.tx, decays)
 
 
 def init_state(config: Any, comp: Components, rng: jax.Array, abstract: bool = False
                ) -> state_lib.TrainState:
   """The step-0 state on the host (numpy leaves); with `abstract`, ShapeDtypeStructs only."""
-  decays = tuple(float(d) for d in config.train.ema_decays)
-  make = lambda r: state_lib.create_train_state(init_params(comp, r), comp.tx, decays)
+  make = make_state_fn(config, comp)
   if abstract:
     return jax.eval_shape(make, rng)
   return jax.tree.map(np.asarray, jax.jit(make, compiler_options=INIT_COMPILER_OPTIONS)(rng))

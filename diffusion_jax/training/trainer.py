@@ -364,8 +364,9 @@ class _Hooks:
     # One fused call with no progress of its own, so say what runs first: all T steps of a large
     # model take many minutes on CPU.
     cfg = self.config.sample
+    steps = cfg.get("steps", None)
     what = ("texts" if self.comp.vocab_size else
-            f"images ({cfg.sampler}, {cfg.get('steps', None) or 'all'} steps)")
+            f"images ({cfg.sampler}, {f'{steps} steps' if steps else 'its default steps'})")
     logging.info("Sampling %d %s with the %s params for step %d ...", int(cfg.num_samples), what,
                  which, step)
     (self.workdir / "samples").mkdir(exist_ok=True)
