@@ -1,6 +1,6 @@
 """Model FLOPs utilisation (MFU) of the JAX train step against the device's measured matmul peak.
 
-  python benchmarks/bench_mfu.py --model DiT-XL/2 --batch 32 --dtype bfloat16     # a GPU
+  python benchmarks/bench_mfu.py --model DiT-XL/2 --batch 32,64 --dtype bfloat16  # a GPU
   python benchmarks/bench_mfu.py --model DiT-S/2 --batch 4 --peak_size 2048       # CPU smoke
 
 Issue 12's accelerator goal: a DiT-XL/2 bfloat16 train step at >= 50 % of the card's measured
@@ -53,34 +53,19 @@ def matmul_peak(n: int, dtype: str, iters: int) -> float:
   return 2.0 * n ** 3 / statistics.median(protocol.timed(lambda: matmul(a, b).block_until_ready(), iters))
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", default="DiT-XL/2")
-  parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-  parser.add_argument("--iters", type=int, default=10)
-  parser.add_argument("--peak_size", type=int, default=8192)
-  a = parser.parse_args()
-  print(protocol.machine_line(), flush=True)
-  before = protocol.print_load("before")
-
-  peak = matmul_peak(a.peak_size, a.dtype, a.iters)
-  print(f"matmul peak ({a.dtype}, {a.peak_size}^3): {peak / 1e12:.2f} TFLOP/s", flush=True)
-
-  setup = workloads.jax_setup(a.model, a.batch, a.dtype)
+def measure(model: str, setup: tuple, dtype: str, iters: int, peak: float, peak_size: int):
+  """Times the train step on `setup` (`workloads.jax_setup`'s tuple) and prints its MFU; returns
+  the parameters after the timed steps (the step donates its inputs)."""
   module, params, x, t, y = setup
+  batch = x.shape[0]
   # Counted on the unrolled network: XLA's cost analysis counts a loop body once, not once per
   # iteration, so the scanned blocks would be undercounted depth-fold. Counted on the lowered
   # (not compiled) forward: no compile of a network that is never run.
-  if hasattr(module, "scan_blocks"):
-    module = module.clone(scan_blocks=False)
-  forward = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t, y)).lower(params, x, t)
+  flat = module.clone(scan_blocks=False) if hasattr(module, "scan_blocks") else module
+  forward = jax.jit(lambda p, x, t: flat.apply({"params": p}, x, t, y)).lower(params, x, t)
   forward_flops = xla_flops(forward)
   model_flops = 3.0 * forward_flops
-  del params
-  step, args = workloads.jax_train_step(a.model, a.batch, a.dtype, setup=setup)
-  del setup
+  step, args = workloads.jax_train_step(model, batch, dtype, setup=setup)
   t0 = time.perf_counter()
   compiled = step.lower(*args).compile()
   compile_s = time.perf_counter() - t0
@@ -88,21 +73,45 @@ def main() -> None:
   def run():
     args[0], args[1], value = compiled(*args)
     value.block_until_ready()
-  seconds = statistics.median(protocol.timed(run, a.iters))
-  after = protocol.print_load("after")
-  verdict = protocol.load_verdict(before, after)
-
+  seconds = statistics.median(protocol.timed(run, iters))
   achieved = model_flops / seconds
-  print(f"{a.model} train step, batch {a.batch}, {a.dtype}: {seconds * 1e3:.1f} ms (median of "
-        f"{a.iters}), compile {compile_s:.1f} s")
+  print(f"{model} train step, batch {batch}, {dtype}: {seconds * 1e3:.1f} ms (median of "
+        f"{iters}), {batch / seconds:.0f} images/s, compile {compile_s:.1f} s")
   print(f"  model FLOPs per step: 3 x {forward_flops / 1e9:.1f} GFLOP (XLA's count of the "
-        f"forward pass, {forward_flops / a.batch / 1e9:.2f} GFLOP per image) = "
+        f"forward pass, {forward_flops / batch / 1e9:.2f} GFLOP per image) = "
         f"{model_flops / 1e12:.3f} TFLOP")
   print(f"  {achieved / 1e12:.2f} TFLOP/s: MFU {100 * achieved / peak:.1f} % of the measured "
-        f"matmul peak" + (f"  [UNDER LOAD: {verdict}]" if verdict else ""))
+        "matmul peak", flush=True)
   if achieved > peak:
-    print(f"  the step beat the {a.peak_size}^3 matmul: that matmul is too small to reach the "
+    print(f"  the step beat the {peak_size}^3 matmul: that matmul is too small to reach the "
           "device's peak; rerun with a larger --peak_size")
+  return args[0]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="DiT-XL/2")
+  parser.add_argument("--batch", default="32", help="batch sizes, comma-separated (one set of "
+                      "random weights serves them all)")
+  parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--peak_size", type=int, default=8192)
+  a = parser.parse_args()
+  batches = [int(b) for b in a.batch.split(",")]
+  print(protocol.machine_line(), flush=True)
+  before = protocol.print_load("before")
+
+  peak = matmul_peak(a.peak_size, a.dtype, a.iters)
+  print(f"matmul peak ({a.dtype}, {a.peak_size}^3): {peak / 1e12:.2f} TFLOP/s", flush=True)
+  params = None
+  for batch in batches:
+    module, fresh, x, t, y = workloads.jax_setup(a.model, batch, a.dtype, params=params)
+    params = measure(a.model, (module, fresh, x, t, y), a.dtype, a.iters, peak, a.peak_size)
+  after = protocol.print_load("after")
+  verdict = protocol.load_verdict(before, after)
+  if verdict:
+    print(f"UNDER LOAD: {verdict}: these figures are not final")
 
 
 if __name__ == "__main__":

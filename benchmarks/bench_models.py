@@ -20,7 +20,7 @@ def main() -> None:
                                 "ddpm_cifar10,DiT-S/2")
   a = parser.parse_args()
   protocol.compare("forward", a.models.split(","), batch=a.batch, iters=a.iters, rounds=a.rounds,
-                   extra_jax=protocol.jax_args(a), torch_side=not a.no_torch,
+                   dtype=a.dtype, extra_jax=protocol.jax_args(a), torch_side=not a.no_torch,
                    force_ratio=a.force_ratio)
 
 

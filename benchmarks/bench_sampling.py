@@ -27,7 +27,7 @@ def main() -> None:
     per = (f"image at {target} steps" + (f" (extrapolated from {steps} steps)"
                                         if steps != target else ""))
     protocol.compare(task, a.models.split(","), batch=a.batch, iters=a.iters, rounds=a.rounds,
-                     steps=steps, extra_jax=protocol.jax_args(a), torch_side=not a.no_torch,
+                     steps=steps, dtype=a.dtype, extra_jax=protocol.jax_args(a), torch_side=not a.no_torch,
                      force_ratio=a.force_ratio, per=per, scale=scale)
 
 

@@ -142,11 +142,13 @@ def all_times(results: Sequence[dict[str, Any]], key: str = "times_s") -> list[f
 
 
 def compare(task: str, models: Sequence[str], *, batch: int, iters: int, rounds: int,
-            steps: int = 50, extra_jax: Sequence[str] = (), torch_side: bool = True,
-            force_ratio: bool = False, per: str = "call", scale: float = 1.0) -> None:
+            steps: int = 50, dtype: str = "float32", extra_jax: Sequence[str] = (),
+            torch_side: bool = True, force_ratio: bool = False, per: str = "call",
+            scale: float = 1.0) -> None:
   """Time `task` of each model on the JAX and PyTorch sides, alternated, each in its own process,
   and print spreads, compile times and (when the load allows) the speed-up.
 
+  `dtype` is both sides' compute dtype: JAX's module dtype; PyTorch's autocast for bfloat16.
   `scale` multiplies per-call times for the reported per-`per` figure (e.g. extrapolation from
   the steps run to 1000 steps per image); ratios do not depend on it.
   """
@@ -154,14 +156,17 @@ def compare(task: str, models: Sequence[str], *, batch: int, iters: int, rounds:
   print(machine_line(), flush=True)
   if torch_side:
     import torch  # pylint: disable=g-import-not-at-top
-    print(f"torch {torch.__version__}, torch.set_num_threads({cores()})", flush=True)
+    where = (f"on {torch.cuda.get_device_name()}, TF32 matmuls and convolutions allowed as in "
+             "JAX's default precision" if torch.cuda.is_available()
+             else f"torch.set_num_threads({cores()})")
+    print(f"torch {torch.__version__}, {where}", flush=True)
   for model in models:
     base = [script, "--task", task, "--model", model, f"--batch={batch}", f"--iters={iters}",
-            f"--steps={steps}"]
+            f"--steps={steps}", f"--dtype={dtype}"]
     sides = {"jax": base + ["--side", "jax", *extra_jax]}
     if torch_side:
       sides["pytorch"] = base + ["--side", "torch"]
-    print(f"\n{model} {task}, batch {batch}" + (f", {steps} steps" if task in ("ddpm", "ddim")
+    print(f"\n{model} {task}, batch {batch}, {dtype}" + (f", {steps} steps" if task in ("ddpm", "ddim")
                                                  else "") + f", {rounds} alternated rounds x "
           f"{iters} timed calls", flush=True)
     before = print_load("before")
@@ -192,7 +197,7 @@ def common_args(parser, models: str, rounds: int = 3, iters: int = 3, batch: int
   parser.add_argument("--iters", type=int, default=iters, help="timed calls per round")
   parser.add_argument("--no_torch", action="store_true", help="JAX side only (accelerators)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                      help="JAX compute dtype")
+                      help="compute dtype (JAX: the module's; PyTorch: autocast)")
   parser.add_argument("--convolutions", default="ynnpack", choices=("xla", "ynnpack"),
                       help="JAX side on CPU: YNNPACK's convolutions (JAX's default) or XLA's own "
                            "(the opt-in diffusion_jax.xla_cpu)")
@@ -244,5 +249,4 @@ def use_convolutions(choice: str) -> None:
 
 def jax_args(args) -> list[str]:
   """The JAX side's workload flags from `common_args`' parsed `args`."""
-  return [f"--dtype={args.dtype}", f"--convolutions={args.convolutions}",
-          f"--host_memory={args.host_memory}"]
+  return [f"--convolutions={args.convolutions}", f"--host_memory={args.host_memory}"]

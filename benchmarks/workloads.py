@@ -52,10 +52,11 @@ def _shape(model: str) -> tuple[int, int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------- JAX
-def jax_setup(model: str, batch: int, dtype: str, size: int | None = None):
+def jax_setup(model: str, batch: int, dtype: str, size: int | None = None, params=None):
   """(module, params, x [B, size, size, C], t [B], y [B] or None) with random weights: the
   benchmarked network (DiT without learned sigma, U-Net without dropout) computing in `dtype`.
-  size: the input's side (default `_shape`'s: 32)."""
+  size: the input's side (default `_shape`'s: 32). params: reuse these weights (e.g. those of
+  an earlier setup at another batch size) instead of drawing new ones."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
 
@@ -69,6 +70,8 @@ def jax_setup(model: str, batch: int, dtype: str, size: int | None = None):
   x = jnp.asarray(rng.uniform(-1, 1, (batch, size, size, cin)), jnp.float32)
   t = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
   y = jnp.asarray(rng.integers(0, ncls, batch), jnp.int32) if ncls else None
+  if params is not None:
+    return module, params, x, t, y
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, t, y)["params"])
   params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype),
                         shapes)
@@ -141,10 +144,24 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
 
 
 # ------------------------------------------------------------------------------------- PyTorch
-def torch_side(task: str, model: str, batch: int, iters: int, steps: int, threads: int) -> dict:
-  import torch  # pylint: disable=g-import-not-at-top
+def torch_side(task: str, model: str, batch: int, iters: int, steps: int, threads: int,
+               dtype: str = "float32") -> dict:
+  """PyTorch's side of `task` on the GPU when one is visible (TF32 allowed, as JAX's default
+  precision does there; cuDNN autotuned, as XLA autotunes), else on the CPU with `threads`.
+  bfloat16 runs the network under `torch.autocast`."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+
+  import torch
   torch.set_num_threads(threads)
   torch.manual_seed(0)
+  cuda = torch.cuda.is_available()
+  device = torch.device("cuda" if cuda else "cpu")
+  if cuda:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+  autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16"
+              else contextlib.nullcontext)
   size, cin, ncls, cout = _shape(model)
   if model.startswith("DiT-"):
     from diffusers import DiTTransformer2DModel  # pylint: disable=g-import-not-at-top
@@ -156,29 +173,33 @@ def torch_side(task: str, model: str, batch: int, iters: int, steps: int, thread
   else:
     from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
     net = UNet2DModel(**UNET_DIFFUSERS)
+  net = net.to(device)
   gen = torch.Generator().manual_seed(0)
-  x0 = torch.rand(batch, cin, size, size, generator=gen) * 2 - 1
-  labels = torch.randint(0, max(ncls, 1), (batch,), generator=gen)
+  x0 = (torch.rand(batch, cin, size, size, generator=gen) * 2 - 1).to(device)
+  labels = torch.randint(0, max(ncls, 1), (batch,), generator=gen).to(device)
   call = ((lambda xt, tt: net(xt, timestep=tt, class_labels=labels).sample) if ncls
           else (lambda xt, tt: net(xt, tt).sample))
   abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).float()
+  abar = abar.to(device)
 
   if task == "forward":
     net.eval()
-    tt = torch.randint(0, 1000, (batch,), generator=gen)
+    tt = torch.randint(0, 1000, (batch,), generator=gen).to(device)
 
-    def run():
-      with torch.inference_mode():
+    def work():
+      with torch.inference_mode(), autocast():
         call(x0, tt)
   elif task == "train":
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=2e-4)
 
-    def run():
-      tt = torch.randint(0, 1000, (batch,))
+    def work():
+      tt = torch.randint(0, 1000, (batch,), device=device)
       noise = torch.randn_like(x0)
       a = abar[tt].view(-1, 1, 1, 1)
-      loss = ((call(a.sqrt() * x0 + (1 - a).sqrt() * noise, tt) - noise) ** 2).mean()
+      with autocast():
+        out = call(a.sqrt() * x0 + (1 - a).sqrt() * noise, tt)
+      loss = ((out.float() - noise) ** 2).mean()
       opt.zero_grad(set_to_none=True)
       loss.backward()
       opt.step()
@@ -193,18 +214,24 @@ def torch_side(task: str, model: str, batch: int, iters: int, steps: int, thread
       pipe = DDIMPipeline(unet=net, scheduler=DDIMScheduler(num_train_timesteps=1000))
     pipe.set_progress_bar_config(disable=True)
 
-    def run():
-      with torch.inference_mode():
+    def work():
+      with torch.inference_mode(), autocast():
         pipe(batch_size=batch, num_inference_steps=steps, output_type="np")
   else:
     raise ValueError(f"task must be forward, train, ddpm or ddim, got {task!r}")
+
+  def run():
+    work()
+    if cuda:
+      torch.cuda.synchronize()
 
   t0 = time.perf_counter()
   run()
   first = time.perf_counter() - t0
   faults: list[int] = []
   return {"compile_s": first, "times_s": protocol.timed(run, iters, faults), "faults": faults,
-          "threads": threads, "torch": torch.__version__}
+          "threads": threads, "torch": torch.__version__,
+          "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
 def main() -> None:
@@ -217,7 +244,8 @@ def main() -> None:
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--steps", type=int, default=50, help="sampling steps (ddpm / ddim)")
   p.add_argument("--threads", type=int, default=protocol.cores(), help="PyTorch threads")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="JAX compute")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype (JAX: the module's; PyTorch: autocast)")
   p.add_argument("--convolutions", default="ynnpack", choices=("xla", "ynnpack"),
                  help="XLA:CPU convolutions: YNNPACK's (JAX's default) or XLA's own (opt-in)")
   p.add_argument("--host_memory", default="release", choices=("release", "keep"),
@@ -228,7 +256,7 @@ def main() -> None:
     protocol.use_convolutions(a.convolutions)
     res = jax_side(a.task, a.model, a.batch, a.iters, a.steps, a.dtype)
   else:
-    res = torch_side(a.task, a.model, a.batch, a.iters, a.steps, a.threads)
+    res = torch_side(a.task, a.model, a.batch, a.iters, a.steps, a.threads, a.dtype)
   protocol.emit(res)
 
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 12's accelerator checks in one go, each benchmark under its own time limit, so that one
+# that fails or overruns does not cost the others. Logs go to $1 (default gpu_logs/).
+#
+#   bash benchmarks/gpu_checks.sh [LOGDIR]
+#
+# Needs a GPU and, for the PyTorch side, diffusers importable beside torch.
+# 1. versions and the card;
+# 2. DiT-XL/2 bfloat16 train-step MFU against the card's measured bf16 matmul peak, batch 32 and 64;
+# 3. ddpm_cifar10 train step, batch 128, JAX vs diffusers PyTorch on the same card, float32 (TF32
+#    matmuls on both sides) and bfloat16, alternated, each side in its own process;
+# 4. ddpm_cifar10 sampling (DDIM 50 steps, ancestral extrapolated to 1000), batch 128, one round
+#    each (indicative: the time left).
+set -u
+out=${1:-gpu_logs}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+python3 -c "import jax, flax, optax, torch, diffusers, diffusion_jax
+print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__,
+      'torch', torch.__version__, 'diffusers', diffusers.__version__)" 2>&1 | tee "$out/versions.txt" \
+  || exit 1
+
+step() {  # step NAME SECONDS SCRIPT ARGS...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name ($limit s at most): python3 $*"
+  timeout "$limit" python3 "$@" 2>&1 | tee "$out/$name.log"
+  echo "== $name: exit ${PIPESTATUS[0]}"
+}
+step mfu 170 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 32,64 --dtype bfloat16 --iters 10
+step train_fp32 150 benchmarks/bench_train.py --models ddpm_cifar10 --batch 128 --rounds 2 --iters 5
+step train_bf16 120 benchmarks/bench_train.py --models ddpm_cifar10 --batch 128 --rounds 2 \
+  --iters 5 --dtype bfloat16
+step sampling 100 benchmarks/bench_sampling.py --batch 128 --rounds 1 --ddpm_steps 50
