@@ -53,17 +53,27 @@ def matmul_peak(n: int, dtype: str, iters: int) -> float:
   return 2.0 * n ** 3 / statistics.median(protocol.timed(lambda: matmul(a, b).block_until_ready(), iters))
 
 
-def measure(model: str, setup: tuple, dtype: str, iters: int, peak: float, peak_size: int):
+def forward_flops_per_image(model: str, module, params, dtype: str) -> float:
+  """XLA's FLOP count of one image's forward pass (batch 1), counted on the unrolled network:
+  XLA's cost analysis counts a loop body once, not once per iteration, so scanned blocks would be
+  undercounted depth-fold. The lowered (not compiled) program is counted where the backend can
+  (CPU), else the compiled one (GPU gives no count before compiling)."""
+  flat = module.clone(scan_blocks=False) if hasattr(module, "scan_blocks") else module
+  _, _, x, t, y = workloads.jax_setup(model, 1, dtype, params=params)
+  lowered = jax.jit(lambda p, x, t: flat.apply({"params": p}, x, t, y)).lower(params, x, t)
+  try:
+    return xla_flops(lowered)
+  except RuntimeError:
+    return xla_flops(lowered.compile())
+
+
+def measure(model: str, setup: tuple, dtype: str, iters: int, peak: float, peak_size: int,
+            flops_per_image: float):
   """Times the train step on `setup` (`workloads.jax_setup`'s tuple) and prints its MFU; returns
   the parameters after the timed steps (the step donates its inputs)."""
-  module, params, x, t, y = setup
+  _, _, x, _, _ = setup
   batch = x.shape[0]
-  # Counted on the unrolled network: XLA's cost analysis counts a loop body once, not once per
-  # iteration, so the scanned blocks would be undercounted depth-fold. Counted on the lowered
-  # (not compiled) forward: no compile of a network that is never run.
-  flat = module.clone(scan_blocks=False) if hasattr(module, "scan_blocks") else module
-  forward = jax.jit(lambda p, x, t: flat.apply({"params": p}, x, t, y)).lower(params, x, t)
-  forward_flops = xla_flops(forward)
+  forward_flops = flops_per_image * batch
   model_flops = 3.0 * forward_flops
   step, args = workloads.jax_train_step(model, batch, dtype, setup=setup)
   t0 = time.perf_counter()
@@ -77,9 +87,8 @@ def measure(model: str, setup: tuple, dtype: str, iters: int, peak: float, peak_
   achieved = model_flops / seconds
   print(f"{model} train step, batch {batch}, {dtype}: {seconds * 1e3:.1f} ms (median of "
         f"{iters}), {batch / seconds:.0f} images/s, compile {compile_s:.1f} s")
-  print(f"  model FLOPs per step: 3 x {forward_flops / 1e9:.1f} GFLOP (XLA's count of the "
-        f"forward pass, {forward_flops / batch / 1e9:.2f} GFLOP per image) = "
-        f"{model_flops / 1e12:.3f} TFLOP")
+  print(f"  model FLOPs per step: 3 x {batch} x {flops_per_image / 1e9:.2f} GFLOP (XLA's count of "
+        f"one image's forward pass) = {model_flops / 1e12:.3f} TFLOP")
   print(f"  {achieved / 1e12:.2f} TFLOP/s: MFU {100 * achieved / peak:.1f} % of the measured "
         "matmul peak", flush=True)
   if achieved > peak:
@@ -104,10 +113,17 @@ def main() -> None:
 
   peak = matmul_peak(a.peak_size, a.dtype, a.iters)
   print(f"matmul peak ({a.dtype}, {a.peak_size}^3): {peak / 1e12:.2f} TFLOP/s", flush=True)
-  params = None
+  params = per_image = None
   for batch in batches:
-    module, fresh, x, t, y = workloads.jax_setup(a.model, batch, a.dtype, params=params)
-    params = measure(a.model, (module, fresh, x, t, y), a.dtype, a.iters, peak, a.peak_size)
+    module, params, x, t, y = workloads.jax_setup(a.model, batch, a.dtype, params=params)
+    if per_image is None:
+      try:
+        per_image = forward_flops_per_image(a.model, module, params, a.dtype)
+      except RuntimeError as e:   # the step is still timed; the MFU prints as nan
+        print(f"no FLOP count: {e}")
+        per_image = float("nan")
+    params = measure(a.model, (module, params, x, t, y), a.dtype, a.iters, peak, a.peak_size,
+                     per_image)
   after = protocol.print_load("after")
   verdict = protocol.load_verdict(before, after)
   if verdict:
