@@ -20,6 +20,7 @@ MFU = model FLOPs / step time / peak. Prints the machine and the load average be
 (benchmarks/protocol.py); a figure taken under load is not final.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -106,7 +107,10 @@ def main() -> None:
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--peak_size", type=int, default=8192)
+  parser.add_argument("--model_kwargs", default="{}",
+                      help='JSON of module fields to override, e.g. \'{"scan_blocks": false}\'')
   a = parser.parse_args()
+  overrides = json.loads(a.model_kwargs)
   batches = [int(b) for b in a.batch.split(",")]
   print(protocol.machine_line(), flush=True)
   before = protocol.print_load("before")
@@ -116,6 +120,7 @@ def main() -> None:
   params = per_image = None
   for batch in batches:
     module, params, x, t, y = workloads.jax_setup(a.model, batch, a.dtype, params=params)
+    module = module.clone(**overrides)
     if per_image is None:
       try:
         per_image = forward_flops_per_image(a.model, module, params, a.dtype)

@@ -13,6 +13,8 @@
 #    each (indicative: the time left).
 set -u
 out=${1:-gpu_logs}
+shift || true
+wanted=" ${*:-mfu train_fp32 train_bf16 sampling} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -24,12 +26,13 @@ print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', 
 step() {  # step NAME SECONDS SCRIPT ARGS...
   local name=$1 limit=$2
   shift 2
+  [[ $wanted == *" $name "* ]] || return 0
   echo "== $name ($limit s at most): python3 $*"
   timeout "$limit" python3 "$@" 2>&1 | tee "$out/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]}"
 }
-step mfu 170 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 32,64 --dtype bfloat16 --iters 10
+step mfu 150 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 32,64 --dtype bfloat16 --iters 10
 step train_fp32 150 benchmarks/bench_train.py --models ddpm_cifar10 --batch 128 --rounds 2 --iters 5
-step train_bf16 120 benchmarks/bench_train.py --models ddpm_cifar10 --batch 128 --rounds 2 \
+step train_bf16 200 benchmarks/bench_train.py --models ddpm_cifar10 --batch 128 --rounds 2 \
   --iters 5 --dtype bfloat16
 step sampling 100 benchmarks/bench_sampling.py --batch 128 --rounds 1 --ddpm_steps 50

@@ -180,7 +180,7 @@ def compare(task: str, models: Sequence[str], *, batch: int, iters: int, rounds:
       line = (f"  {name:8s} {fmt_ms(ts)} per call; {what} {statistics.median(comp):.2f} s "
               f"(min {min(comp):.2f}, max {max(comp):.2f}){faults_note(rs)}")
       if scale != 1.0 or per != "call":
-        line += f"; {statistics.median(ts) * scale:.2f} s per {per}"
+        line += f"; {statistics.median(ts) * scale:.3g} s per {per}"
       print(line, flush=True)
     if torch_side:
       print(ratio_line(f"{model} {task} JAX vs PyTorch (PyTorch time / JAX time)",
