@@ -47,14 +47,14 @@ def test_eval_rows_best_record_and_best_checkpoint(tmp_path, data_dir):
   trainer.train_and_evaluate(config, str(workdir))
   rows = _eval_rows(workdir)
   assert [s for s, _ in rows] == [2, 4, 6, 8]
-  # Each value recomputed: the trainer's sample function (trainer._make_sample_fn with the eval
+  # Each value recomputed: the trainer's sample function (trainer._ImageSampler with the eval
   # sampler) on the EMA params of that step's checkpoint, with the evaluation keys
   # fold_in(fold_in(sample key, _EVAL_KEY), batch): the same program on the same inputs gives
   # the same images, and the digits metric (float64 NumPy on identical features) the same value.
   comp = components.build(config, digits.IMAGE_SHAPE)
   key = jax.random.fold_in(jax.random.split(jax.random.PRNGKey(int(config.seed)), 3)[2],
                            trainer._EVAL_KEY)
-  fn = trainer._make_sample_fn(config, comp, 48, sampler="ddim", steps=5)
+  fn = trainer._ImageSampler(config, comp, 48, sampler="ddim", steps=5)
   for step, value in rows:
     params = restore.load_for_sampling(workdir, step=step).params
     images = np.concatenate([sampling.to_uint8(fn(params, jax.random.fold_in(key, i)))
@@ -70,6 +70,32 @@ def test_eval_rows_best_record_and_best_checkpoint(tmp_path, data_dir):
   original = restore.load_for_sampling(workdir, step=best["step"])
   assert loaded.step == best["step"] == original.step
   chex.assert_trees_all_equal(loaded.params, original.params)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},   # unconditional digits, the config's sampler
+    {"model.num_classes": 10, "sample.guidance_scale": 2.0, "sample.sampler": "ddim",
+     "sample.steps": 5},   # guided: the model sees the doubled batch
+])
+def test_in_training_sampler_spreads_over_the_local_devices(data_dir, overrides):
+  # The grids' and evaluations' sampler runs over this host's 8 (test) devices: its images are
+  # sharded across all 8, and equal, bit for bit, the same sampler pinned to one device (the
+  # random numbers come from the key whatever the sharding; each example's network evaluation
+  # is its own).
+  config = tl.tiny_config(data_dir, **overrides)
+  comp = components.build(config, digits.IMAGE_SHAPE)
+  params = components.init_state(config, comp, jax.random.PRNGKey(0)).params
+  key = jax.random.PRNGKey(7)
+  assert jax.local_device_count() == 8
+  spread = trainer._ImageSampler(config, comp, 16)(params, key)
+  assert len(spread.sharding.device_set) == 8
+  assert spread.sharding.shard_shape(spread.shape)[0] == 2
+  one = trainer._ImageSampler(config, comp, 16, devices=jax.devices()[:1])(params, key)
+  assert len(one.sharding.device_set) == 1
+  np.testing.assert_array_equal(np.asarray(spread), np.asarray(one))
+  # A batch the devices do not divide runs on one device.
+  odd = trainer._ImageSampler(config, comp, 3)(params, key)
+  assert len(odd.sharding.device_set) == 1 and odd.shape == (3,) + digits.IMAGE_SHAPE
 
 
 def test_best_checkpoint_survives_pruning_and_resume_compares_with_the_record(

@@ -18,7 +18,8 @@ same noise at every evaluation (keys fold_in(eval key, batch)), logs `eval/<metr
 new best (lower is better), saves that step's checkpoint in `<workdir>/best/` (outside
 `keep_latest` pruning) before recording it in `<workdir>/eval/best.json`; a resumed run compares
 with that record. `training.restore.load_for_sampling(workdir, step='best')` reads it.
-Every host computes; host 0 writes logs, metrics, samples and the lock.
+Every host computes; host 0 writes logs, metrics, samples and the lock. The grids' and the
+evaluations' samples are drawn on host 0, spread over its local devices (`_ImageSampler`).
 
 References: the Flax examples and big_vision train loops; Ho et al. 2020 (EMA samples).
 """
@@ -255,7 +256,7 @@ class _Hooks:
     self.last_saved: int | None = None
     self.tokenizer = tokenizer
     num_samples = int(config.sample.num_samples)
-    make = _make_text_sample_fn if comp.vocab_size else _make_sample_fn
+    make = _make_text_sample_fn if comp.vocab_size else _ImageSampler
     self.sample_fn = make(config, comp, num_samples) if host0 and num_samples > 0 else None
     # A latent run's previews are decoded to pixels (None: a pixel-space run).
     self.decoder = latent_decoder.load_decoder(config) if self.sample_fn is not None else None
@@ -269,9 +270,9 @@ class _Hooks:
   def _init_eval(self, config, comp, sample_rng) -> None:
     """The evaluation's sample function (host 0), key, best checkpointer and best record."""
     self.eval_batch = min(int(config.eval.batch_size), int(config.eval.num_samples))
-    self.eval_sample_fn = _make_sample_fn(config, comp, self.eval_batch,
-                                          sampler=config.eval.sampler,
-                                          steps=config.eval.steps) if self.host0 else None
+    self.eval_sample_fn = _ImageSampler(config, comp, self.eval_batch,
+                                        sampler=config.eval.sampler,
+                                        steps=config.eval.steps) if self.host0 else None
     self.eval_rng = jax.random.fold_in(sample_rng, _EVAL_KEY)
     self.best_ckpt = ckpt_lib.Checkpointer(self.workdir / hook_lib.BEST_DIR, keep_latest=2,
                                            async_save=False)
@@ -397,7 +398,7 @@ class _Hooks:
     if self.host0:
       try:
         params, which = self._sampling_params(host_state)
-        params = jax.device_put(params)
+        params = self.eval_sample_fn.place(params)
         num = int(self.config.eval.num_samples)
         images = np.concatenate([
             sampling.to_uint8(self.eval_sample_fn(params, jax.random.fold_in(self.eval_rng, i)))
@@ -468,24 +469,51 @@ def _stack(batches: list[dict]) -> dict:
   return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in keys}
 
 
-def _make_sample_fn(config: Any, comp: components.Components, num: int,
-                    sampler: str | None = None, steps: int | None = None):
-  """sample_fn(params, rng) -> [num, H, W, C] in [-1, 1]: the grids' sampler, or `sampler` /
-  `steps` (None: config.sample's), on the params' sampling schedule. The schedule (a learned VDM
-  schedule is read from the params) and its respacing are computed eagerly; the sampler runs
-  jitted, compiled once (the plan's static settings do not depend on the schedule's values)."""
-  labels = sampling.default_labels(num, comp.num_classes)
-  shape = (num,) + tuple(comp.image_shape)
-  compiled = {}
+class _ImageSampler:
+  """sample(params, rng) -> [num, H, W, C] in [-1, 1]: the grids' sampler, or `sampler` / `steps`
+  (None: config.sample's), on the params' sampling schedule, spread over `devices` (default this
+  host's local devices; one device when they do not divide `num`).
 
-  def sample_fn(params, rng):
-    schedule = families.sampling_schedule(config, comp.model, params, comp.schedule)
-    run, schedule, per_call = sampling.plan_sampling(config, schedule, sampler, steps)
-    if "draw" not in compiled:
-      compiled["draw"] = jax.jit(lambda p, s, c, r: run(
-          sampling.guided_model_fn(config, comp.model, p, labels), s, shape, r, **c))
-    return compiled["draw"](params, schedule, per_call, rng)
-  return sample_fn
+  Spread: the params are replicated (`place`) and the model's input is batch-sharded, so an
+  8-device host draws an evaluation's batches 8x wider than one device would; the images do not
+  depend on the number of devices (the samplers' random numbers are drawn from the key with
+  JAX's partitionable threefry, and each example's network evaluation is its own).
+  The schedule (a learned VDM schedule is read from the params) and its respacing are computed
+  eagerly; the sampler runs jitted, compiled once (the plan's static settings do not depend on the
+  schedule's values).
+  """
+
+  def __init__(self, config: Any, comp: components.Components, num: int,
+               sampler: str | None = None, steps: int | None = None,
+               devices: list[jax.Device] | None = None):
+    devices = list(devices or jax.local_devices())
+    if num % len(devices):
+      devices = devices[:1]
+    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+    self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self.batch_sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    self.config, self.comp, self.sampler, self.steps = config, comp, sampler, steps
+    self.labels = sampling.default_labels(num, comp.num_classes)
+    self.shape = (num,) + tuple(comp.image_shape)
+    self._draw = None
+
+  def place(self, params: PyTree) -> PyTree:
+    """params on every device of the sampler (a no-op for params already placed)."""
+    return jax.device_put(params, self.replicated)
+
+  def __call__(self, params: PyTree, rng: jax.Array) -> jax.Array:
+    params = self.place(params)
+    config, model = self.config, self.comp.model
+    schedule = families.sampling_schedule(config, model, params, self.comp.schedule)
+    run, schedule, per_call = sampling.plan_sampling(config, schedule, self.sampler, self.steps)
+    if self._draw is None:
+      def draw(p, s, c, r):
+        model_fn = sampling.guided_model_fn(config, model, p, self.labels)
+        spread = lambda x, t: model_fn(jax.lax.with_sharding_constraint(x, self.batch_sharded), t)
+        return run(spread, s, self.shape, r, **c)
+      self._draw = jax.jit(draw, out_shardings=self.batch_sharded)
+    return self._draw(params, schedule, per_call, rng)
+
 
 
 def _make_text_sample_fn(config: Any, comp: components.Components, num: int):
