@@ -65,6 +65,38 @@ def test_uninterrupted_vs_sigterm_then_resume(tmp_path, data_dir, monkeypatch):
   chex.assert_trees_all_equal(resumed, full)
 
 
+def test_sigterm_skips_the_sample_grid_and_evaluation_due_at_that_step(tmp_path, data_dir,
+                                                                     monkeypatch):
+  """SIGTERM during step 2, at which a sample grid and an evaluation are due: the checkpoint at
+  step 2 is written and neither runs (the grace period before SIGKILL is for the checkpoint)."""
+  from diffusion_jax.evaluation import hook
+  evaluated = []
+  monkeypatch.setattr(hook.EvalHook, "__call__",
+                      lambda self, images: evaluated.append(len(images)) or {"eval/digits_fd": 1.0})
+
+  def term_in_second(k, batch):
+    if k == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+  _wrap_iterator(monkeypatch, term_in_second)
+  config = tl.tiny_config(data_dir, **{"train.sample_every": 2, "eval.every": 2,
+                                       "eval.num_samples": 4, "eval.batch_size": 4,
+                                       "eval.metric": "digits_fd"})
+  workdir = tmp_path / "run"
+  with pytest.raises(trainer.Preempted, match="step 2"):
+    trainer.train_and_evaluate(config, str(workdir))
+  assert tl.read_state(str(workdir))[0] == 2
+  assert not (workdir / "samples").exists() and evaluated == []
+  # Without the signal, the same run samples and evaluates at step 2.
+  monkeypatch.undo()
+  monkeypatch.setattr(hook.EvalHook, "__call__",
+                      lambda self, images: evaluated.append(len(images)) or {"eval/digits_fd": 1.0})
+  trainer.train_and_evaluate(tl.tiny_config(data_dir, **{
+      "train.num_steps": 2, "train.sample_every": 2, "eval.every": 2, "eval.num_samples": 4,
+      "eval.batch_size": 4, "eval.metric": "digits_fd"}), str(tmp_path / "plain"))
+  assert (tmp_path / "plain" / "samples" / "step_0000002.png").exists() and evaluated == [4]
+
+
 def test_corrupt_newest_checkpoint_is_set_aside_and_the_rerun_completes(tmp_path, data_dir):
   """Truncated array files in the newest checkpoint (4): the rerun resumes from 2, keeps the
   broken step as 4.unreadable-<time>, saves 4 again and ends with the same state as the first

@@ -243,7 +243,7 @@ def _make_parallel_step(config: Any, comp: components.Components, k: int
 
 class _Hooks:
   """The loop's periodic actions: 'log', 'checkpoint', 'samples' and 'eval', each at its cadence
-  and at the last step; a preemption forces 'log' and 'checkpoint'."""
+  and at the last step; a preemption runs 'log' and 'checkpoint' only."""
 
   def __init__(self, config, comp, sched: _Schedule, pstep: parallel.ParallelStep,
                ckpt: ckpt_lib.Checkpointer, writer: metric_writer.MetricWriter,
@@ -300,10 +300,13 @@ class _Hooks:
       self.best_ckpt.close()
 
   def due(self, step: int, preempted: bool) -> list[str]:
+    """The actions due at `step`; after a SIGTERM only 'log' and 'checkpoint' (the grace period
+    before a SIGKILL is for the checkpoint, not for a sample grid or an evaluation)."""
+    if preempted:
+      return ["log", "checkpoint"]
     last = self.sched.num_steps
     return [name for name, every in self.every.items()
-            if every >= 0 and progress.itstime(step, every, last)
-            or preempted and name in ("log", "checkpoint")]
+            if every >= 0 and progress.itstime(step, every, last)]
 
   def compiled(self, metrics: dict, step: int, seconds_since_call: float) -> None:
     """After the first call: report the compile time; speeds are measured from here."""
