@@ -1,6 +1,7 @@
-"""Where one JAX train step spends its time, op by op (XLA:CPU thunks), for ddpm_cifar10 / DiT.
+"""Where one JAX train step (or forward pass) spends its time, op by op (XLA:CPU thunks), for
+ddpm_cifar10 / DiT.
 
-  python benchmarks/profile_step.py --model DiT-S/2 [--batch 8] [--steps 3] [--top 30]
+  python benchmarks/profile_step.py --model DiT-S/2 [--batch 8] [--steps 3] [--top 30] [--task forward]
 
 The step is bench_train.py's (`workloads.jax_train_step`: `get_model` + `dj.training_loss` +
 `optax.adam` under `jit`, random weights). It runs twice untimed, then `--steps` times under `jax.profiler.trace` with
@@ -54,6 +55,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--top", type=int, default=30)
+  parser.add_argument("--task", default="train", choices=("train", "forward"),
+                      help="the train step (default) or one forward pass (bench_models.py's)")
   parser.add_argument("--convolutions", default="ynnpack", choices=("xla", "ynnpack"),
                       help="YNNPACK's convolution kernels (JAX's default) or XLA's own (opt-in)")
   parser.add_argument("--host_memory", default="release", choices=("release", "keep"),
@@ -63,11 +66,16 @@ def main() -> None:
   protocol.use_convolutions(a.convolutions)
   print(protocol.machine_line(), flush=True)
   before = protocol.print_load("before")
-  step, args = workloads.jax_train_step(a.model, a.batch)
+  if a.task == "train":
+    step, args = workloads.jax_train_step(a.model, a.batch)
 
-  def run():
-    args[0], args[1], value = step(*args)
-    value.block_until_ready()
+    def run():
+      args[0], args[1], value = step(*args)
+      value.block_until_ready()
+  else:
+    module, params, x, t, y = workloads.jax_setup(a.model, a.batch, "float32")
+    forward = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t, y))
+    run = lambda: forward(params, x, t).block_until_ready()
   for _ in range(2):
     run()
   with tempfile.TemporaryDirectory() as trace_dir:
@@ -90,7 +98,7 @@ def main() -> None:
   verdict = protocol.load_verdict(before, after, own_threads=protocol.cores())
   ms = lambda ns: ns / a.steps / 1e6
   total = sum(per_op.values())
-  print(f"\n{a.model} train step, batch {a.batch}: {ms(total):.0f} ms of thunk time per step, "
+  print(f"\n{a.model} {a.task}, batch {a.batch}: {ms(total):.0f} ms of thunk time per step, "
         f"{wall_ms:.0f} ms wall time per profiled step"
         + (f"  [UNDER LOAD: {verdict}]" if verdict else ""))
   if ms(total) < 0.8 * wall_ms:
