@@ -32,7 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import protocol  # noqa: E402
+import trace_summary  # noqa: E402
 import workloads  # noqa: E402
+
+PROFILED_STEPS = 3
 
 
 def xla_flops(lowered) -> float:
@@ -69,9 +72,11 @@ def forward_flops_per_image(model: str, module, params, dtype: str) -> float:
 
 
 def measure(model: str, setup: tuple, dtype: str, iters: int, peak: float, peak_size: int,
-            flops_per_image: float):
-  """Times the train step on `setup` (`workloads.jax_setup`'s tuple) and prints its MFU; returns
-  the parameters after the timed steps (the step donates its inputs)."""
+            flops_per_image: float, profile_dir: str | None = None):
+  """Times the train step on `setup` (`workloads.jax_setup`'s tuple) and prints its MFU; with
+  `profile_dir`, then traces PROFILED_STEPS more steps there and prints the device planes' kernel
+  times (`trace_summary`). Returns the parameters after the steps (the step donates its
+  inputs)."""
   _, _, x, _, _ = setup
   batch = x.shape[0]
   forward_flops = flops_per_image * batch
@@ -95,6 +100,13 @@ def measure(model: str, setup: tuple, dtype: str, iters: int, peak: float, peak_
   if achieved > peak:
     print(f"  the step beat the {peak_size}^3 matmul: that matmul is too small to reach the "
           "device's peak; rerun with a larger --peak_size")
+  if profile_dir:
+    with jax.profiler.trace(profile_dir):
+      for _ in range(PROFILED_STEPS):
+        run()
+    path = trace_summary.xplane_file(profile_dir)
+    print(f"  profile of {PROFILED_STEPS} steps: {path}")
+    trace_summary.print_device_summary(path, PROFILED_STEPS)
   return args[0]
 
 
@@ -107,6 +119,9 @@ def main() -> None:
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--peak_size", type=int, default=8192)
+  parser.add_argument("--profile_dir", default=None,
+                      help="trace the first batch size's step into this folder and print its "
+                      "kernel times (benchmarks/trace_summary.py)")
   parser.add_argument("--model_kwargs", default="{}",
                       help='JSON of module fields to override, e.g. \'{"scan_blocks": false}\'')
   a = parser.parse_args()
@@ -128,7 +143,7 @@ def main() -> None:
         print(f"no FLOP count: {e}")
         per_image = float("nan")
     params = measure(a.model, (module, params, x, t, y), a.dtype, a.iters, peak, a.peak_size,
-                     per_image)
+                     per_image, a.profile_dir if batch == batches[0] else None)
   after = protocol.print_load("after")
   verdict = protocol.load_verdict(before, after)
   if verdict:

@@ -6,7 +6,7 @@ ddpm_cifar10 / DiT.
 The step is bench_train.py's (`workloads.jax_train_step`: `get_model` + `dj.training_loss` +
 `optax.adam` under `jit`, random weights). It runs twice untimed, then `--steps` times under `jax.profiler.trace` with
 `XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true`, which records one event per executed thunk. The
-events are read back with `jax._src.lib._profile_data.ProfileData`. Printed: the `--top` thunks by
+events are read back by `trace_summary.py`. Printed: the `--top` thunks by
 time per step, and the time per step of each op class (the thunk name's prefix: `ynn_fusion` is
 YNNPACK's matmuls and convolutions, `wrapped_broadcast` a broadcast such as the zero-filling of
 a scan's stacked buffers, other `*fusion` names XLA's elementwise fusions). Times are summed over
@@ -16,7 +16,6 @@ Take figures on an idle machine only (benchmarks/protocol.py).
 """
 import argparse
 import collections
-import glob
 import os
 import sys
 import tempfile
@@ -29,14 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import protocol  # noqa: E402
+import trace_summary  # noqa: E402
 import workloads  # noqa: E402
-from jax._src.lib import _profile_data  # noqa: E402
-
-# Events that are not thunks: the executor's own spans, Python frames, thread-pool waits.
-_NOT_OPS = ("ThunkExecutor", "$", "PjitFunction", "CommonPjRt", "SlinkyThreadPool", "Handle ",
-            "ParseArguments", "AllocateOutput", "Wait for", "DevicePut", "end: ",
-            "PythonRefManager", "ThreadpoolListener")
-
 
 def op_class(name: str) -> str:
   """'ynn_fusion.42' -> 'ynn_fusion'; 'copy_bitcast_fusion.5' -> 'copy';
@@ -84,16 +77,10 @@ def main() -> None:
       for _ in range(a.steps):
         run()
       wall_ms = (time.perf_counter() - t0) / a.steps * 1e3
-    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-    profile = _profile_data.ProfileData.from_file(path)
-  per_op: collections.Counter = collections.Counter()
-  calls: collections.Counter = collections.Counter()
-  for plane in profile.planes:
-    for line in plane.lines:
-      for event in line.events:
-        if not event.name.startswith(_NOT_OPS):
-          per_op[event.name] += event.duration_ns
-          calls[event.name] += 1
+    per_op, calls = collections.Counter(), collections.Counter()
+    for ns, n in trace_summary.events_by_plane(trace_summary.xplane_file(trace_dir)).values():
+      per_op.update(ns)
+      calls.update(n)
   after = protocol.print_load("after")
   verdict = protocol.load_verdict(before, after, own_threads=protocol.cores())
   ms = lambda ns: ns / a.steps / 1e6

@@ -1,4 +1,4 @@
-"""The benchmarks' shared train step really trains: one step of `workloads.jax_train_step` moves
+"""The benchmarks' helpers. The shared train step really trains: one step of `workloads.jax_train_step` moves
 every parameter (a step whose loss did not depend on the differentiated parameters once timed a
 forward pass as a train step: XLA drops a zero backward)."""
 import os
@@ -30,3 +30,24 @@ def test_sampling_workloads_run():
   for task in ("ddpm", "ddim"):
     result = workloads.jax_side(task, "DiT-S/2", batch=1, iters=1, steps=2, dtype="float32")
     assert result["compile_s"] > 0 and len(result["times_s"]) == 1
+
+
+def test_trace_summary_reads_a_profile_back(tmp_path):
+  """trace_summary (profile_step.py, bench_mfu.py --profile_dir) finds the trace's xplane file
+  and the host plane's XLA:CPU thunk events of a traced jitted matmul; kernel names are classed
+  by their cuBLAS / CUTLASS / XLA-fusion markers."""
+  import jax.numpy as jnp
+  import trace_summary
+  f = jax.jit(lambda a: jnp.tanh(a @ a))
+  a = jnp.ones((256, 256))
+  f(a).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    f(a).block_until_ready()
+  planes = trace_summary.events_by_plane(trace_summary.xplane_file(str(tmp_path)))
+  host = [ns for name, (ns, _) in planes.items() if name.startswith("/host")]
+  assert host and sum(host[0].values()) > 0
+  assert not any(e.startswith(trace_summary.NOT_OPS) for e in host[0])
+  assert trace_summary.gpu_kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+  assert trace_summary.gpu_kernel_class("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNN") == "matmul"
+  assert trace_summary.gpu_kernel_class("loop_multiply_fusion_3") == "XLA fusion"
+  assert trace_summary.gpu_kernel_class("some_kernel") == "other"
