@@ -256,3 +256,22 @@ def test_gradient_fusions_do_not_grow_with_depth():
     compiled = _dit_loss_grad(module, x, t, y).lower(params).compile()
     sizes.append(hlo_testlib.largest_fusion(compiled.as_text()))
   assert sizes[1] <= 1.1 * sizes[0], sizes
+
+
+def test_attention_implementation_choice():
+  """`attention='xla'` is JAX's default choice today (the same program: identical outputs, scanned
+  and unrolled); an unknown name, or 'cudnn' without a GPU, is a ValueError naming the choices."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  t, y = jnp.array([3, 700]), jnp.array([1, 10])
+  default = get_model("dit_tiny", depth=2)
+  params = random_params(default, (8, 8, 3), with_labels=True, std=0.2)
+  for scan in (True, False):
+    out = default.clone(scan_blocks=scan).apply({"params": params}, x, t, y)
+    xla = get_model("dit_tiny", depth=2, scan_blocks=scan, attention="xla")
+    np.testing.assert_array_equal(np.asarray(xla.apply({"params": params}, x, t, y)),
+                                  np.asarray(out))
+  with pytest.raises(ValueError, match="one of .*'cudnn'.*got 'flash'"):
+    get_model("dit_tiny", depth=2, attention="flash").apply({"params": params}, x, t, y)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="'cudnn' needs a GPU"):
+      get_model("dit_tiny", depth=2, attention="cudnn").apply({"params": params}, x, t, y)

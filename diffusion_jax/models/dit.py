@@ -58,7 +58,7 @@ class DiTBlock(nn.Module):
   queries and keys at `positions`, `causal` lets token i attend to tokens <= i only, and a
   `KVCache` makes the call one decoding step: the keys and values of x (at `positions`) are
   written into the cache at those positions, attention runs over the cache (causal), and the
-  call returns (x, updated cache).
+  call returns (x, updated cache). `attention` picks the attention kernel (`layers.attention`).
 
   Args:
     x: [B, N, D] tokens; c: [B, D] conditioning; positions: [N] int positions (default 0..N-1);
@@ -73,6 +73,7 @@ class DiTBlock(nn.Module):
   norm_eps: float = 1e-6
   rope_base: float = 0.0
   causal: bool = False
+  attention: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -104,7 +105,8 @@ class DiTBlock(nn.Module):
     mask = None
     if self.causal or cache is not None:
       mask = (key_positions[None, :] <= positions[:, None])[None, None]
-    h = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(b, n, d)
+    h = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                         implementation=self.attention).reshape(b, n, d)
     x = x + gate1[:, None, :] * dense(d, "attn_proj")(h)
 
     h = _modulate(_layer_norm(x, self.norm_eps), shift2, scale2)
@@ -134,6 +136,8 @@ class DiT(nn.Module):
     scan_blocks: apply the blocks as one `lax.scan` (default; same parameters and outputs up to
       float32 rounding, gradient cost linear in depth on XLA:CPU, one block compiled); False
       unrolls them.
+    attention: the attention kernel, `layers.attention`'s implementation: None (JAX's choice),
+      'xla' or 'cudnn' (GPU, bfloat16).
     dtype: computation dtype; param_dtype: parameter dtype.
   """
   in_channels: int = 4
@@ -148,6 +152,7 @@ class DiT(nn.Module):
   norm_eps: float = 1e-6
   remat: bool = False
   scan_blocks: bool = True
+  attention: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -162,7 +167,7 @@ class DiT(nn.Module):
     parameters; when applied they run as one `lax.scan` over the blocks' stacked parameters
     (`layers.scan_blocks`, which says why).
     """
-    kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+    kw = {"dtype": self.dtype, "param_dtype": self.param_dtype, "attention": self.attention}
     args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.norm_eps)
     if self.is_initializing() or not self.scan_blocks or self.depth == 0:
       block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock

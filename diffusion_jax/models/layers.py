@@ -79,15 +79,26 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   return np.concatenate([one_d(cols), one_d(rows)], axis=1)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array,
-              mask: jax.Array | None = None) -> jax.Array:
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+              implementation: str | None = None) -> jax.Array:
   """Softmax attention, q [B, N, heads, head_dim], k, v [B, S, heads, head_dim] -> [B, N, heads,
   head_dim], scale head_dim ** -0.5; mask: None or bool broadcastable to [B, heads, N, S] (True:
   may attend).
 
-  Goes through `jax.nn.dot_product_attention` so accelerators can pick a fused kernel.
+  Goes through `jax.nn.dot_product_attention`; implementation: its choice, None (JAX picks: XLA's
+  unfused softmax today), 'xla', or 'cudnn' (cuDNN's fused kernel: a GPU, bfloat16 / float16
+  inputs, head_dim a multiple of 8 up to 128).
   """
-  return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+  if implementation == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"attention implementation 'cudnn' needs a GPU; the backend is "
+                     f"{jax.default_backend()!r} (use None or 'xla')")
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
