@@ -123,9 +123,12 @@ def main() -> None:
                       help="trace the first batch size's step into this folder and print its "
                       "kernel times (benchmarks/trace_summary.py)")
   parser.add_argument("--model_kwargs", default="{}",
-                      help='JSON of module fields to override, e.g. \'{"scan_blocks": false}\'')
+                      help="JSON of module fields to override, e.g. '{\"scan_blocks\": false}', "
+                      "or a list of such objects: variants measured one after the other in this "
+                      "process (one matmul peak, one set of weights, one FLOP count)")
   a = parser.parse_args()
-  overrides = json.loads(a.model_kwargs)
+  variants = json.loads(a.model_kwargs)
+  variants = variants if isinstance(variants, list) else [variants]
   batches = [int(b) for b in a.batch.split(",")]
   print(protocol.machine_line(), flush=True)
   before = protocol.print_load("before")
@@ -133,17 +136,25 @@ def main() -> None:
   peak = matmul_peak(a.peak_size, a.dtype, a.iters)
   print(f"matmul peak ({a.dtype}, {a.peak_size}^3): {peak / 1e12:.2f} TFLOP/s", flush=True)
   params = per_image = None
-  for batch in batches:
-    module, params, x, t, y = workloads.jax_setup(a.model, batch, a.dtype, params=params)
-    module = module.clone(**overrides)
-    if per_image is None:
+  for overrides in variants:
+    for batch in batches:
+      module, params, x, t, y = workloads.jax_setup(a.model, batch, a.dtype, params=params)
+      if per_image is None:   # the overrides change how, not what, the network computes
+        try:
+          per_image = forward_flops_per_image(a.model, module, params, a.dtype)
+        except RuntimeError as e:   # the step is still timed; the MFU prints as nan
+          print(f"no FLOP count: {e}")
+          per_image = float("nan")
+      if overrides:
+        print(f"variant {json.dumps(overrides)}:")
       try:
-        per_image = forward_flops_per_image(a.model, module, params, a.dtype)
-      except RuntimeError as e:   # the step is still timed; the MFU prints as nan
-        print(f"no FLOP count: {e}")
-        per_image = float("nan")
-    params = measure(a.model, (module, params, x, t, y), a.dtype, a.iters, peak, a.peak_size,
-                     per_image, a.profile_dir if batch == batches[0] else None)
+        params = measure(a.model, (module.clone(**overrides), params, x, t, y), a.dtype, a.iters,
+                         peak, a.peak_size, per_image,
+                         a.profile_dir if (batch, overrides) == (batches[0], variants[0]) else None)
+      except Exception as e:  # pylint: disable=broad-except  (one variant must not stop the rest)
+        print(f"  {a.model}, batch {batch}, variant {json.dumps(overrides)} failed: "
+              f"{type(e).__name__}: {str(e)[:400]}", flush=True)
+        params = None   # the failed step may have consumed (donated) them: draw new ones
   after = protocol.print_load("after")
   verdict = protocol.load_verdict(before, after)
   if verdict:

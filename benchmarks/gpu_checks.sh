@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Issue 12's accelerator checks in one go, each benchmark under its own time limit, so that one
 # that fails or overruns does not cost the others. Logs go to $1 (default gpu_logs/); further
-# arguments pick steps by name (default: all, about 13 minutes on an H100 host, so pick steps to
+# arguments pick steps by name (default: all, about 14 minutes on an H100 host, so pick steps to
 # fit a lease).
 #
-#   bash benchmarks/gpu_checks.sh [LOGDIR [mfu] [mfu_unrolled] [mfu_cudnn] [train_fp32] [train_bf16] [sampling]]
+#   bash benchmarks/gpu_checks.sh [LOGDIR [mfu] [mfu_variants] [train_fp32] [train_bf16] [sampling]]
 #
 # Needs a GPU and, for the PyTorch side, diffusers importable beside torch.
 # 1. versions and the card;
 # 2. DiT-XL/2 bfloat16 train-step MFU against the card's measured bf16 matmul peak, batch 32 and 64,
-#    with a kernel-time profile of the batch-32 step (mfu); the same with the blocks unrolled
-#    instead of scanned (mfu_unrolled: no dots-only remat policy, no per-block parameter slices);
-#    with cuDNN's fused attention (mfu_cudnn, only when named);
+#    with a kernel-time profile of the batch-32 step (mfu); batch 32 in one process with the blocks
+#    unrolled instead of scanned (no dots-only remat policy, no per-block parameter slices), with
+#    cuDNN's fused attention, and with both (mfu_variants);
 # 3. ddpm_cifar10 train step, batch 128, JAX vs diffusers PyTorch on the same card, float32 (TF32
 #    matmuls on both sides) and bfloat16, alternated, each side in its own process;
 # 4. ddpm_cifar10 sampling (DDIM 50 steps, ancestral extrapolated to 1000), batch 128, one round
@@ -19,7 +19,7 @@
 set -u
 out=${1:-gpu_logs}
 shift || true
-wanted=" ${*:-mfu mfu_unrolled train_fp32 train_bf16 sampling} "
+wanted=" ${*:-mfu mfu_variants train_fp32 train_bf16 sampling} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -38,10 +38,9 @@ step() {  # step NAME SECONDS SCRIPT ARGS...
 }
 step mfu 170 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 32,64 --dtype bfloat16 --iters 10 \
   --profile_dir "$out/trace"
-step mfu_unrolled 150 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 32 --dtype bfloat16 \
-  --iters 10 --model_kwargs '{"scan_blocks": false}'
-step mfu_cudnn 150 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 32 --dtype bfloat16 \
-  --iters 10 --model_kwargs '{"attention": "cudnn"}'
+step mfu_variants 240 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 32 --dtype bfloat16 \
+  --iters 10 --model_kwargs \
+  '[{"scan_blocks": false}, {"attention": "cudnn"}, {"scan_blocks": false, "attention": "cudnn"}]'
 step train_fp32 150 benchmarks/bench_train.py --models ddpm_cifar10 --batch 128 --rounds 2 --iters 5
 step train_bf16 200 benchmarks/bench_train.py --models ddpm_cifar10 --batch 128 --rounds 2 \
   --iters 5 --dtype bfloat16
