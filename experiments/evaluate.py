@@ -148,7 +148,7 @@ def make_sample_fn(loaded: Any, *, seed: int, labels: Optional[np.ndarray],
                    **sampler_kw) -> Callable[[int, int], np.ndarray]:
   """sample_fn(start, count) for `run_shards` from a restored run (`restore.load_for_sampling`).
 
-  One pmapped sampler (`sampling_lib.make_run_generator`, compiled at the first shard) serves
+  One sampler (`sampling_lib.make_run_generator`, compiled at the first shard) serves
   every shard. Every call runs whole batches of per_device_batch x devices (padded with
   examples beyond count, dropped), so the per-device shape and hence the numerics never depend
   on count or on the device count. sampler_kw: sampler, steps, timesteps, eta, s_churn,

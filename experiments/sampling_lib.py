@@ -1,4 +1,4 @@
-"""Sampling for the command line: any registered sampler, pmapped over the local devices.
+"""Sampling for the command line: any registered sampler, split over the local devices.
 
 `experiments/sample.py` (the entry point) calls `define_flags()` at import and
 `generate(...)` in main, e.g.
@@ -13,7 +13,7 @@ and pc ((1 + corrector_steps) N).
 
 Example i of a run (over all batches) uses the key fold_in(PRNGKey(seed), i), whatever the batch
 size or the number of devices; the samplers draw every random number from that key, so the
-same seed gives the same images on 1 or 8 devices. `make_generator` builds the pmapped sampler
+same seed gives the same images on 1 or 8 devices. `make_generator` builds the sampler
 once (compiled at its first call) and draws any number of samples, at any first index, with it:
 `experiments/evaluate.py` draws all its shards with one; `generate` builds one per call.
 
@@ -27,11 +27,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import jax_utils
 
 from diffusion_jax import rng as rng_lib
 from diffusion_jax import samplers
 from diffusion_jax.schedules import Schedule
+from diffusion_jax.training import local_batch
 
 PyTree = Any
 
@@ -131,11 +131,12 @@ def make_generator(apply_fn, params: PyTree, schedule: Schedule, image_shape: Se
                    variance: str = "fixed_small", thresholding: str | None = None,
                    clip_denoised: bool = True, devices: Sequence[jax.Device] | None = None,
                    static: dict[str, Any] | None = None) -> Callable[..., np.ndarray]:
-  """A sampler pmapped over `devices`, built once: `draw(num_samples, labels=None,
-  first_index=0, progress=False) -> float32 [num_samples, H, W, C]`.
+  """A sampler over `devices`, built once: `draw(num_samples, labels=None, first_index=0,
+  progress=False) -> float32 [num_samples, H, W, C]`.
 
-  Every call runs batches of ceil(batch_size / devices) examples per device through the same
-  pmapped function (compiled at the first call, reused by later calls: one compile for all the
+  Every call runs batches of batch_size (rounded up to a multiple of the devices) examples, split
+  over the devices (`training.local_batch`: params replicated, batch sharded), through the same
+  jitted function (compiled at the first call, reused by later calls: one compile for all the
   shards of an evaluation). Example i of a call uses fold_in(PRNGKey(seed), first_index + i).
 
   Args:
@@ -153,7 +154,7 @@ def make_generator(apply_fn, params: PyTree, schedule: Schedule, image_shape: Se
     prediction, variance: the model's parameterisation.
     thresholding: the x0 policy ('clip', 'dynamic', 'none'); None: 'clip' if clip_denoised
       else 'none'.
-    devices: devices to pmap over (default: all local devices).
+    devices: devices to split each batch over (default: all local devices).
     static: further static settings of the sampler (`get_sampler`, as a config's
       `sample.kwargs`), e.g. {'predictor': 'ancestral', 'corrector': 'none'} for pc.
 
@@ -161,10 +162,8 @@ def make_generator(apply_fn, params: PyTree, schedule: Schedule, image_shape: Se
   0, 1, ..., K-1, 0, ...); first_index: global index of the call's first example (shards,
   hosts); progress: a tqdm bar over batches.
   """
-  devices = list(devices or jax.local_devices())
-  num_devices = len(devices)
-  per_device = -(-max(1, batch_size) // num_devices)
-  per_call = per_device * num_devices
+  local = local_batch.LocalBatch(devices)
+  per_call = local.round_up(batch_size)
   if thresholding is None:
     thresholding = "clip" if clip_denoised else "none"
   plan = samplers.plan(sampler, schedule, parse_steps(steps), timesteps)
@@ -175,14 +174,15 @@ def make_generator(apply_fn, params: PyTree, schedule: Schedule, image_shape: Se
                                    thresholding=thresholding, **static)
   conditional = num_classes > 0
   guided = conditional and guidance_scale != 1.0
-  shape = (per_device,) + tuple(image_shape)
+  shape = (per_call,) + tuple(image_shape)
 
   def one_batch(params, run_schedule, per_call_args, eta, churn, corrector_snr, scale, keys, y):
     if guided:
-      model_fn = samplers.classifier_free_guidance(
+      guided_fn = samplers.classifier_free_guidance(
           lambda x, t, yy: apply_fn(params, x, t, yy), y, scale, null_label=num_classes)
+      model_fn = lambda x, t: guided_fn(local.constrain(x), t)
     else:
-      model_fn = lambda x, t: apply_fn(params, x, t, y if conditional else None)
+      model_fn = lambda x, t: apply_fn(params, local.constrain(x), t, y if conditional else None)
     if sampler == "ddim":
       per_call_args = dict(per_call_args, eta=eta)
     if sampler in samplers.grids.ODE_SAMPLERS:
@@ -191,8 +191,8 @@ def make_generator(apply_fn, params: PyTree, schedule: Schedule, image_shape: Se
       per_call_args = dict(per_call_args, snr=corrector_snr)
     return sample_fn(model_fn, run_schedule, shape, keys, **per_call_args)
 
-  pmapped = jax.pmap(one_batch, in_axes=(0, None, None, None, None, None, None, 0, 0), devices=devices)
-  replicated = jax_utils.replicate(params, devices)
+  jitted = jax.jit(one_batch, out_shardings=local.sharded)
+  replicated = local.place(params)
   root = jax.random.PRNGKey(seed)
   traced = (jnp.float32(eta), jnp.float32(s_churn), jnp.float32(snr), jnp.float32(guidance_scale))
 
@@ -211,14 +211,12 @@ def make_generator(apply_fn, params: PyTree, schedule: Schedule, image_shape: Se
     for start in batches:
       indices = first_index + start + np.arange(per_call)
       keys = rng_lib.keys_for_indices(root, indices)
-      keys = keys.reshape((num_devices, per_device) + keys.shape[1:])
       if conditional:
         y = np.resize(np.asarray(labels[start:start + per_call], np.int32), per_call)
       else:
         y = np.zeros((per_call,), np.int32)
-      images = pmapped(replicated, plan.schedule, plan.per_call, *traced, keys,
-                       y.reshape(num_devices, per_device))
-      out.append(np.asarray(images).reshape((per_call,) + tuple(image_shape)))
+      images = jitted(replicated, plan.schedule, plan.per_call, *traced, *local.shard((keys, y)))
+      out.append(np.asarray(images))
     return np.concatenate(out)[:num_samples]
 
   return draw

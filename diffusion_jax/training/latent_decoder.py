@@ -16,9 +16,9 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion_jax.models import autoencoder as ae_lib
+from diffusion_jax.training import local_batch
 from diffusion_jax.training import sampling
 
 PyTree = Any
@@ -36,12 +36,9 @@ class LatentDecoder:
     if int(batch_size) < 1:
       raise ValueError(f"decode batch_size must be >= 1, got {batch_size}")
     self.vae, self.directory = vae, directory
-    devices = list(devices or jax.local_devices())
-    per_device = -(-int(batch_size) // len(devices))
-    self.batch_size = per_device * len(devices)
-    mesh = Mesh(np.asarray(devices), ("batch",))
-    self._sharding = NamedSharding(mesh, PartitionSpec("batch"))
-    self._params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    self._local = local_batch.LocalBatch(devices)
+    self.batch_size = self._local.round_up(batch_size)
+    self._params = self._local.place(params)
     self._decode = jax.jit(lambda p, z: ae_lib.decode(vae, p, z))
 
   def image_shape(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -62,7 +59,7 @@ class LatentDecoder:
       pad = self.batch_size - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
-      images = self._decode(self._params, jax.device_put(chunk, self._sharding))
+      images = self._decode(self._params, self._local.shard(chunk))
       out.append(np.asarray(images)[:self.batch_size - pad])
     return np.concatenate(out)
 

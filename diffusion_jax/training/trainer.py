@@ -40,6 +40,7 @@ from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
 from diffusion_jax.training import families
 from diffusion_jax.training import latent_decoder
+from diffusion_jax.training import local_batch
 from diffusion_jax.training import metric_writer
 from diffusion_jax.training import parallel
 from diffusion_jax.training import progress
@@ -477,10 +478,9 @@ class _ImageSampler:
   (None: config.sample's), on the params' sampling schedule, spread over `devices` (default this
   host's local devices; one device when they do not divide `num`).
 
-  Spread: the params are replicated (`place`) and the model's input is batch-sharded, so an
-  8-device host draws an evaluation's batches 8x wider than one device would; the images do not
-  depend on the number of devices (the samplers' random numbers are drawn from the key with
-  JAX's partitionable threefry, and each example's network evaluation is its own).
+  Spread (`local_batch`): the params are replicated (`place`) and the model's input is
+  batch-sharded, so an 8-device host draws an evaluation's batches 8x wider than one device
+  would; the images do not depend on the number of devices.
   The schedule (a learned VDM schedule is read from the params) and its respacing are computed
   eagerly; the sampler runs jitted, compiled once (the plan's static settings do not depend on the
   schedule's values).
@@ -489,12 +489,7 @@ class _ImageSampler:
   def __init__(self, config: Any, comp: components.Components, num: int,
                sampler: str | None = None, steps: int | None = None,
                devices: list[jax.Device] | None = None):
-    devices = list(devices or jax.local_devices())
-    if num % len(devices):
-      devices = devices[:1]
-    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
-    self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self.batch_sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    self.local = local_batch.LocalBatch.dividing(num, devices)
     self.config, self.comp, self.sampler, self.steps = config, comp, sampler, steps
     self.labels = sampling.default_labels(num, comp.num_classes)
     self.shape = (num,) + tuple(comp.image_shape)
@@ -502,7 +497,7 @@ class _ImageSampler:
 
   def place(self, params: PyTree) -> PyTree:
     """params on every device of the sampler (a no-op for params already placed)."""
-    return jax.device_put(params, self.replicated)
+    return self.local.place(params)
 
   def __call__(self, params: PyTree, rng: jax.Array) -> jax.Array:
     params = self.place(params)
@@ -512,9 +507,9 @@ class _ImageSampler:
     if self._draw is None:
       def draw(p, s, c, r):
         model_fn = sampling.guided_model_fn(config, model, p, self.labels)
-        spread = lambda x, t: model_fn(jax.lax.with_sharding_constraint(x, self.batch_sharded), t)
+        spread = lambda x, t: model_fn(self.local.constrain(x), t)
         return run(spread, s, self.shape, r, **c)
-      self._draw = jax.jit(draw, out_shardings=self.batch_sharded)
+      self._draw = jax.jit(draw, out_shardings=self.local.sharded)
     return self._draw(params, schedule, per_call, rng)
 
 
