@@ -513,7 +513,6 @@ class _ImageSampler:
     return self._draw(params, schedule, per_call, rng)
 
 
-
 def _make_text_sample_fn(config: Any, comp: components.Components, num: int):
   """jitted sample_fn(params, rng) -> tokens [num, L] (`text_run.generate` with `sample.*`)."""
   steps = config.sample.text_steps
