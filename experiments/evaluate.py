@@ -40,6 +40,7 @@ import numpy as np
 from diffusion_jax.evaluation import features as features_lib
 from diffusion_jax.evaluation import metrics
 from diffusion_jax.evaluation import reference as reference_lib
+from diffusion_jax.training import local_batch
 from experiments import shards
 
 GRID_SAMPLES = 64
@@ -72,16 +73,16 @@ def define_flags() -> None:
 
 def make_feature_fn(net: features_lib.FeatureNet, devices: Sequence[jax.Device],
                     per_device_batch: int) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-  """uint8 [N, H, W, C] -> {'pool': float32 [N, D], 'logits': float32 [N, K]}, pmapped.
+  """uint8 [N, H, W, C] -> {'pool': float32 [N, D], 'logits': float32 [N, K]}, split over
+  `devices` (`training.local_batch`).
 
   Every call runs `per_device_batch` images on each device (the last call padded), so an image's
   features are the same bits whatever the number of devices.
   """
-  from flax import jax_utils  # pylint: disable=g-import-not-at-top
-  devices = list(devices)
-  params = jax_utils.replicate(net.params, devices)
-  pmapped = jax.pmap(net.apply, devices=devices)
-  per_call = per_device_batch * len(devices)
+  local = local_batch.LocalBatch(devices)
+  params = local.place(net.params)
+  apply = jax.jit(lambda p, x: net.apply(p, local.constrain(x)), out_shardings=local.sharded)
+  per_call = per_device_batch * local.num_devices
 
   def compute(images: np.ndarray) -> dict[str, np.ndarray]:
     if net.image_shape is not None and images.shape[1:] != net.image_shape:
@@ -92,10 +93,9 @@ def make_feature_fn(net: features_lib.FeatureNet, devices: Sequence[jax.Device],
       chunk = images[start:start + per_call]
       padded = np.concatenate([chunk, np.zeros((per_call - len(chunk),) + chunk.shape[1:],
                                                 chunk.dtype)])
-      result = pmapped(params, padded.reshape((len(devices), per_device_batch) + chunk.shape[1:]))
+      result = apply(params, local.shard(padded))
       for key, value in result.items():
-        out.setdefault(key, []).append(
-            np.asarray(value).reshape((per_call,) + value.shape[2:])[:len(chunk)])
+        out.setdefault(key, []).append(np.asarray(value)[:len(chunk)])
     return {key: np.concatenate(parts) for key, parts in out.items()}
 
   return compute

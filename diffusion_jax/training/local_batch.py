@@ -7,7 +7,8 @@ example's computation is its own (sampling, decoding), the results do not depend
 of devices: the samplers draw their random numbers from keys with JAX's partitionable threefry.
 
 Used by the trainer's sample grids and evaluations (`trainer._ImageSampler`), the command-line
-samplers (`experiments/sampling_lib.make_generator`) and the latent decoder.
+samplers (`experiments/sampling_lib.make_generator`), `experiments.evaluate`'s feature network
+and the latent decoder.
 
 References: JAX "Distributed arrays and automatic parallelization" (jit with NamedSharding).
 """
