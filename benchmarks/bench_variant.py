@@ -1,12 +1,14 @@
-"""A JAX workload in its default setting and in a variant: each in its own process, alternated.
+"""A workload in its default setting and in a variant: each in its own process, alternated.
 
   python benchmarks/bench_variant.py --task train --models ddpm_cifar10 \
       --flags=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
   python benchmarks/bench_variant.py --task train --models ddpm_cifar10,DiT-S/2 \
       --variant_args=--host_memory=keep
+  python benchmarks/bench_variant.py --side torch --models DiT-S/2 --variant_args=--dtype=bfloat16
 
 Both sides run `workloads.py --side jax --convolutions=ynnpack --host_memory=release` (JAX's and
-glibc's defaults; the workload adds no setting of its own). The variant also gets
+glibc's defaults; the workload adds no setting of its own), or with `--side torch` PyTorch's side
+(the JAX-only settings do not reach it). The variant also gets
 `XLA_FLAGS=<--flags>` and the extra workload arguments `--variant_args` (space-separated; a later
 argument overrides the default above). Prints the spreads, compile times, page faults per call
 and the speed-up default time / variant time, refused under load (benchmarks/protocol.py). This
@@ -24,6 +26,7 @@ import protocol
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--side", default="jax", choices=("jax", "torch"))
   p.add_argument("--models", default="ddpm_cifar10")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--rounds", type=int, default=3, help="alternated rounds per side")
@@ -42,23 +45,24 @@ def main() -> None:
                      "side must run with JAX's defaults")
   print(protocol.machine_line(), flush=True)
   for model in a.models.split(","):
-    argv = [os.path.join("benchmarks", "workloads.py"), "--side", "jax", "--task", a.task,
+    argv = [os.path.join("benchmarks", "workloads.py"), "--side", a.side, "--task", a.task,
             "--model", model, f"--batch={a.batch}", f"--iters={a.iters}", f"--dtype={a.dtype}",
             "--convolutions=ynnpack", "--host_memory=release"]
     print(f"\n{model} {a.task}, batch {a.batch}, {a.rounds} alternated rounds x {a.iters} timed "
           f"calls; variant: XLA_FLAGS={a.flags!r}, arguments {a.variant_args!r}", flush=True)
     before = protocol.print_load("before")
-    res = protocol.alternate({"jax default": argv, "jax variant": argv + a.variant_args.split()},
-                             a.rounds, env={"jax default": {}, "jax variant": {"XLA_FLAGS": a.flags}}
+    default, variant = f"{a.side} default", f"{a.side} variant"
+    res = protocol.alternate({default: argv, variant: argv + a.variant_args.split()},
+                             a.rounds, env={default: {}, variant: {"XLA_FLAGS": a.flags}}
                              if a.flags else None)
     after = protocol.print_load("after")
     for name, rs in res.items():
       comp = [r["compile_s"] for r in rs]
-      print(f"  {name:11s} {protocol.fmt_ms(protocol.all_times(rs))} per call; compile "
-            f"{statistics.median(comp):.2f} s{protocol.faults_note(rs)}", flush=True)
+      print(f"  {name:13s} {protocol.fmt_ms(protocol.all_times(rs))} per call; "
+            f"{'compile' if a.side == 'jax' else 'first call'} {statistics.median(comp):.2f} s"
+            f"{protocol.faults_note(rs)}", flush=True)
     print(protocol.ratio_line(f"{model} {a.task}, default time / variant time",
-                              protocol.all_times(res["jax variant"]),
-                              protocol.all_times(res["jax default"]),
+                              protocol.all_times(res[variant]), protocol.all_times(res[default]),
                               protocol.load_verdict(before, after), a.force_ratio), flush=True)
 
 

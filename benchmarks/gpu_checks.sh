@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 12's accelerator checks in one go, each benchmark under its own time limit, so that one
 # that fails or overruns does not cost the others. Logs go to $1 (default gpu_logs/); further
-# arguments pick steps by name (default: all, about 14 minutes on an H100 host, so pick steps to
-# fit a lease).
+# arguments pick steps by name (default: all; their time limits add up to ~14 minutes, so pick
+# steps to fit a lease).
 #
 #   bash benchmarks/gpu_checks.sh [LOGDIR [mfu] [mfu_variants] [train_fp32] [train_bf16] [sampling]]
 #

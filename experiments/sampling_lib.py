@@ -13,7 +13,8 @@ and pc ((1 + corrector_steps) N).
 
 Example i of a run (over all batches) uses the key fold_in(PRNGKey(seed), i), whatever the batch
 size or the number of devices; the samplers draw every random number from that key, so the
-same seed gives the same images on 1 or 8 devices. `make_generator` builds the sampler
+same seed gives the same images on 1 or 8 devices (the same bits with the same batch per device,
+as `experiments/evaluate.py` runs it; else up to float32 rounding). `make_generator` builds the sampler
 once (compiled at its first call) and draws any number of samples, at any first index, with it:
 `experiments/evaluate.py` draws all its shards with one; `generate` builds one per call.
 

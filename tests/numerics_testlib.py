@@ -66,3 +66,12 @@ def install_report(path: str) -> None:
     return original(actual, desired, rtol, atol, *args, **kwargs)
 
   np.testing.assert_allclose = logged
+
+
+def reductions_per_call(fn, *args) -> int:
+  """How many reductions (matmuls, convolutions, sums) one call of fn(*args) traces: the
+  operations whose summation order a kernel may choose, so a run with another batch size per
+  device (another kernel) may round each of them differently."""
+  import jax  # pylint: disable=import-outside-toplevel
+  text = str(jax.make_jaxpr(fn)(*args))
+  return sum(text.count(name) for name in ("dot_general", "conv_general_dilated", "reduce_sum"))

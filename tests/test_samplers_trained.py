@@ -51,3 +51,37 @@ def test_fast_samplers_match_the_ancestral_chain_on_trained_digits(quickstart_ru
   for name in ("dpm_solver++", "heun", "ddim"):
     assert grids.network_evaluations(name, RUNS[name]) <= 25
     assert distance[name] <= WITHIN * distance["ddpm"], distance
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("quickstart")
+def test_samplers_split_over_8_devices_draw_the_trained_models_images(quickstart_run):
+  # The trainer's previews / evaluation sampler and the command-line generator, both split over
+  # the 8 test devices (training.local_batch), draw the trained digits model's images as on one
+  # device, up to float32 rounding: a device's batch of 2 instead of 16 may pick kernels that sum
+  # in another order, so each of the network's reductions may round differently at each of the
+  # 10 steps (on this machine the trainer's sampler differed by up to 1.4e-6 here, while the
+  # tiny test model's images were the same bits).
+  import jax
+  import jax.numpy as jnp
+  from numerics_testlib import assert_f32_close, reductions_per_call
+  from diffusion_jax.training import components
+  from diffusion_jax.training import trainer
+  loaded = restore.load_for_sampling(quickstart_run.workdir, use_ema=True)
+  comp = components.build(loaded.config, loaded.image_shape)
+  key = jax.random.PRNGKey(5)
+  spread = trainer._ImageSampler(loaded.config, comp, 16, sampler="ddim", steps=10)
+  one = trainer._ImageSampler(loaded.config, comp, 16, sampler="ddim", steps=10,
+                              devices=jax.devices()[:1])
+  x = jnp.zeros((2,) + tuple(loaded.image_shape))
+  ops = 10 * reductions_per_call(
+      lambda p: loaded.model.apply({"params": p}, x, jnp.zeros(2), None, train=False),
+      loaded.params)
+  images = spread(loaded.params, key)
+  assert len(images.sharding.device_set) == 8
+  assert_f32_close(images, one(loaded.params, key), ops=ops)
+  assert np.asarray(images).std() > 0.1   # digits, not a constant
+  cli = {n: sampling_lib.make_run_generator(loaded, seed=0, batch_size=16, sampler="ddim",
+                                            steps=10, devices=jax.devices()[:n])(16)
+         for n in (1, 8)}
+  assert_f32_close(cli[8], cli[1], ops=ops)

@@ -3,8 +3,11 @@
 The parameters are replicated on the devices (`place`), the batch is sharded along its first
 axis (`shard` for inputs, `constrain` inside the jitted function, `sharded` as out_shardings),
 and XLA partitions the program: each device runs its slice of the batch. For work in which each
-example's computation is its own (sampling, decoding), the results do not depend on the number
-of devices: the samplers draw their random numbers from keys with JAX's partitionable threefry.
+example's computation is its own (sampling, decoding), the random numbers do not depend on the
+number of devices (JAX's partitionable threefry), and the results are the same bits as long as
+each device's batch has the size it would have on one device (`experiments.evaluate` keeps the
+per-device batch fixed); with another per-device batch, kernels may sum in another order, so
+results agree up to float32 rounding.
 
 Used by the trainer's sample grids and evaluations (`trainer._ImageSampler`), the command-line
 samplers (`experiments/sampling_lib.make_generator`), `experiments.evaluate`'s feature network
