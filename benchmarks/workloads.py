@@ -52,11 +52,13 @@ def _shape(model: str) -> tuple[int, int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------- JAX
-def jax_setup(model: str, batch: int, dtype: str, size: int | None = None, params=None):
+def jax_setup(model: str, batch: int, dtype: str, size: int | None = None, params=None,
+              attention: str | None = None):
   """(module, params, x [B, size, size, C], t [B], y [B] or None) with random weights: the
   benchmarked network (DiT without learned sigma, U-Net without dropout) computing in `dtype`.
   size: the input's side (default `_shape`'s: 32). params: reuse these weights (e.g. those of
-  an earlier setup at another batch size) instead of drawing new ones."""
+  an earlier setup at another batch size) instead of drawing new ones. attention: the model's
+  attention kernel (`layers.attention`'s implementation; None: the library's default)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
 
@@ -65,6 +67,7 @@ def jax_setup(model: str, batch: int, dtype: str, size: int | None = None, param
   default_size, cin, ncls, _ = _shape(model)
   size = size or default_size
   kw = {"learn_sigma": False} if model.startswith("DiT-") else {"dropout": 0.0}
+  kw["attention"] = attention
   module = dj.get_model(model, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, **kw)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(-1, 1, (batch, size, size, cin)), jnp.float32)
@@ -79,7 +82,7 @@ def jax_setup(model: str, batch: int, dtype: str, size: int | None = None, param
 
 
 def jax_train_step(model: str, batch: int, dtype: str = "float32", size: int | None = None,
-                   setup: tuple | None = None):
+                   setup: tuple | None = None, attention: str | None = None):
   """(jitted step, its argument list) of the 'train' task: `dj.training_loss` (eps, MSE, linear
   T = 1000) + `optax.adam(2e-4)`; step(params, opt_state, x, key) -> (params, opt_state, loss),
   params and opt_state donated. setup: `jax_setup`'s result, if the caller already made it."""
@@ -88,7 +91,7 @@ def jax_train_step(model: str, batch: int, dtype: str = "float32", size: int | N
 
   import diffusion_jax as dj
 
-  module, params, x, _, y = setup or jax_setup(model, batch, dtype, size)
+  module, params, x, _, y = setup or jax_setup(model, batch, dtype, size, attention=attention)
   schedule = dj.get_schedule("linear", 1000)
   tx = optax.adam(2e-4)
 
@@ -103,7 +106,8 @@ def jax_train_step(model: str, batch: int, dtype: str = "float32", size: int | N
   return jax.jit(step, donate_argnums=(0, 1)), [params, tx.init(params), x, jax.random.key(1)]
 
 
-def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: str) -> dict:
+def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: str,
+             attention: str | None = None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
   import diffusion_jax as dj
@@ -112,9 +116,9 @@ def jax_side(task: str, model: str, batch: int, iters: int, steps: int, dtype: s
   if task not in ("forward", "train", "ddpm", "ddim"):
     raise ValueError(f"task must be forward, train, ddpm or ddim, got {task!r}")
   if task == "train":
-    fn, args = jax_train_step(model, batch, dtype)
+    fn, args = jax_train_step(model, batch, dtype, attention=attention)
   else:
-    module, params, x, t, y = jax_setup(model, batch, dtype)
+    module, params, x, t, y = jax_setup(model, batch, dtype, attention=attention)
     if task == "forward":
       fn = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t, y))
       args = (params, x, t)
@@ -250,11 +254,13 @@ def main() -> None:
                  help="XLA:CPU convolutions: YNNPACK's (JAX's default) or XLA's own (opt-in)")
   p.add_argument("--host_memory", default="release", choices=("release", "keep"),
                  help="JAX side: glibc's default malloc, or freed memory kept (opt-in)")
+  p.add_argument("--attention", default=None, choices=("einsum", "xla"),
+                 help="JAX side: the models' attention kernel (default: the library's choice)")
   a = p.parse_args()
   if a.side == "jax":
     protocol.use_host_memory(a.host_memory)
     protocol.use_convolutions(a.convolutions)
-    res = jax_side(a.task, a.model, a.batch, a.iters, a.steps, a.dtype)
+    res = jax_side(a.task, a.model, a.batch, a.iters, a.steps, a.dtype, a.attention)
   else:
     res = torch_side(a.task, a.model, a.batch, a.iters, a.steps, a.threads, a.dtype)
   protocol.emit(res)

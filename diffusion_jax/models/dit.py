@@ -136,8 +136,8 @@ class DiT(nn.Module):
     scan_blocks: apply the blocks as one `lax.scan` (default; same parameters and outputs up to
       float32 rounding, gradient cost linear in depth on XLA:CPU, one block compiled); False
       unrolls them.
-    attention: the attention kernel, `layers.attention`'s implementation: None (JAX's choice),
-      'xla' or 'cudnn' (GPU, bfloat16).
+    attention: the attention kernel, `layers.attention`'s implementation: None (the 'einsum'
+      kernel on CPU, JAX's choice elsewhere), 'einsum', 'xla' or 'cudnn' (GPU, bfloat16).
     dtype: computation dtype; param_dtype: parameter dtype.
   """
   in_channels: int = 4

@@ -17,13 +17,19 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 Dtype = Any
-# What scanned transformer blocks keep for the backward pass: the matmul outputs; the elementwise
-# parts (LayerNorm, modulation, GELU, softmax) are recomputed, which was ~10 % faster on XLA:CPU
-# than writing all of them into the scan's stacked buffers (benchmarks/README.md). Same values.
-SCAN_SAVE_POLICY = jax.checkpoint_policies.dots_saveable
+# The name under which `attention`'s 'einsum' kernel marks its softmax probabilities.
+ATTENTION_PROBS = "attention_probs"
+# What scanned transformer blocks keep for the backward pass: the matmul outputs and the attention
+# probabilities; the other elementwise parts (LayerNorm, modulation, GELU) are recomputed, which
+# was ~10 % faster on XLA:CPU than writing all of them into the scan's stacked buffers
+# (benchmarks/README.md). Same values.
+SCAN_SAVE_POLICY = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_saveable,
+    jax.checkpoint_policies.save_only_these_names(ATTENTION_PROBS))
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 RESAMPLE_MODES = ("none", "up", "down")
 
@@ -79,26 +85,79 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   return np.concatenate([one_d(cols), one_d(rows)], axis=1)
 
 
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = (None, "einsum", "xla", "cudnn")
+# What masked-out logits become: jax.nn.dot_product_attention's value, so both kernels agree on
+# fully masked rows (a uniform softmax).
+_MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
               implementation: str | None = None) -> jax.Array:
   """Softmax attention, q [B, N, heads, head_dim], k, v [B, S, heads, head_dim] -> [B, N, heads,
   head_dim], scale head_dim ** -0.5; mask: None or bool broadcastable to [B, heads, N, S] (True:
-  may attend).
+  may attend). Logits and softmax in float32 whatever the inputs' dtype.
 
-  Goes through `jax.nn.dot_product_attention`; implementation: its choice, None (JAX picks: XLA's
-  unfused softmax today), 'xla', or 'cudnn' (cuDNN's fused kernel: a GPU, bfloat16 / float16
-  inputs, head_dim a multiple of 8 up to 128).
+  implementation:
+    None: 'einsum' on CPU; elsewhere `jax.nn.dot_product_attention`'s own choice (XLA's unfused
+      softmax today).
+    'einsum': two einsums around a float32 softmax, with a hand-written backward pass
+      (`_einsum_attention`); on XLA:CPU its gradient is ~2x faster than 'xla''s
+      (benchmarks/README.md).
+    'xla', 'cudnn': `jax.nn.dot_product_attention` with that implementation; 'cudnn' is cuDNN's
+      fused kernel (a GPU, bfloat16 / float16 inputs, head_dim a multiple of 8 up to 128).
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got "
                      f"{implementation!r}")
   if implementation == "cudnn" and jax.default_backend() != "gpu":
     raise ValueError(f"attention implementation 'cudnn' needs a GPU; the backend is "
-                     f"{jax.default_backend()!r} (use None or 'xla')")
+                     f"{jax.default_backend()!r} (use None, 'einsum' or 'xla')")
+  if implementation == "einsum" or (implementation is None and jax.default_backend() == "cpu"):
+    return _einsum_attention(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def _softmax_probs(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """softmax(q k^T * scale) over the keys, float32 [B, heads, N, S]."""
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(q.shape[-1] ** -0.5)
+  if mask is not None:
+    logits = jnp.where(mask, logits, _MASKED_LOGIT)
+  unnormalised = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+  return unnormalised / unnormalised.sum(-1, keepdims=True)
+
+
+@jax.custom_vjp
+def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      mask: jax.Array | None) -> jax.Array:
+  """`attention`'s 'einsum' kernel: softmax(q k^T / sqrt(head_dim)) v. Its backward pass keeps
+  the probabilities P (marked `ATTENTION_PROBS` for `jax.checkpoint` policies) and uses
+  rowsum(P * dP) = rowsum(dO * O), FlashAttention's D term (Dao et al. 2022, arXiv:2205.14135,
+  Alg. 4), instead of differentiating through the softmax's max, exp and division."""
+  probs = _softmax_probs(q, k, mask)
+  return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+
+
+def _einsum_attention_fwd(q, k, v, mask):
+  probs = checkpoint_name(_softmax_probs(q, k, mask), ATTENTION_PROBS)
+  out = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+  return out, (q, k, v, mask, probs, out)
+
+
+def _einsum_attention_bwd(residuals, d_out):
+  q, k, v, mask, probs, out = residuals
+  d_v = jnp.einsum("bnts,btnh->bsnh", probs.astype(v.dtype), d_out.astype(v.dtype))
+  d_probs = jnp.einsum("btnh,bsnh->bnts", d_out, v, preferred_element_type=jnp.float32)
+  row_sums = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  d_logits = probs * (d_probs - row_sums[..., None]) * jnp.float32(q.shape[-1] ** -0.5)
+  if mask is not None:   # masked logits are constants (a fully masked row has nonzero probs)
+    d_logits = jnp.where(mask, d_logits, 0.0)
+  d_q = jnp.einsum("bnts,bsnh->btnh", d_logits.astype(q.dtype), k)
+  d_k = jnp.einsum("bnts,btnh->bsnh", d_logits.astype(k.dtype), q)
+  return d_q, d_k, d_v, None
+
+
+_einsum_attention.defvjp(_einsum_attention_fwd, _einsum_attention_bwd)
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
@@ -237,7 +296,8 @@ class AttnBlock(nn.Module):
   out = x + proj_out(attention(q, k, v)), with q, k, v = Dense(GroupNorm(x)) split into heads.
 
   Args:
-    x: [B, H, W, C]; `head_dim` None means one head of width C.
+    x: [B, H, W, C]; `head_dim` None means one head of width C; `attention` the kernel
+      (`attention`'s implementation).
   Returns:
     [B, H, W, C].
   References: DDPM `attn_block`; ADM `AttentionBlock`.
@@ -247,6 +307,7 @@ class AttnBlock(nn.Module):
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -260,7 +321,7 @@ class AttnBlock(nn.Module):
     dense = lambda name, init=default_kernel_init: nn.Dense(
         c, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init, name=name)
     q, k, v = (dense(n)(h).reshape(b, hgt * wid, heads, head_dim) for n in ("q", "k", "v"))
-    h = attention(q, k, v).reshape(b, hgt * wid, c)
+    h = attention(q, k, v, implementation=self.attention).reshape(b, hgt * wid, c)
     h = dense("proj_out", nn.initializers.zeros)(h)
     return x.astype(self.dtype) + h.reshape(b, hgt, wid, c)
 

@@ -61,6 +61,8 @@ class UNet(nn.Module):
       e.g. (6, 7)) concatenated to x before the first convolution; () for none. The output keeps
       `out_channels`.
     remat: rematerialise each residual / attention block in the backward pass.
+    attention: the attention kernel, `layers.attention`'s implementation: None (the 'einsum'
+      kernel on CPU, JAX's choice elsewhere), 'einsum', 'xla' or 'cudnn' (GPU, bfloat16).
     dtype: computation dtype; param_dtype: parameter dtype (float32).
   """
   in_channels: int = 3
@@ -83,6 +85,7 @@ class UNet(nn.Module):
   learn_sigma: bool = False
   fourier_exponents: tuple[int, ...] = ()
   remat: bool = False
+  attention: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -116,7 +119,8 @@ class UNet(nn.Module):
     res = lambda c, name, resample="none": res_cls(
         c, self.num_groups, self.norm_eps, self.dropout, self.scale_shift, resample, name=name,
         **kw)
-    attn = lambda name: attn_cls(self.head_dim, self.num_groups, self.norm_eps, name=name, **kw)
+    attn = lambda name: attn_cls(self.head_dim, self.num_groups, self.norm_eps,
+                                 attention=self.attention, name=name, **kw)
     dense = lambda c, name: nn.Dense(c, kernel_init=layers.default_kernel_init, name=name, **kw)
 
     # Conditioning embedding.

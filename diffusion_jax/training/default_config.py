@@ -75,6 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.learn_sigma = _ph(bool)           # output 2C channels (prediction and variance)
   m.norm_eps = _ph(float)             # GroupNorm / LayerNorm epsilon
   m.remat = _ph(bool)                 # rematerialise blocks in the backward pass
+  m.attention = _ph(str)              # kernel: None ('einsum' on CPU, else JAX's), 'einsum', 'xla', 'cudnn'
   m.dtype = _ph(str)                  # computation dtype of the module ('float32', 'bfloat16')
   m.param_dtype = _ph(str)            # parameter dtype
   m.dropout = _ph(float)              # U-Net residual-block dropout
@@ -101,7 +102,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.mlp_ratio = _ph(float)            # MLP width / hidden_size
   m.freq_shift = _ph(float)           # denominator shift of the time-embedding frequencies
   m.scan_blocks = _ph(bool)           # run the blocks as one lax.scan (default: the preset's, True)
-  m.attention = _ph(str)              # attention kernel: None (JAX's choice), 'xla', 'cudnn' (GPU)
   # Text transformer only ('text_tiny', 'text_small'; also hidden_size, depth, num_heads, mlp_ratio).
   m.vocab_size = _ph(int)             # data tokens V (id V is the mask / BOS token); 256 for bytes
   m.time_conditioning = _ph(bool)     # adaLN-Zero conditioning on t (False: the network ignores t)

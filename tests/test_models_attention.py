@@ -1,0 +1,118 @@
+"""`layers.attention`'s 'einsum' kernel (hand-written backward pass) against
+`jax.nn.dot_product_attention` differentiated by JAX, in float32 and bfloat16."""
+import io
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numerics_testlib
+import pytest
+
+from diffusion_jax.models import get_model, layers
+from models_testlib import random_params
+
+B, N, S, HEADS, HEAD_DIM = 2, 7, 9, 3, 8
+EPS_BF16 = 2.0 ** -8   # bfloat16 has 8 significand bits: one ulp at 1.0
+
+
+def _inputs(seed=0):
+  kq, kk, kv, kw = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = 2.0 * jax.random.normal(kq, (B, N, HEADS, HEAD_DIM))   # logits of a few units: a peaked softmax
+  k = 2.0 * jax.random.normal(kk, (B, S, HEADS, HEAD_DIM))
+  v = jax.random.normal(kv, (B, S, HEADS, HEAD_DIM))
+  weights = jax.random.normal(kw, (B, N, HEADS, HEAD_DIM))   # the cotangent of the output
+  return q, k, v, weights
+
+
+def _masks():
+  causal = (jnp.arange(S)[None, :] <= jnp.arange(N)[:, None] + 1)[None, None]   # [1, 1, N, S]
+  row_masked = jnp.ones((B, 1, N, S), bool).at[1, 0, 3].set(False)   # one query sees no key
+  return {"none": None, "causal": causal, "a fully masked row": row_masked}
+
+
+def _value_and_grads(implementation, mask, dtype=jnp.float32):
+  q, k, v, weights = _inputs()
+
+  def loss(q, k, v):
+    out = layers.attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask,
+                           implementation)
+    return jnp.sum(out.astype(jnp.float32) * weights), out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+@pytest.mark.parametrize("mask_name", list(_masks()))
+def test_einsum_kernel_matches_jax_nn_in_float32(mask_name):
+  """Output and the gradients of q, k, v agree with jax.nn's XLA attention to float32 rounding.
+  A gradient element sums S products whose factors are themselves sums over S or head_dim terms
+  in another order (rowsum(dO * O) over head_dim replaces rowsum(P * dP) over S), so up to
+  2 (S + head_dim) roundings of the largest gradient's magnitude."""
+  mask = _masks()[mask_name]
+  out, grads = _value_and_grads("einsum", mask)
+  ref_out, ref_grads = _value_and_grads("xla", mask)
+  numerics_testlib.assert_f32_close(out, ref_out, ops=2 * S)
+  for name, g, ref in zip("qkv", grads, ref_grads, strict=True):
+    numerics_testlib.assert_f32_close(g, ref, ops=2 * (S + HEAD_DIM), err_msg=f"d{name}")
+
+
+def test_einsum_kernel_in_bfloat16_is_as_close_to_float32_as_jax_nn():
+  """bfloat16 inputs: logits and softmax stay in float32, probabilities and logit cotangents are
+  rounded to bfloat16 before the value / key / query matmuls (as in jax.nn's kernel). Each result
+  passes through ~6 such roundings (inputs, probabilities or logit cotangents, output) of
+  2^-8 relative each; against the float32 result both kernels stay within 8 bfloat16 ulps of the
+  largest magnitude."""
+  mask = _masks()["causal"]
+  ref_out, ref_grads = _value_and_grads("xla", mask)
+  for implementation in ("einsum", "xla"):
+    out, grads = _value_and_grads(implementation, mask, jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads),
+                              strict=True):
+      ref = np.asarray(ref, np.float64)
+      err = np.max(np.abs(np.asarray(got, np.float64) - ref))
+      assert err <= 8 * EPS_BF16 * np.max(np.abs(ref)), (implementation, name, err)
+
+
+def test_default_is_einsum_on_cpu_and_probabilities_are_saved_under_the_scan_policy():
+  """On CPU `implementation=None` is the 'einsum' kernel (identical results); under
+  `jax.checkpoint(policy=SCAN_SAVE_POLICY)` its probabilities are a saved residual, named, so the
+  backward pass of a scanned block does not recompute the softmax."""
+  assert jax.default_backend() == "cpu"
+  for mask in _masks().values():
+    default, einsum = _value_and_grads(None, mask), _value_and_grads("einsum", mask)
+    for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(einsum), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  q, k, v, _ = _inputs()
+  block = jax.checkpoint(lambda q, k, v: layers.attention(q, k, v).sum(),
+                         policy=layers.SCAN_SAVE_POLICY)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    jax.ad_checkpoint.print_saved_residuals(block, q, k, v)
+  assert f"f32[{B},{HEADS},{N},{S}] named '{layers.ATTENTION_PROBS}'" in printed.getvalue()
+
+
+def test_attention_works_under_vmap():
+  q, k, v, _ = _inputs()
+  stacked = jax.vmap(lambda q: layers.attention(q, k, v, implementation="einsum"))(q[None])
+  np.testing.assert_array_equal(np.asarray(stacked[0]),
+                                np.asarray(layers.attention(q, k, v, implementation="einsum")))
+
+
+def test_unet_attention_field_picks_the_kernel():
+  """The U-Net passes `attention` to its attention blocks: the default is the 'einsum' kernel on
+  CPU (identical output), 'xla' agrees to float32 rounding (the 8x8 attention sums 64 keys and
+  64 channels; the layers after it carry those differences through ~100 operations), and an
+  unknown name is a ValueError naming the choices."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  t = jnp.array([5, 900])
+  default = get_model("unet_tiny")
+  params = random_params(default, (16, 16, 3), std=0.2)
+  out = default.apply({"params": params}, x, t)
+  einsum = get_model("unet_tiny", attention="einsum").apply({"params": params}, x, t)
+  np.testing.assert_array_equal(np.asarray(einsum), np.asarray(out))
+  xla = get_model("unet_tiny", attention="xla").apply({"params": params}, x, t)
+  numerics_testlib.assert_f32_close(xla, out, ops=64 + 64 + 100)
+  with pytest.raises(ValueError, match="one of .*got 'flash'"):
+    get_model("unet_tiny", attention="flash").apply({"params": params}, x, t)
