@@ -7,8 +7,10 @@ probability-flow ODE likelihood.
 The VLB is `losses.bits_per_dim` (prior + all T terms + discretised decoder, one lax.scan over
 t), or for a VDM run its own bound (continuous time or its T steps, one time per example); the ODE value is -log2 p of uniformly dequantised data (`samplers.likelihood`, Hutchinson
 trace), an upper bound on the discrete bits/dim in expectation. Both are averaged over every test
-example once (padding masked out), pmapped over the local devices; example i's noise comes
-from fold_in(PRNGKey(seed), i), so the figure does not depend on the device count.
+example once (padding masked out), each batch split over the local devices under `jax.jit`
+(`training.local_batch`); example i's noise comes from fold_in(PRNGKey(seed), i), so the figure
+does not depend on the device count (up to float32 rounding: a device's share of the batch may
+sum in another order).
 
 References: Ho et al. 2020, eq. 5; Nichol & Dhariwal 2021 (calc_bpd_loop); Song et al. 2021,
 appendix D.2.
@@ -19,7 +21,6 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import _checks
@@ -28,6 +29,7 @@ from diffusion_jax import reverse
 from diffusion_jax import rng as rng_lib
 from diffusion_jax.samplers import likelihood
 from diffusion_jax.schedules import Schedule
+from diffusion_jax.training import local_batch
 
 METHODS = ("vlb", "ode")
 
@@ -43,10 +45,12 @@ def evaluate_bits_per_dim(apply_fn, params: Any, schedule: Schedule,
   Args:
     apply_fn: `(params, x [B, H, W, C], t [B], y [B] or None) -> output` (unconditional use:
       y is None).
-    params: model parameters (replicated).
+    params: model parameters.
     schedule: the training schedule.
     batches: dicts {'image': float32 [D, b, H, W, C] on the 256-level grid in [-1, 1],
-      'mask': bool [D, b]} with D = the local device count (`data.make_eval_iterator`).
+      'mask': bool [D, b]} (`data.make_eval_iterator`: D = the local device count). Each batch's
+      D * b examples are split over the local devices (over one device when their number does
+      not divide D * b).
     method: 'vlb' (full variational bound) or 'ode' (probability-flow ODE, dequantised).
     prediction, variance, clip_denoised: the model's parameterisation (VLB).
     ode_steps: Heun steps of the ODE likelihood.
@@ -62,7 +66,7 @@ def evaluate_bits_per_dim(apply_fn, params: Any, schedule: Schedule,
   _checks.check_choice("method", method, METHODS)
   root = jax.random.PRNGKey(seed)
 
-  def per_device(params, x, keys):
+  def per_example(params, x, keys):
     model_fn = lambda x_t, t: apply_fn(params, x_t, t, None)
     if method == "vlb" and vlb_fn is not None:
       return vlb_fn(params, x, keys)
@@ -76,16 +80,26 @@ def evaluate_bits_per_dim(apply_fn, params: Any, schedule: Schedule,
                                            prediction=prediction, variance=variance)
     return likelihood.nats_to_bits_per_dim(result.log_p, dims)
 
-  pmapped = jax.pmap(per_device, in_axes=(None, 0, 0))
+  runners = {}   # batch size -> (its LocalBatch, params placed there, the jitted bound)
+
+  def runner(size: int):
+    if size not in runners:
+      local = local_batch.LocalBatch.dividing(size)
+      run = jax.jit(lambda p, x, k: per_example(p, local.constrain(x), local.constrain(k)),
+                    out_shardings=local.sharded)
+      runners[size] = (local, local.place(params), run)
+    return runners[size]
+
   seen = [0]
 
   def fn(batch):
-    image = jnp.asarray(batch["image"])
-    devices, per = image.shape[:2]
-    indices = seen[0] + np.arange(devices * per)
-    seen[0] += devices * per
+    image = np.asarray(batch["image"])
+    size = image.shape[0] * image.shape[1]
+    indices = seen[0] + np.arange(size)
+    seen[0] += size
+    local, placed, run = runner(size)
     keys = rng_lib.keys_for_indices(root, indices)
-    return pmapped(params, image, keys.reshape((devices, per) + keys.shape[1:]))
+    return run(placed, local.shard(image.reshape((size,) + image.shape[2:])), local.shard(keys))
 
   def limited():
     for k, batch in enumerate(batches):

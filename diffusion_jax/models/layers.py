@@ -100,7 +100,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
   implementation:
     None: 'einsum' on CPU; elsewhere `jax.nn.dot_product_attention`'s own choice (XLA's unfused
       softmax today).
-    'einsum': two einsums around a float32 softmax, with a hand-written backward pass
+    'einsum': two einsums around a float32 softmax, with a hand-written derivative
       (`_einsum_attention`); on XLA:CPU its gradient is ~2x faster than 'xla''s
       (benchmarks/README.md).
     'xla', 'cudnn': `jax.nn.dot_product_attention` with that implementation; 'cudnn' is cuDNN's
@@ -127,37 +127,35 @@ def _softmax_probs(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Ar
   return unnormalised / unnormalised.sum(-1, keepdims=True)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                       mask: jax.Array | None) -> jax.Array:
-  """`attention`'s 'einsum' kernel: softmax(q k^T / sqrt(head_dim)) v. Its backward pass keeps
-  the probabilities P (marked `ATTENTION_PROBS` for `jax.checkpoint` policies) and uses
-  rowsum(P * dP) = rowsum(dO * O), FlashAttention's D term (Dao et al. 2022, arXiv:2205.14135,
-  Alg. 4), instead of differentiating through the softmax's max, exp and division."""
+  """`attention`'s 'einsum' kernel: softmax(q k^T / sqrt(head_dim)) v, with a custom JVP rule
+  (below) that JAX transposes for the backward pass, so forward mode (`jax.jvp`, e.g. the ODE
+  likelihood's trace estimate) works as well as `jax.grad`."""
   probs = _softmax_probs(q, k, mask)
   return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
 
 
-def _einsum_attention_fwd(q, k, v, mask):
+@_einsum_attention.defjvp
+def _einsum_attention_jvp(primals, tangents):
+  """Tangent from the kept probabilities P (marked `ATTENTION_PROBS` for `jax.checkpoint`
+  policies): dS = (dq k^T + q dk^T) / sqrt(head_dim), dP = P * (dS - rowsum(P * dS)),
+  d_out = dP v + P dv. Differentiating through the softmax's max, exp and division instead
+  (jax.nn's kernel) made the gradient ~2x slower on XLA:CPU (benchmarks/README.md)."""
+  q, k, v, mask = primals
+  d_q, d_k, d_v, _ = tangents
   probs = checkpoint_name(_softmax_probs(q, k, mask), ATTENTION_PROBS)
   out = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
-  return out, (q, k, v, mask, probs, out)
-
-
-def _einsum_attention_bwd(residuals, d_out):
-  q, k, v, mask, probs, out = residuals
-  d_v = jnp.einsum("bnts,btnh->bsnh", probs.astype(v.dtype), d_out.astype(v.dtype))
-  d_probs = jnp.einsum("btnh,bsnh->bnts", d_out, v, preferred_element_type=jnp.float32)
-  row_sums = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  d_logits = probs * (d_probs - row_sums[..., None]) * jnp.float32(q.shape[-1] ** -0.5)
+  d_logits = (jnp.einsum("btnh,bsnh->bnts", d_q, k, preferred_element_type=jnp.float32)
+              + jnp.einsum("btnh,bsnh->bnts", q, d_k, preferred_element_type=jnp.float32))
+  d_logits = d_logits * jnp.float32(q.shape[-1] ** -0.5)
   if mask is not None:   # masked logits are constants (a fully masked row has nonzero probs)
     d_logits = jnp.where(mask, d_logits, 0.0)
-  d_q = jnp.einsum("bnts,bsnh->btnh", d_logits.astype(q.dtype), k)
-  d_k = jnp.einsum("bnts,btnh->bsnh", d_logits.astype(k.dtype), q)
-  return d_q, d_k, d_v, None
-
-
-_einsum_attention.defvjp(_einsum_attention_fwd, _einsum_attention_bwd)
+  d_probs = probs * (d_logits - jnp.sum(probs * d_logits, axis=-1, keepdims=True))
+  d_out = (jnp.einsum("bnts,bsnh->btnh", d_probs.astype(v.dtype), v)
+           + jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), d_v))
+  return out, d_out
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
