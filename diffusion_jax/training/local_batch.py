@@ -10,8 +10,8 @@ per-device batch fixed); with another per-device batch, kernels may sum in anoth
 results agree up to float32 rounding.
 
 Used by the trainer's sample grids and evaluations (`trainer._ImageSampler`), the command-line
-samplers (`experiments/sampling_lib.make_generator`), `experiments.evaluate`'s feature network
-and the latent decoder.
+samplers (`experiments/sampling_lib.make_generator`), `experiments.evaluate`'s feature network,
+`experiments.evaluate_bpd`'s bounds and the latent decoder.
 
 References: JAX "Distributed arrays and automatic parallelization" (jit with NamedSharding).
 """
