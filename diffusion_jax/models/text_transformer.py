@@ -56,6 +56,8 @@ class TextTransformer(nn.Module):
     scan_blocks: apply the blocks as one `lax.scan` over their stacked parameters (default; the
       same parameters and outputs up to float32 rounding, gradient cost linear in depth on
       XLA:CPU, one block compiled; `layers.scan_blocks`); False unrolls them.
+    attention: the attention kernel, `layers.attention`'s implementation: None (the 'einsum'
+      kernel on CPU, JAX's choice elsewhere), 'einsum', 'xla' or 'cudnn' (GPU, bfloat16).
     dtype, param_dtype: computation and parameter dtypes (logits are float32).
   """
   vocab_size: int = 256
@@ -69,6 +71,7 @@ class TextTransformer(nn.Module):
   rope_base: float = 10000.0
   norm_eps: float = 1e-6
   scan_blocks: bool = True
+  attention: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -93,8 +96,8 @@ class TextTransformer(nn.Module):
 
   def _block(self, **kwargs: Any) -> DiTBlock:
     return DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.norm_eps,
-                    rope_base=self.rope_base, causal=self.causal, dtype=self.dtype,
-                    param_dtype=self.param_dtype, **kwargs)
+                    rope_base=self.rope_base, causal=self.causal, attention=self.attention,
+                    dtype=self.dtype, param_dtype=self.param_dtype, **kwargs)
 
   def _scanned(self) -> bool:
     """Whether the blocks run as one scan (never at init: that creates `block_i` one by one)."""
