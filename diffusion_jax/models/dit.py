@@ -81,7 +81,7 @@ class DiTBlock(nn.Module):
   def __call__(self, x: jax.Array, c: jax.Array, positions: jax.Array | None = None,
                cache: KVCache | None = None):
     b, n, d = x.shape
-    dense = lambda width, name, init=xavier: nn.Dense(
+    dense = lambda width, name, init=xavier: layers.Dense(
         width, kernel_init=init, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     mod = dense(6 * d, "adaLN_modulation", nn.initializers.zeros)(nn.silu(c))
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
@@ -197,8 +197,8 @@ class DiT(nn.Module):
 
     temb = layers.timestep_embedding(t, 256, flip_sin_to_cos=True, freq_shift=self.freq_shift)
     normal = nn.initializers.normal(0.02)
-    c = nn.Dense(d, kernel_init=normal, name="t_embedder_0", **kw)(temb.astype(self.dtype))
-    c = nn.Dense(d, kernel_init=normal, name="t_embedder_2", **kw)(nn.silu(c))
+    c = layers.Dense(d, kernel_init=normal, name="t_embedder_0", **kw)(temb.astype(self.dtype))
+    c = layers.Dense(d, kernel_init=normal, name="t_embedder_2", **kw)(nn.silu(c))
     if self.num_classes > 0:
       if y is None:
         y = jnp.full((b,), self.num_classes, jnp.int32)
@@ -207,9 +207,9 @@ class DiT(nn.Module):
     h = self._blocks(h, c)
 
     zeros = nn.initializers.zeros
-    mod = nn.Dense(2 * d, kernel_init=zeros, name="final_adaLN_modulation", **kw)(nn.silu(c))
+    mod = layers.Dense(2 * d, kernel_init=zeros, name="final_adaLN_modulation", **kw)(nn.silu(c))
     shift, scale = jnp.split(mod, 2, axis=-1)
     h = _modulate(_layer_norm(h, self.norm_eps), shift, scale)
-    h = nn.Dense(p * p * self.out_channels, kernel_init=zeros, name="final_linear", **kw)(h)
+    h = layers.Dense(p * p * self.out_channels, kernel_init=zeros, name="final_linear", **kw)(h)
     h = h.reshape(b, gh, gw, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
     return h.reshape(b, hgt, wid, self.out_channels).astype(jnp.float32)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import SymbolicZero
 import numpy as np
 
 Dtype = Any
@@ -284,6 +285,66 @@ def _resample(x: jax.Array, mode: str) -> jax.Array:
   return x
 
 
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., K] @ kernel [K, N] -> [..., N], as `nn.Dense` computes it, with a weight gradient
+  that XLA:CPU runs at its matmul rate.
+
+  The weight gradient x^T g contracts the token axis, the major axis of both operands. XLA:CPU
+  then transposes the larger operand (often the output gradient g) and runs the dot outside
+  YNNPACK, at roughly half the matmul rate. On CPU the derivative here is a custom JVP that uses
+  a transposed copy of x (kept as it is by `lax.optimization_barrier`): the weight gradient
+  becomes a plain [K, M] @ [M, N] matmul. Values and derivatives are the same dots in another
+  layout (equal to float32 rounding); other backends get the plain matmul
+  (benchmarks/README.md, "The weight gradient").
+  """
+  if jax.default_backend() != "cpu":
+    return jnp.dot(x, kernel)
+  return _matmul_transposed_input(x, kernel)
+
+
+@jax.custom_jvp
+def _matmul_transposed_input(x, kernel):
+  return jnp.dot(x, kernel)
+
+
+def _matmul_transposed_input_jvp(primals, tangents):
+  x, kernel = primals
+  dx, dkernel = tangents
+  out = jnp.dot(x, kernel)
+  d_out = jnp.zeros_like(out)
+  if not isinstance(dx, SymbolicZero):
+    d_out = d_out + jnp.dot(dx, kernel)
+  if not isinstance(dkernel, SymbolicZero):
+    x_t = lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)            # [K, M]
+    # out[m, n] = sum_k x_t[k, m] dkernel[k, n]; its transpose in dkernel is x_t @ g
+    d_out = d_out + jnp.einsum("km,kn->mn", x_t, dkernel).reshape(out.shape)
+  return out, d_out
+
+
+_matmul_transposed_input.defjvp(_matmul_transposed_input_jvp, symbolic_zeros=True)
+
+
+class Dense(nn.Module):
+  """`nn.Dense` (the same parameters, initialisers, dtype promotion and result) computed by
+  `matmul`, whose weight gradient is faster on CPU: [..., C_in] -> [..., features]."""
+  features: int
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = matmul(x, kernel)
+    return y if bias is None else y + bias
+
+
 class Conv1x1(nn.Module):
   """A 1x1 convolution computed as a matmul over channels: [..., C_in] -> [..., features].
 
@@ -303,7 +364,7 @@ class Conv1x1(nn.Module):
                         self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return jnp.einsum("...c,cf->...f", x, kernel[0, 0]) + bias
+    return matmul(x, kernel[0, 0]) + bias
 
 
 class ResBlock(nn.Module):
@@ -350,7 +411,7 @@ class ResBlock(nn.Module):
       h = norm("norm2")(h)
     else:
       width = 2 * self.out_channels if self.scale_shift else self.out_channels
-      e = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+      e = Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
                    kernel_init=default_kernel_init, name="temb_proj")(nn.silu(emb.astype(self.dtype)))
       e = e[:, None, None, :]
       if self.scale_shift:
@@ -395,7 +456,7 @@ class AttnBlock(nn.Module):
     heads = c // head_dim
     h = GroupNorm(self.num_groups, self.epsilon, self.dtype, self.param_dtype, name="norm")(x)
     h = h.reshape(b, hgt * wid, c)
-    dense = lambda name, init=default_kernel_init: nn.Dense(
+    dense = lambda name, init=default_kernel_init: Dense(
         c, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init, name=name)
     q, k, v = (dense(n)(h).reshape(b, hgt * wid, heads, head_dim) for n in ("q", "k", "v"))
     h = attention(q, k, v, implementation=self.attention).reshape(b, hgt * wid, c)

@@ -86,13 +86,13 @@ class TextTransformer(nn.Module):
     normal = nn.initializers.normal(0.02)
     self.token_embedder = nn.Embed(self.vocab_size + 1, d, embedding_init=normal, **kw)
     if self.time_conditioning:
-      self.t_embedder_0 = nn.Dense(d, kernel_init=normal, **kw)
-      self.t_embedder_2 = nn.Dense(d, kernel_init=normal, **kw)
+      self.t_embedder_0 = layers.Dense(d, kernel_init=normal, **kw)
+      self.t_embedder_2 = layers.Dense(d, kernel_init=normal, **kw)
     self.blocks = [self._block(name=f"block_{i}") for i in range(self.depth)]
     zeros = nn.initializers.zeros
-    self.final_adaLN_modulation = nn.Dense(2 * d, kernel_init=zeros, **kw)
+    self.final_adaLN_modulation = layers.Dense(2 * d, kernel_init=zeros, **kw)
     if not self.tie_embeddings:
-      self.final_linear = nn.Dense(self.vocab_size + 1, kernel_init=zeros, **kw)
+      self.final_linear = layers.Dense(self.vocab_size + 1, kernel_init=zeros, **kw)
 
   def _block(self, **kwargs: Any) -> DiTBlock:
     return DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.norm_eps,

@@ -121,7 +121,7 @@ class UNet(nn.Module):
         **kw)
     attn = lambda name: attn_cls(self.head_dim, self.num_groups, self.norm_eps,
                                  attention=self.attention, name=name, **kw)
-    dense = lambda c, name: nn.Dense(c, kernel_init=layers.default_kernel_init, name=name, **kw)
+    dense = lambda c, name: layers.Dense(c, kernel_init=layers.default_kernel_init, name=name, **kw)
 
     # Conditioning embedding.
     temb_dim = self.time_embed_dim or 4 * self.ch
