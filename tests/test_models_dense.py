@@ -1,6 +1,7 @@
-"""`layers.Dense` / `layers.matmul` (a custom JVP whose weight gradient uses a transposed copy of
-the input on CPU) against flax's `nn.Dense` differentiated by JAX: parameters, value, gradients,
-forward mode (also with one side's tangent zero), second derivatives, bfloat16 and vmap."""
+"""`layers.Dense` / `layers.matmul` (on CPU with K <= N, a custom JVP whose weight gradient uses a
+transposed copy of the input; with K > N the plain matmul) against flax's `nn.Dense`
+differentiated by JAX: parameters, value, gradients, forward mode (also with one side's tangent
+zero), second derivatives, bfloat16 and vmap, for both widths."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,29 +12,32 @@ import pytest
 from diffusion_jax.models import get_model, layers
 from models_testlib import random_params
 
-B, N, K, F = 3, 5, 7, 4      # x [B, N, K] -> [B, N, F]; the weight gradient sums B * N = 15 terms
+B, N, K = 3, 5, 7      # x [B, N, K] -> [B, N, F]; the weight gradient sums B * N = 15 terms
+WIDTHS = pytest.mark.parametrize("F", [9, 4], ids=["K<=N, custom JVP", "K>N, plain"])
 TOKENS = B * N
 
 
-def _setup(dtype=None):
+def _setup(F, dtype=None):
   x = jax.random.normal(jax.random.key(0), (B, N, K))
   ours, ref = layers.Dense(F, dtype=dtype), nn.Dense(F, dtype=dtype)
   params = ours.init(jax.random.key(1), x)
   return x, params, ours, ref
 
 
-def test_parameters_and_value_are_nn_dense():
-  x, params, ours, ref = _setup()
+@WIDTHS
+def test_parameters_and_value_are_nn_dense(F):
+  x, params, ours, ref = _setup(F)
   ref_params = ref.init(jax.random.key(1), x)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref_params)
   jax.tree.map(np.testing.assert_array_equal, params, ref_params)
   np.testing.assert_array_equal(ours.apply(params, x), ref.apply(params, x))
 
 
-def test_derivatives_match_nn_dense():
+@WIDTHS
+def test_derivatives_match_nn_dense(F):
   """The same products summed in another order: a weight gradient sums B * N products, an input
   gradient F, a second derivative both."""
-  x, params, ours, ref = _setup()
+  x, params, ours, ref = _setup(F)
   cube = lambda m: (lambda p, x: (m.apply(p, x) ** 3).sum())
   for argnums, ops in ((0, TOKENS), (1, F)):
     got = jax.grad(cube(ours), argnums=argnums)(params, x)
@@ -60,8 +64,9 @@ def test_derivatives_match_nn_dense():
                                       ops=2 * (TOKENS + K + F))
 
 
-def test_bfloat16_and_vmap():
-  x, params, ours, ref = _setup(jnp.bfloat16)
+@WIDTHS
+def test_bfloat16_and_vmap(F):
+  x, params, ours, ref = _setup(F, jnp.bfloat16)
   out = ours.apply(params, x)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_array_equal(out, ref.apply(params, x))
@@ -88,3 +93,11 @@ def test_models_use_it(model, with_labels):
   loss = lambda p: module.apply({"params": p}, x, t, y).sum()
   jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
   assert "optimization_barrier" in jaxpr
+
+
+def test_custom_jvp_only_where_the_input_is_narrower():
+  x = jnp.ones((4, 6))
+  uses_barrier = lambda kernel: "optimization_barrier" in str(jax.make_jaxpr(
+      jax.grad(lambda k: layers.matmul(x, k).sum()))(kernel))
+  assert uses_barrier(jnp.ones((6, 6))) and uses_barrier(jnp.ones((6, 8)))
+  assert not uses_barrier(jnp.ones((6, 5)))

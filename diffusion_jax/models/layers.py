@@ -291,13 +291,14 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
   The weight gradient x^T g contracts the token axis, the major axis of both operands. XLA:CPU
   then transposes the larger operand (often the output gradient g) and runs the dot outside
-  YNNPACK, at roughly half the matmul rate. On CPU the derivative here is a custom JVP that uses
-  a transposed copy of x (kept as it is by `lax.optimization_barrier`): the weight gradient
+  YNNPACK, at roughly half the matmul rate. On CPU, when x is at most as wide as the output
+  (K <= N: its transposed copy is the smaller one), the derivative here is a custom JVP that
+  uses a transposed copy of x (kept as it is by `lax.optimization_barrier`): the weight gradient
   becomes a plain [K, M] @ [M, N] matmul. Values and derivatives are the same dots in another
-  layout (equal to float32 rounding); other backends get the plain matmul
-  (benchmarks/README.md, "The weight gradient").
+  layout (equal to float32 rounding). With K > N (e.g. a transformer's second MLP layer) and on
+  other backends it is the plain matmul (benchmarks/README.md, "The weight gradient").
   """
-  if jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu" or x.shape[-1] > kernel.shape[-1]:
     return jnp.dot(x, kernel)
   return _matmul_transposed_input(x, kernel)
 
