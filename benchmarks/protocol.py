@@ -11,6 +11,8 @@
 - Every figure is reported as min / median / max over all timed calls (`spread`); ratios use
   the medians and are also given as min-over-min.
 - Compile (or first-call) time is reported beside the step time.
+- `--huge_pages` starts every side's process with glibc's transparent-huge-page tunable, as
+  `python -m experiments.train` does (experiments/huge_pages.py); without it no side has it.
 
 A child prints one line `RESULT {json}` (`emit`) with at least `compile_s` and `times_s`.
 """
@@ -28,6 +30,8 @@ from collections.abc import Sequence
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from experiments import huge_pages  # noqa: E402  (standard library only)
 MAX_EXTRA_LOAD_PER_CORE = 0.25   # load allowed beyond the benchmark's own threads
 
 
@@ -48,9 +52,10 @@ def machine_line() -> str:
   except OSError:
     pass
   devs = jax.devices()
+  tunables = os.environ.get("GLIBC_TUNABLES")
   return (f"machine: {cpu!r}, {cores()} cores, jax {jax.__version__}, backend "
           f"{jax.default_backend()}, {len(devs)} x {devs[0].device_kind}, python "
-          f"{platform.python_version()}")
+          f"{platform.python_version()}" + (f", GLIBC_TUNABLES={tunables}" if tunables else ""))
 
 
 def emit(result: dict[str, Any]) -> None:
@@ -144,16 +149,20 @@ def all_times(results: Sequence[dict[str, Any]], key: str = "times_s") -> list[f
 def compare(task: str, models: Sequence[str], *, batch: int, iters: int, rounds: int,
             steps: int = 50, dtype: str = "float32", extra_jax: Sequence[str] = (),
             torch_side: bool = True, force_ratio: bool = False, per: str = "call",
-            scale: float = 1.0) -> None:
+            scale: float = 1.0, huge: bool = False) -> None:
   """Time `task` of each model on the JAX and PyTorch sides, alternated, each in its own process,
   and print spreads, compile times and (when the load allows) the speed-up.
 
   `dtype` is both sides' compute dtype: JAX's module dtype; PyTorch's autocast for bfloat16.
   `scale` multiplies per-call times for the reported per-`per` figure (e.g. extrapolation from
-  the steps run to 1000 steps per image); ratios do not depend on it.
+  the steps run to 1000 steps per image); ratios do not depend on it. `huge`: every side's
+  process starts with the huge-page tunable (`child_env`).
   """
   script = os.path.join("benchmarks", "workloads.py")
+  env = child_env(huge)
   print(machine_line(), flush=True)
+  if env:
+    print(f"every side's process starts with GLIBC_TUNABLES={env['GLIBC_TUNABLES']}", flush=True)
   if torch_side:
     import torch  # pylint: disable=g-import-not-at-top
     where = (f"on {torch.cuda.get_device_name()}, TF32 matmuls and convolutions allowed as in "
@@ -170,7 +179,7 @@ def compare(task: str, models: Sequence[str], *, batch: int, iters: int, rounds:
                                                  else "") + f", {rounds} alternated rounds x "
           f"{iters} timed calls", flush=True)
     before = print_load("before")
-    res = alternate(sides, rounds)
+    res = alternate(sides, rounds, env={name: env for name in sides})
     after = print_load("after")
     verdict = load_verdict(before, after)
     for name, rs in res.items():
@@ -204,9 +213,28 @@ def common_args(parser, models: str, rounds: int = 3, iters: int = 3, batch: int
   parser.add_argument("--host_memory", default="release", choices=("release", "keep"),
                       help="JAX side: glibc's default malloc, or freed memory kept in the "
                            "process (the opt-in diffusion_jax.host_memory)")
+  parser.add_argument("--huge_pages", action="store_true",
+                      help="both sides' processes start with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
+                           "(transparent huge pages for malloc's mmaps; python -m "
+                           "experiments.train's default, experiments/huge_pages.py)")
   parser.add_argument("--force_ratio", action="store_true",
                       help="print the ratio even when the load check fails (marked UNDER LOAD)")
   return parser
+
+
+def child_env(huge: bool) -> dict[str, str]:
+  """Environment additions for every side's process: the huge-page tunable when `huge`. Exits
+  when it cannot take effect, or when this shell already set it and `huge` is off (the sides
+  would inherit it)."""
+  if not huge:
+    if huge_pages.active():
+      raise SystemExit(f"GLIBC_TUNABLES holds {huge_pages.TUNABLE}: unset it, or pass "
+                       "--huge_pages to measure with it")
+    return {}
+  reason = huge_pages.unavailable_reason()
+  if reason:
+    raise SystemExit(f"--huge_pages: {reason}")
+  return {"GLIBC_TUNABLES": huge_pages.environment_with_tunable(os.environ)["GLIBC_TUNABLES"]}
 
 
 def minor_faults() -> int:

@@ -261,6 +261,8 @@ def main() -> None:
     protocol.use_host_memory(a.host_memory)
     protocol.use_convolutions(a.convolutions)
     res = jax_side(a.task, a.model, a.batch, a.iters, a.steps, a.dtype, a.attention)
+    import diffusion_jax  # pylint: disable=g-import-not-at-top
+    res["package"] = os.path.dirname(os.path.abspath(diffusion_jax.__file__))
   else:
     res = torch_side(a.task, a.model, a.batch, a.iters, a.steps, a.threads, a.dtype)
   protocol.emit(res)

@@ -45,7 +45,14 @@ def reference_run(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp("ref"))
   proc = _run(tl.train_command(workdir, data_dir, **LONG), tl.subprocess_env(8))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(_stderr_path(workdir), "w") as f:
+    f.write(proc.stderr)
   return workdir
+
+
+def _stderr_path(workdir: str) -> str:
+  """Where the reference run's stderr (its log) is kept: beside, not in, its workdir."""
+  return workdir.rstrip(os.sep) + ".stderr.txt"
 
 
 def test_sigkill_mid_run_then_rerun_resumes_exactly(tmp_path, data_dir, reference_run):
@@ -113,6 +120,25 @@ def test_keep_host_memory_trains_the_same_bits(tmp_path, data_dir, reference_run
   (step, kept), (ref_step, ref) = tl.read_state(workdir), tl.read_state(reference_run)
   assert step == ref_step == LONG["train.num_steps"]
   assert tl.max_abs_diff(kept, ref) == 0.0
+
+
+def test_huge_pages_change_no_bit_and_the_log_says_which(tmp_path, data_dir, reference_run):
+  """The reference run restarted itself with the huge-page tunable (the default, where the
+  machine allows it); a run with --nohuge_pages did not, and ends in the same state bit for
+  bit."""
+  workdir = str(tmp_path / "no_huge_pages")
+  proc = _run(tl.train_command(workdir, data_dir, **LONG) + ["--nohuge_pages"],
+              tl.subprocess_env(8))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Transparent huge pages for host buffers: off (--nohuge_pages)" in proc.stderr
+  with open(_stderr_path(reference_run)) as f:
+    reference_log = f.read()
+  expected = ("on (GLIBC_TUNABLES has" if huge_pages.unavailable_reason() is None
+              else "unavailable: ")
+  assert f"Transparent huge pages for host buffers: {expected}" in reference_log
+  (step, plain), (ref_step, ref) = tl.read_state(workdir), tl.read_state(reference_run)
+  assert step == ref_step == LONG["train.num_steps"]
+  assert tl.max_abs_diff(plain, ref) == 0.0
 
 
 def test_two_processes_of_4_devices_equal_one_process_of_8(tmp_path, data_dir, reference_run):
