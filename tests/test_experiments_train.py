@@ -13,6 +13,7 @@ import pytest
 import training_testlib as tl
 
 from diffusion_jax import host_memory
+from experiments import huge_pages
 
 pytestmark = pytest.mark.slow
 LONG = {"train.num_steps": 12, "train.checkpoint_every": 3}
