@@ -16,7 +16,8 @@ glibc's defaults; the workload adds no setting of its own), or with `--side torc
 extra workload arguments `--variant_args` (space-separated; a later argument overrides the
 default above), and with `--variant_tree DIR` the code of another checkout: DIR's
 `benchmarks/workloads.py` and `diffusion_jax` (a code change measured against the code before
-it; each side prints the package it ran). Prints the spreads, compile times, page faults per call
+it; each side prints the package it ran). `--huge_pages` starts both sides' processes with
+glibc's huge-page tunable (the trainer's default). Prints the spreads, compile times, page faults per call
 and the speed-up default time / variant time, refused under load (benchmarks/protocol.py). This
 is how the opt-ins `diffusion_jax.xla_cpu` and `diffusion_jax.host_memory` were measured.
 """
@@ -45,6 +46,9 @@ def main() -> None:
                  help="an environment variable of the variant's process (repeatable)")
   p.add_argument("--variant_tree", default=None,
                  help="another checkout of this repository whose code the variant runs")
+  p.add_argument("--huge_pages", action="store_true",
+                 help="both sides' processes start with glibc's huge-page tunable (as "
+                      "python -m experiments.train does; protocol.child_env)")
   p.add_argument("--force_ratio", action="store_true",
                  help="print the ratio even when the load check fails (marked UNDER LOAD)")
   a = p.parse_args()
@@ -59,11 +63,14 @@ def main() -> None:
   if not (variant_env or a.variant_args or a.variant_tree):
     raise SystemExit("give the variant: --flags, --variant_env, --variant_args and/or "
                      "--variant_tree")
-  for name in ("XLA_FLAGS", "GLIBC_TUNABLES"):
-    if os.environ.get(name):
-      raise SystemExit(f"unset {name} first (it is {os.environ[name]!r}): the default side must "
-                       "run with the defaults")
+  if os.environ.get("XLA_FLAGS"):
+    raise SystemExit(f"unset XLA_FLAGS first (it is {os.environ['XLA_FLAGS']!r}): the default "
+                     "side must run with JAX's defaults")
+  both_env = protocol.child_env(a.huge_pages)
   print(protocol.machine_line(), flush=True)
+  if both_env:
+    print(f"both sides' processes start with GLIBC_TUNABLES={both_env['GLIBC_TUNABLES']}",
+          flush=True)
   workload = os.path.join("benchmarks", "workloads.py")
   variant_workload = (os.path.join(os.path.abspath(a.variant_tree), workload) if a.variant_tree
                       else workload)
@@ -78,7 +85,7 @@ def main() -> None:
     default, variant = f"{a.side} default", f"{a.side} variant"
     res = protocol.alternate({default: [workload, *argv],
                               variant: [variant_workload, *argv, *a.variant_args.split()]},
-                             a.rounds, env={default: {}, variant: variant_env})
+                             a.rounds, env={default: both_env, variant: {**both_env, **variant_env}})
     after = protocol.print_load("after")
     for name, rs in res.items():
       comp = [r["compile_s"] for r in rs]

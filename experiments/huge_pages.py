@@ -69,9 +69,9 @@ def requested(argv: Sequence[str]) -> bool:
   for arg in argv:
     if arg == "--":
       break
-    name, _, value = arg.lstrip("-").partition("=")
     if not arg.startswith("-"):
       continue
+    name, _, value = arg.lstrip("-").partition("=")
     if name == "no" + FLAG and not value:
       return False
     if name == FLAG and value.lower() in _FALSE_VALUES:

@@ -82,6 +82,42 @@ def test_einsum_kernel_in_bfloat16_is_as_close_to_float32_as_jax_nn():
       assert err <= 8 * EPS_BF16 * np.max(np.abs(ref)), (implementation, name, err)
 
 
+@pytest.mark.parametrize("mask_name", list(_masks()))
+def test_undifferentiated_einsum_kernel_matches_jax_nn(mask_name):
+  """Called without a derivative, the 'einsum' kernel normalises after the value matmul,
+  (exp(S - max) V) / rowsum: equal to jax.nn's kernel up to the rounding of its S-term sums in
+  float32 (2 S operations), and in bfloat16 as close to the float32 result as jax.nn's own
+  bfloat16 result is (8 ulps of the largest magnitude, as above)."""
+  mask = _masks()[mask_name]
+  q, k, v, _ = _inputs()
+  call = jax.jit(lambda q, k, v, impl: layers.attention(q, k, v, mask, impl), static_argnums=3)
+  ref = call(q, k, v, "xla")
+  numerics_testlib.assert_f32_close(call(q, k, v, "einsum"), ref, ops=2 * S)
+  q16, k16, v16 = (a.astype(jnp.bfloat16) for a in (q, k, v))
+  for implementation in ("einsum", "xla"):
+    out = call(q16, k16, v16, implementation)
+    assert out.dtype == jnp.bfloat16
+    err = np.max(np.abs(np.asarray(out, np.float64) - np.asarray(ref, np.float64)))
+    assert err <= 8 * EPS_BF16 * np.max(np.abs(np.asarray(ref))), (implementation, err)
+
+
+def test_undifferentiated_kernel_keeps_its_two_matmuls_in_separate_fusions():
+  """A guard for XLA:CPU: written as softmax then value matmul, the kernel's forward pass became
+  one YNNPACK fusion holding both matmuls and the softmax, which ran ~5x slower than the pieces
+  (the DiT-S/2 forward pass 654 against 386 ms, benchmarks/README.md). No fused computation of
+  the compiled forward pass may hold more than one dot. XLA fused them only above a size: at
+  DiT-S/2's shape (batch 8, 256 tokens, 6 heads of 64) and at [64, 64, 4, 32], not at the small
+  shapes of the tests above, so these two shapes are compiled (not run)."""
+  for shape in ((8, 256, 6, 64), (64, 64, 4, 32)):
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    text = jax.jit(lambda q, k, v: layers.attention(q, k, v, None, "einsum")).lower(
+        x, x, x).compile().as_text()
+    fused = [c for c in text.split("\n\n") if c.lstrip().startswith("%fused_computation")]
+    assert fused, text[:2000]
+    for computation in fused:
+      assert computation.count(" dot(") <= 1, (shape, computation)
+
+
 def test_default_is_einsum_on_cpu_and_probabilities_are_saved_under_the_scan_policy():
   """On CPU `implementation=None` is the 'einsum' kernel (identical results); under
   `jax.checkpoint(policy=SCAN_SAVE_POLICY)` its probabilities are a saved residual, named, so the

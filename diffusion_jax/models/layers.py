@@ -120,12 +120,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
-def _softmax_probs(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """softmax(q k^T * scale) over the keys, float32 [B, heads, N, S]."""
+def _logits(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """q k^T * scale in float32 [B, heads, N, S], masked-out entries at `_MASKED_LOGIT`."""
   logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
   logits = logits * jnp.float32(q.shape[-1] ** -0.5)
-  if mask is not None:
-    logits = jnp.where(mask, logits, _MASKED_LOGIT)
+  return logits if mask is None else jnp.where(mask, logits, _MASKED_LOGIT)
+
+
+def _softmax_probs(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """softmax(q k^T * scale) over the keys, float32 [B, heads, N, S]."""
+  logits = _logits(q, k, mask)
   unnormalised = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
   return unnormalised / unnormalised.sum(-1, keepdims=True)
 
@@ -135,9 +139,18 @@ def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                       mask: jax.Array | None) -> jax.Array:
   """`attention`'s 'einsum' kernel: softmax(q k^T / sqrt(head_dim)) v, with a custom JVP rule
   (below) that JAX transposes for the backward pass, so forward mode (`jax.jvp`, e.g. the ODE
-  likelihood's trace estimate) works as well as `jax.grad`."""
-  probs = _softmax_probs(q, k, mask)
-  return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+  likelihood's trace estimate) works as well as `jax.grad`.
+
+  Undifferentiated, the output is normalised after the value matmul, (exp(S - max) V) / rowsum:
+  written as softmax then matmul, XLA:CPU put both matmuls and the softmax into one YNNPACK
+  fusion that ran ~5x slower than the pieces (a DiT-S/2 forward pass took 654 against 386 ms;
+  benchmarks/README.md)."""
+  logits = _logits(q, k, mask)
+  unnormalised = jnp.exp(logits - logits.max(-1, keepdims=True))
+  out = jnp.einsum("bnts,bsnh->btnh", unnormalised.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  row_sums = unnormalised.sum(-1).transpose(0, 2, 1)[..., None]     # [B, N, heads, 1]
+  return (out / row_sums).astype(v.dtype)
 
 
 @_einsum_attention.defjvp
