@@ -21,7 +21,7 @@ def main() -> None:
   a = parser.parse_args()
   protocol.compare("forward", a.models.split(","), batch=a.batch, iters=a.iters, rounds=a.rounds,
                    dtype=a.dtype, extra_jax=protocol.jax_args(a), torch_side=not a.no_torch,
-                   force_ratio=a.force_ratio, huge=a.huge_pages)
+                   force_ratio=a.force_ratio, huge_pages=a.huge_pages)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def main() -> None:
                                         if steps != target else ""))
     protocol.compare(task, a.models.split(","), batch=a.batch, iters=a.iters, rounds=a.rounds,
                      steps=steps, dtype=a.dtype, extra_jax=protocol.jax_args(a), torch_side=not a.no_torch,
-                     force_ratio=a.force_ratio, huge=a.huge_pages, per=per, scale=scale)
+                     force_ratio=a.force_ratio, huge_pages=a.huge_pages, per=per, scale=scale)
 
 
 if __name__ == "__main__":

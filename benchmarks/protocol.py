@@ -11,8 +11,9 @@
 - Every figure is reported as min / median / max over all timed calls (`spread`); ratios use
   the medians and are also given as min-over-min.
 - Compile (or first-call) time is reported beside the step time.
-- `--huge_pages` starts every side's process with glibc's transparent-huge-page tunable, as
-  `python -m experiments.train` does (experiments/huge_pages.py); without it no side has it.
+- `--huge_pages=both` starts every side's process with glibc's transparent-huge-page tunable, as
+  `python -m experiments.train` does (experiments/huge_pages.py); `--huge_pages=jax` only the JAX
+  side's (PyTorch in glibc's default); by default no side has it.
 
 A child prints one line `RESULT {json}` (`emit`) with at least `compile_s` and `times_s`.
 """
@@ -32,6 +33,8 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from experiments import huge_pages  # noqa: E402  (standard library only)
+
+HUGE_PAGES_CHOICES = ("off", "both", "jax")   # whose processes start with the huge-page tunable
 MAX_EXTRA_LOAD_PER_CORE = 0.25   # load allowed beyond the benchmark's own threads
 
 
@@ -149,20 +152,25 @@ def all_times(results: Sequence[dict[str, Any]], key: str = "times_s") -> list[f
 def compare(task: str, models: Sequence[str], *, batch: int, iters: int, rounds: int,
             steps: int = 50, dtype: str = "float32", extra_jax: Sequence[str] = (),
             torch_side: bool = True, force_ratio: bool = False, per: str = "call",
-            scale: float = 1.0, huge: bool = False) -> None:
+            scale: float = 1.0, huge_pages: str = "off") -> None:
   """Time `task` of each model on the JAX and PyTorch sides, alternated, each in its own process,
   and print spreads, compile times and (when the load allows) the speed-up.
 
   `dtype` is both sides' compute dtype: JAX's module dtype; PyTorch's autocast for bfloat16.
   `scale` multiplies per-call times for the reported per-`per` figure (e.g. extrapolation from
-  the steps run to 1000 steps per image); ratios do not depend on it. `huge`: every side's
-  process starts with the huge-page tunable (`child_env`).
+  the steps run to 1000 steps per image); ratios do not depend on it. `huge_pages`: 'both'
+  sides' processes, or only the 'jax' side's, start with the huge-page tunable (`child_env`).
   """
+  if huge_pages not in HUGE_PAGES_CHOICES:
+    raise ValueError(f"huge_pages must be one of {HUGE_PAGES_CHOICES}, got {huge_pages!r}")
   script = os.path.join("benchmarks", "workloads.py")
-  env = child_env(huge)
+  side_env = {"jax": child_env(huge_pages in ("both", "jax")),
+              "pytorch": child_env(huge_pages == "both")}
   print(machine_line(), flush=True)
-  if env:
-    print(f"every side's process starts with GLIBC_TUNABLES={env['GLIBC_TUNABLES']}", flush=True)
+  for name, env in side_env.items():
+    if env and (torch_side or name == "jax"):
+      print(f"the {name} side's processes start with GLIBC_TUNABLES={env['GLIBC_TUNABLES']}",
+            flush=True)
   if torch_side:
     import torch  # pylint: disable=g-import-not-at-top
     where = (f"on {torch.cuda.get_device_name()}, TF32 matmuls and convolutions allowed as in "
@@ -179,7 +187,7 @@ def compare(task: str, models: Sequence[str], *, batch: int, iters: int, rounds:
                                                  else "") + f", {rounds} alternated rounds x "
           f"{iters} timed calls", flush=True)
     before = print_load("before")
-    res = alternate(sides, rounds, env={name: env for name in sides})
+    res = alternate(sides, rounds, env={name: side_env[name] for name in sides})
     after = print_load("after")
     verdict = load_verdict(before, after)
     for name, rs in res.items():
@@ -213,10 +221,11 @@ def common_args(parser, models: str, rounds: int = 3, iters: int = 3, batch: int
   parser.add_argument("--host_memory", default="release", choices=("release", "keep"),
                       help="JAX side: glibc's default malloc, or freed memory kept in the "
                            "process (the opt-in diffusion_jax.host_memory)")
-  parser.add_argument("--huge_pages", action="store_true",
-                      help="both sides' processes start with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
+  parser.add_argument("--huge_pages", default="off", choices=HUGE_PAGES_CHOICES,
+                      help="whose processes start with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
                            "(transparent huge pages for malloc's mmaps; python -m "
-                           "experiments.train's default, experiments/huge_pages.py)")
+                           "experiments.train's default, experiments/huge_pages.py): no side's, "
+                           "both sides' or only JAX's")
   parser.add_argument("--force_ratio", action="store_true",
                       help="print the ratio even when the load check fails (marked UNDER LOAD)")
   return parser
