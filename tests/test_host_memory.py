@@ -21,24 +21,10 @@ from diffusion_jax import host_memory
 import training_testlib as tl
 
 _CHILD = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     from diffusion_jax import host_memory
     kept = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
-    import jax, jax.numpy as jnp, numpy as np
-
-    n = 4096
-    f = jax.jit(lambda x, w: jnp.sin(x[:, None] * w[None, :]) @ w)
-    x = jnp.linspace(-3.0, 3.0, n, dtype=jnp.float32)
-    w = jnp.linspace(0.5, 1.5, n, dtype=jnp.float32)
-    compiled = f.lower(x, w).compile()
-    temp_bytes = compiled.memory_analysis().temp_size_in_bytes
-    for _ in range(10):
-      out = compiled(x, w).block_until_ready()
-    faults = []
-    for _ in range(10):
-      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      out = compiled(x, w).block_until_ready()
-      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""") + tl.FAULT_PROBE + textwrap.dedent("""
     print("RESULT " + json.dumps({"kept": kept, "temp_bytes": temp_bytes, "faults": faults,
                                   "out": np.asarray(out).tolist()}))
 """)

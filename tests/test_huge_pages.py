@@ -21,28 +21,15 @@ import training_testlib as tl
 from experiments import huge_pages
 
 _CHILD = textwrap.dedent("""
-    import json, os, resource, sys
+    import json, os, sys
     print("START", os.getpid(), flush=True)
     from experiments import huge_pages
     huge_pages.restart_with_huge_pages(sys.argv[1:])
-    import jax, jax.numpy as jnp, numpy as np
-
-    n = 4096
-    f = jax.jit(lambda x, w: jnp.sin(x[:, None] * w[None, :]) @ w)
-    x = jnp.linspace(-3.0, 3.0, n, dtype=jnp.float32)
-    w = jnp.linspace(0.5, 1.5, n, dtype=jnp.float32)
-    compiled = f.lower(x, w).compile()
-    for _ in range(10):
-      out = compiled(x, w).block_until_ready()
-    faults = []
-    for _ in range(10):
-      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      out = compiled(x, w).block_until_ready()
-      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""") + tl.FAULT_PROBE + textwrap.dedent("""
     print("RESULT " + json.dumps({
         "pid": os.getpid(), "tunables": os.environ.get("GLIBC_TUNABLES"), "faults": faults,
-        "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
-        "describe": huge_pages.describe(sys.argv[1:]), "out": np.asarray(out).tolist()}))
+        "temp_bytes": temp_bytes, "describe": huge_pages.describe(sys.argv[1:]),
+        "out": np.asarray(out).tolist()}))
 """)
 
 

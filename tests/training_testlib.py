@@ -2,6 +2,7 @@
 import os
 import sys
 import tempfile
+import textwrap
 
 import jax
 import numpy as np
@@ -24,6 +25,29 @@ TINY = {
     "sample.num_samples": 4, "optim.warmup_steps": 2, "train.ema_decays": (0.9, 0.99),
 }
 
+
+# Child-process code for the page-fault tests (test_host_memory, test_huge_pages): jits a
+# computation whose only large buffer is a 64 MiB temporary (sin of an outer product, feeding a
+# matrix-vector product), calls it 10 times to warm up, then leaves the minor page faults of 10
+# more calls in `faults`, the last result in `out` and the temporary's size in `temp_bytes`.
+FAULT_PROBE = textwrap.dedent("""
+    import resource
+    import jax, jax.numpy as jnp, numpy as np
+
+    n = 4096
+    f = jax.jit(lambda x, w: jnp.sin(x[:, None] * w[None, :]) @ w)
+    x = jnp.linspace(-3.0, 3.0, n, dtype=jnp.float32)
+    w = jnp.linspace(0.5, 1.5, n, dtype=jnp.float32)
+    compiled = f.lower(x, w).compile()
+    temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+    for _ in range(10):
+      out = compiled(x, w).block_until_ready()
+    faults = []
+    for _ in range(10):
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      out = compiled(x, w).block_until_ready()
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
 
 def set_keys(config, values: dict):
   """Sets dotted keys ('train.num_steps': 4, ...) on a ConfigDict; returns it."""
