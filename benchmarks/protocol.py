@@ -232,7 +232,7 @@ def common_args(parser, models: str, rounds: int = 3, iters: int = 3, batch: int
 
 
 def child_env(huge: bool) -> dict[str, str]:
-  """Environment additions for every side's process: the huge-page tunable when `huge`. Exits
+  """Environment additions for one side's processes: the huge-page tunable when `huge`. Exits
   when it cannot take effect, or when this shell already set it and `huge` is off (the sides
   would inherit it)."""
   if not huge:
