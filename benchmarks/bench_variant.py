@@ -17,8 +17,8 @@ extra workload arguments `--variant_args` (space-separated; a later argument ove
 default above), and with `--variant_tree DIR` the code of another checkout: DIR's
 `benchmarks/workloads.py` and `diffusion_jax` (a code change measured against the code before
 it; each side prints the package it ran). `--huge_pages` starts both sides' processes with
-glibc's huge-page tunable (the trainer's default). Prints the spreads, compile times, page faults per call
-and the speed-up default time / variant time, refused under load (benchmarks/protocol.py). This
+glibc's huge-page tunable (the trainer's default). Prints the spreads, compile times, page faults
+per call and the speed-up default time / variant time, refused under load (benchmarks/protocol.py). This
 is how the opt-ins `diffusion_jax.xla_cpu` and `diffusion_jax.host_memory` were measured.
 """
 import argparse

@@ -32,8 +32,9 @@ did not pay for the Quickstart's digits model: its steps/s did not change, and a
 took ~5 s longer. On GPU and TPU the host-side buffers are small.
 It is therefore opt-in. `python -m experiments.train` has a cheaper cure on by default:
 transparent huge pages for malloc's mmaps (experiments/huge_pages.py), which cut the faults
-~200-fold at no compile time: 1.16x (DiT-S/2) and 1.14x (ddpm_cifar10) faster train steps, against
-1.07x and 1.15x for this setting (separate runs). Results do not change; only where the buffers live does. The environment
+~200-fold at no compile time: 1.16x (DiT-S/2) and 1.14x (ddpm_cifar10) faster train steps,
+against 1.07x and 1.15x for this setting (separate runs). Results do not change; only where the
+buffers live does. The environment
 variables `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647` do the same
 for any process.
 

@@ -106,11 +106,12 @@ def restart_with_huge_pages(argv: Sequence[str]) -> None:
     return
 
 
-def describe(argv: Sequence[str]) -> str:
-  """One line for the run's log: whether huge pages are on, and if not why."""
+def describe(wanted: bool) -> str:
+  """One line for the run's log: whether huge pages are on, and if not why (`wanted`: the parsed
+  --huge_pages flag)."""
   if active():
     return f"on (GLIBC_TUNABLES has {TUNABLE})"
-  if not requested(argv):
+  if not wanted:
     return f"off (--no{FLAG})"
   reason = unavailable_reason()
   return f"unavailable: {reason}" if reason else "off (the restart did not happen)"

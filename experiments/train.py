@@ -14,9 +14,10 @@ auto-detected on TPU pods; give `--coordinator_address/--num_processes/--process
 """
 import sys
 
+from experiments import huge_pages   # the standard library only
+
 if __name__ == "__main__":
   # glibc reads its malloc tunables only at process start: restart before JAX is imported.
-  from experiments import huge_pages
   huge_pages.restart_with_huge_pages(sys.argv[1:])
 
 from absl import app
@@ -32,7 +33,6 @@ from diffusion_jax.training import console
 from diffusion_jax.training import run_config
 from diffusion_jax.training import trainer
 from diffusion_jax.training import workdir_lock
-from experiments import huge_pages
 from experiments import multihost
 from experiments import paths
 from experiments.configs import overrides
@@ -65,7 +65,8 @@ def main(argv):
     kept = host_memory.keep_freed_memory()
     logging.info("--keep_host_memory: %s", "freed host memory is kept in the process" if kept
                  else "not available (needs glibc's malloc)")
-  logging.info("Transparent huge pages for host buffers: %s", huge_pages.describe(sys.argv[1:]))
+  logging.info("Transparent huge pages for host buffers: %s",
+               huge_pages.describe(FLAGS.huge_pages))
   compile_cache.enable(FLAGS.compile_cache)
   multihost.initialize(FLAGS)
   logging.info("JAX process %d/%d, %d local devices of %d: %s", jax.process_index(),

@@ -28,8 +28,8 @@ _CHILD = textwrap.dedent("""
 """) + tl.FAULT_PROBE + textwrap.dedent("""
     print("RESULT " + json.dumps({
         "pid": os.getpid(), "tunables": os.environ.get("GLIBC_TUNABLES"), "faults": faults,
-        "temp_bytes": temp_bytes, "describe": huge_pages.describe(sys.argv[1:]),
-        "out": np.asarray(out).tolist()}))
+        "temp_bytes": temp_bytes, "out": np.asarray(out).tolist(),
+        "describe": huge_pages.describe(huge_pages.requested(sys.argv[1:]))}))
 """)
 
 

@@ -143,8 +143,8 @@ def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
   Undifferentiated, the output is normalised after the value matmul, (exp(S - max) V) / rowsum:
   written as softmax then matmul, XLA:CPU put both matmuls and the softmax into one YNNPACK
-  fusion that ran ~5x slower than the pieces (a DiT-S/2 forward pass took 654 against 386 ms;
-  benchmarks/README.md)."""
+  fusion that ran ~5x slower than the pieces (the DiT-S/2 forward pass took 612 ms against 335
+  ms now; benchmarks/README.md)."""
   logits = _logits(q, k, mask)
   unnormalised = jnp.exp(logits - logits.max(-1, keepdims=True))
   out = jnp.einsum("bnts,bsnh->btnh", unnormalised.astype(v.dtype), v,
