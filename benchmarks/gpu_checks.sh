@@ -8,8 +8,10 @@
 #
 # Needs a GPU and, for the PyTorch side, diffusers importable beside torch.
 # 1. versions and the card;
-# 2. DiT-XL/2 bfloat16 train-step MFU against the card's measured bf16 matmul peak, batch 32 and 64,
-#    with a kernel-time profile of the batch-32 step (mfu); batch 32 in one process with the blocks
+# 2. DiT-XL/2 bfloat16 train-step MFU against the card's measured bf16 matmul peak, batch 64, 32,
+#    128 and 256 (DiT's training batch), with a kernel-time profile of the batch-64 step written to
+#    $TRACE_DIR (default /tmp/gpu_trace: a trace is too large to bring back) (mfu); batch 64 in one
+#    process with the blocks
 #    unrolled instead of scanned (no dots-only remat policy, no per-block parameter slices), with
 #    cuDNN's fused attention, and with the library's 'einsum' attention kernel, the CPU default
 #    (mfu_variants);
@@ -37,9 +39,9 @@ step() {  # step NAME SECONDS SCRIPT ARGS...
   timeout "$limit" python3 "$@" 2>&1 | tee "$out/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]}"
 }
-step mfu 170 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 32,64 --dtype bfloat16 --iters 10 \
-  --profile_dir "$out/trace"
-step mfu_variants 240 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 32 --dtype bfloat16 \
+step mfu 260 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 64,32,128,256 --dtype bfloat16 \
+  --iters 10 --profile_dir "${TRACE_DIR:-/tmp/gpu_trace}"
+step mfu_variants 240 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 64 --dtype bfloat16 \
   --iters 10 --model_kwargs \
   '[{"scan_blocks": false}, {"attention": "cudnn"}, {"attention": "einsum"}]'
 step train_fp32 150 benchmarks/bench_train.py --models ddpm_cifar10 --batch 128 --rounds 2 --iters 5

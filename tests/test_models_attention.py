@@ -136,11 +136,72 @@ def test_default_is_einsum_on_cpu_and_probabilities_are_saved_under_the_scan_pol
   assert f"f32[{B},{HEADS},{N},{S}] named '{layers.ATTENTION_PROBS}'" in printed.getvalue()
 
 
+def test_default_kernel_by_backend(monkeypatch):
+  """implementation=None picks by backend: 'einsum' on CPU; on a GPU cuDNN's fused kernel for
+  unmasked bfloat16 / float16 inputs, falling back to 'xla' where cuDNN refuses when traced;
+  'xla' for float32 or masked inputs and on other backends. With no GPU here the GPU branch runs
+  with the backend reported as 'gpu': cuDNN is tried and refuses ('cuDNN is not detected'), and
+  the result is the 'xla' form's bits."""
+  if jax.default_backend() == "gpu":
+    pytest.skip("needs a backend where cuDNN refuses: on a GPU it runs, with other bits")
+  q, k, v, _ = _inputs()
+  mask = _masks()["causal"]
+  tried = []
+  real = jax.nn.dot_product_attention
+
+  def recording(*args, implementation=None, **kwargs):
+    tried.append(implementation)
+    return real(*args, implementation=implementation, **kwargs)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  xla = lambda q, mask=None: real(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                  implementation="xla")
+
+  if jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(np.asarray(layers.attention(q, k, v)),
+                                  np.asarray(layers.attention(q, k, v, implementation="einsum")))
+    assert tried == []
+  for backend in ("gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+      for m in (None, mask):
+        tried.clear()
+        qc, kc, vc = (a.astype(dtype) for a in (q, k, v))
+        out = layers.attention(qc, kc, vc, m)
+        np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                      np.asarray(xla(qc, m), np.float32))
+        cudnn_applies = backend == "gpu" and m is None and dtype != jnp.float32
+        assert tried == (["cudnn", "xla"] if cudnn_applies else ["xla"]), (backend, dtype, m)
+
+
+def test_blocks_scanned_by_backend(monkeypatch):
+  """scan_blocks=None means scanned on CPU and unrolled elsewhere (the measured faster forms);
+  True / False are kept. On a DiT the choice shows in the traced program: one `scan` or none."""
+  assert layers.blocks_scanned(True) and not layers.blocks_scanned(False)
+  dit = get_model("dit_tiny", depth=2)
+  x, t, y = jnp.zeros((1, 8, 8, 3)), jnp.array([3]), jnp.array([1])
+  params = random_params(dit, (8, 8, 3), with_labels=True)
+  scans = lambda m: str(jax.make_jaxpr(lambda p: m.apply({"params": p}, x, t, y))(params)).count(
+      " scan[")
+  for backend, scanned in (("cpu", True), ("gpu", False), ("tpu", False)):
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    assert layers.blocks_scanned(None) is scanned
+    assert layers.blocks_scanned(True) and not layers.blocks_scanned(False)
+    assert scans(dit) == int(scanned), backend
+    assert scans(dit.clone(scan_blocks=True)) == 1 and scans(dit.clone(scan_blocks=False)) == 0
+
+
 def test_attention_works_under_vmap():
+  """vmap over a leading axis gives the unbatched result up to float32 rounding: the batched
+  matmuls may sum in another order (bit-equal on one CPU, 2.4e-7 apart on another). Bound: a
+  logit's HEAD_DIM-term sum rounds by ~HEAD_DIM ulps of its terms (|q_i k_i| / sqrt(HEAD_DIM) up
+  to ~12 here), which exp turns into that relative error of a probability; then S terms of the
+  value sum and the division: HEAD_DIM * 12 + S + 1 roundings."""
   q, k, v, _ = _inputs()
   stacked = jax.vmap(lambda q: layers.attention(q, k, v, implementation="einsum"))(q[None])
-  np.testing.assert_array_equal(np.asarray(stacked[0]),
-                                np.asarray(layers.attention(q, k, v, implementation="einsum")))
+  assert stacked.shape == (1, B, N, HEADS, HEAD_DIM)
+  numerics_testlib.assert_f32_close(stacked[0],
+                                    layers.attention(q, k, v, implementation="einsum"),
+                                    ops=HEAD_DIM * 12 + S + 1)
 
 
 def test_unet_attention_field_picks_the_kernel():

@@ -133,11 +133,13 @@ class DiT(nn.Module):
       1 = the diffusers DiT port, half - 1).
     norm_eps: LayerNorm epsilon (1e-6 in DiT).
     remat: rematerialise each block in the backward pass.
-    scan_blocks: apply the blocks as one `lax.scan` (default; same parameters and outputs up to
+    scan_blocks: True applies the blocks as one `lax.scan` (same parameters and outputs up to
       float32 rounding, gradient cost linear in depth on XLA:CPU, one block compiled); False
-      unrolls them.
-    attention: the attention kernel, `layers.attention`'s implementation: None (the 'einsum'
-      kernel on CPU, JAX's choice elsewhere), 'einsum', 'xla' or 'cudnn' (GPU, bfloat16).
+      unrolls them; None (default) picks the backend's faster form: scanned on CPU, unrolled
+      elsewhere (`layers.blocks_scanned`).
+    attention: the attention kernel, `layers.attention`'s implementation: None (the backend's
+      fastest: 'einsum' on CPU, cuDNN's fused kernel on a GPU where it applies, else 'xla'),
+      'einsum', 'xla' or 'cudnn' (GPU, bfloat16).
     dtype: computation dtype; param_dtype: parameter dtype.
   """
   in_channels: int = 4
@@ -151,7 +153,7 @@ class DiT(nn.Module):
   freq_shift: float = 0.0
   norm_eps: float = 1e-6
   remat: bool = False
-  scan_blocks: bool = True
+  scan_blocks: bool | None = None
   attention: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -163,13 +165,13 @@ class DiT(nn.Module):
   def _blocks(self, h: jax.Array, c: jax.Array) -> jax.Array:
     """The `depth` blocks, [B, N, D] -> [B, N, D]; parameters stay `block_0` ... `block_{depth-1}`.
 
-    At init (and with scan_blocks=False) the blocks run one after the other, creating their
-    parameters; when applied they run as one `lax.scan` over the blocks' stacked parameters
-    (`layers.scan_blocks`, which says why).
+    At init (and unscanned: `layers.blocks_scanned`) the blocks run one after the other,
+    creating their parameters; scanned they run as one `lax.scan` over the blocks' stacked
+    parameters (`layers.scan_blocks`, which says why).
     """
     kw = {"dtype": self.dtype, "param_dtype": self.param_dtype, "attention": self.attention}
     args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.norm_eps)
-    if self.is_initializing() or not self.scan_blocks or self.depth == 0:
+    if self.is_initializing() or not layers.blocks_scanned(self.scan_blocks) or self.depth == 0:
       block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
       for i in range(self.depth):
         h = block_cls(*args, name=f"block_{i}", **kw)(h, c)

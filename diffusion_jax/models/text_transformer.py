@@ -53,11 +53,14 @@ class TextTransformer(nn.Module):
       output layer).
     rope_base: rotary embedding base.
     norm_eps: LayerNorm epsilon.
-    scan_blocks: apply the blocks as one `lax.scan` over their stacked parameters (default; the
+    scan_blocks: True applies the blocks as one `lax.scan` over their stacked parameters (the
       same parameters and outputs up to float32 rounding, gradient cost linear in depth on
-      XLA:CPU, one block compiled; `layers.scan_blocks`); False unrolls them.
-    attention: the attention kernel, `layers.attention`'s implementation: None (the 'einsum'
-      kernel on CPU, JAX's choice elsewhere), 'einsum', 'xla' or 'cudnn' (GPU, bfloat16).
+      XLA:CPU, one block compiled; `layers.scan_blocks`); False unrolls them; None (default)
+      picks the backend's faster form: scanned on CPU, unrolled elsewhere
+      (`layers.blocks_scanned`).
+    attention: the attention kernel, `layers.attention`'s implementation: None (the backend's
+      fastest: 'einsum' on CPU, cuDNN's fused kernel on a GPU where it applies, else 'xla'),
+      'einsum', 'xla' or 'cudnn' (GPU, bfloat16).
     dtype, param_dtype: computation and parameter dtypes (logits are float32).
   """
   vocab_size: int = 256
@@ -70,7 +73,7 @@ class TextTransformer(nn.Module):
   tie_embeddings: bool = True
   rope_base: float = 10000.0
   norm_eps: float = 1e-6
-  scan_blocks: bool = True
+  scan_blocks: bool | None = None
   attention: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -101,7 +104,8 @@ class TextTransformer(nn.Module):
 
   def _scanned(self) -> bool:
     """Whether the blocks run as one scan (never at init: that creates `block_i` one by one)."""
-    return self.scan_blocks and self.depth > 0 and not self.is_initializing()
+    return (layers.blocks_scanned(self.scan_blocks) and self.depth > 0
+            and not self.is_initializing())
 
   def _conditioning(self, batch: int, t: jax.Array | None) -> jax.Array:
     """c [B, D]: the time embedding, or zeros without time conditioning."""

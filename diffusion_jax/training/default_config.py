@@ -101,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.num_heads = _ph(int)              # attention heads
   m.mlp_ratio = _ph(float)            # MLP width / hidden_size
   m.freq_shift = _ph(float)           # denominator shift of the time-embedding frequencies
-  m.scan_blocks = _ph(bool)           # run the blocks as one lax.scan (default: the preset's, True)
+  m.scan_blocks = _ph(bool)           # blocks as one lax.scan (unset: scanned on CPU, else unrolled)
   # Text transformer only ('text_tiny', 'text_small'; also hidden_size, depth, num_heads, mlp_ratio).
   m.vocab_size = _ph(int)             # data tokens V (id V is the mask / BOS token); 256 for bytes
   m.time_conditioning = _ph(bool)     # adaLN-Zero conditioning on t (False: the network ignores t)
