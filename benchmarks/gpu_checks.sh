@@ -11,10 +11,8 @@
 # 2. DiT-XL/2 bfloat16 train-step MFU against the card's measured bf16 matmul peak, batch 64, 32,
 #    128 and 256 (DiT's training batch), with a kernel-time profile of the batch-64 step written to
 #    $TRACE_DIR (default /tmp/gpu_trace: a trace is too large to bring back) (mfu); batch 64 in one
-#    process with the blocks
-#    unrolled instead of scanned (no dots-only remat policy, no per-block parameter slices), with
-#    cuDNN's fused attention, and with the library's 'einsum' attention kernel, the CPU default
-#    (mfu_variants);
+#    process with each of the GPU defaults undone: blocks scanned, XLA's unfused attention, both
+#    (the defaults before 2026-11-27) (mfu_variants);
 # 3. ddpm_cifar10 train step, batch 128, JAX vs diffusers PyTorch on the same card, float32 (TF32
 #    matmuls on both sides) and bfloat16, alternated, each side in its own process;
 # 4. ddpm_cifar10 sampling (DDIM 50 steps, ancestral extrapolated to 1000), batch 128, one round
@@ -43,7 +41,7 @@ step mfu 260 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 64,32,128,256 --dt
   --iters 10 --profile_dir "${TRACE_DIR:-/tmp/gpu_trace}"
 step mfu_variants 240 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 64 --dtype bfloat16 \
   --iters 10 --model_kwargs \
-  '[{"scan_blocks": false}, {"attention": "cudnn"}, {"attention": "einsum"}]'
+  '[{"scan_blocks": true}, {"attention": "xla"}, {"scan_blocks": true, "attention": "xla"}]'
 step train_fp32 150 benchmarks/bench_train.py --models ddpm_cifar10 --batch 128 --rounds 2 --iters 5
 step train_bf16 200 benchmarks/bench_train.py --models ddpm_cifar10 --batch 128 --rounds 2 \
   --iters 5 --dtype bfloat16
