@@ -9,7 +9,7 @@
 # Needs a GPU and, for the PyTorch side, diffusers importable beside torch.
 # 1. versions and the card;
 # 2. DiT-XL/2 bfloat16 train-step MFU against the card's measured bf16 matmul peak, batch 64, 32,
-#    128 and 256 (DiT's training batch), with a kernel-time profile of the batch-64 step written to
+#    and 128 (256, DiT's training batch, needs more than 80 GB), with a kernel-time profile of the batch-64 step written to
 #    $TRACE_DIR (default /tmp/gpu_trace: a trace is too large to bring back) (mfu); batch 64 in one
 #    process with each of the GPU defaults undone: blocks scanned, XLA's unfused attention, both
 #    (the defaults before 2026-11-27) (mfu_variants);
@@ -37,7 +37,7 @@ step() {  # step NAME SECONDS SCRIPT ARGS...
   timeout "$limit" python3 "$@" 2>&1 | tee "$out/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]}"
 }
-step mfu 260 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 64,32,128,256 --dtype bfloat16 \
+step mfu 260 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 64,32,128 --dtype bfloat16 \
   --iters 10 --profile_dir "${TRACE_DIR:-/tmp/gpu_trace}"
 step mfu_variants 240 benchmarks/bench_mfu.py --model DiT-XL/2 --batch 64 --dtype bfloat16 \
   --iters 10 --model_kwargs \
