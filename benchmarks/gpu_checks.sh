@@ -8,9 +8,10 @@
 #
 # Needs a GPU and, for the PyTorch side, diffusers importable beside torch.
 # 1. versions and the card;
-# 2. DiT-XL/2 bfloat16 train-step MFU against the card's measured bf16 matmul peak, batch 64, 32,
-#    and 128 (256, DiT's training batch, needs more than 80 GB), with a kernel-time profile of the batch-64 step written to
-#    $TRACE_DIR (default /tmp/gpu_trace: a trace is too large to bring back) (mfu); batch 64 in one
+# 2. DiT-XL/2 bfloat16 train-step MFU against the card's measured bf16 matmul peak, batch 64, 32
+#    and 128 (256, DiT's training batch, needs more than 80 GB), with a kernel-time profile of the
+#    batch-64 step written to $TRACE_DIR (default /tmp/gpu_trace: a trace is too large to bring
+#    back) (mfu); batch 64 in one
 #    process with each of the GPU defaults undone: blocks scanned, XLA's unfused attention, both
 #    (the defaults before 2026-11-27) (mfu_variants);
 # 3. ddpm_cifar10 train step, batch 128, JAX vs diffusers PyTorch on the same card, float32 (TF32
