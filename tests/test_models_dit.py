@@ -221,13 +221,14 @@ def _dit_loss_grad(module, x, t, y):
 
 
 def test_scanned_blocks_match_unrolled_blocks():
-  """`scan_blocks` (default) is the same network as the unrolled loop: outputs and gradients.
+  """`scan_blocks=True` (the CPU default) is the same network as the unrolled loop: outputs and
+  gradients.
 
   Both evaluate the same operations in the same order per block; only XLA's fusion of the
   elementwise parts differs, so they agree to float32 rounding (a few ulps per op over ~30 ops
   per block x 3 blocks, relative to values of order 1): 1e-5.
   """
-  scanned = get_model("dit_tiny", depth=3)
+  scanned = get_model("dit_tiny", depth=3, scan_blocks=True)
   unrolled = get_model("dit_tiny", depth=3, scan_blocks=False)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
   t, y = jnp.array([3, 700]), jnp.array([1, 10])
@@ -252,7 +253,7 @@ def test_gradient_fusions_do_not_grow_with_depth():
   t, y = jnp.array([3, 700]), jnp.array([1, 10])
   sizes = []
   for depth in (2, 6):
-    module = get_model("dit_tiny", depth=depth)
+    module = get_model("dit_tiny", depth=depth, scan_blocks=True)
     params = jax.eval_shape(lambda m=module: m.init(jax.random.PRNGKey(0), x, t, y)["params"])
     compiled = _dit_loss_grad(module, x, t, y).lower(params).compile()
     sizes.append(hlo_testlib.largest_fusion(compiled.as_text()))

@@ -128,8 +128,8 @@ def test_kv_cache_decoding_equals_the_full_pass(scan_blocks):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_scanned_blocks_match_unrolled_blocks(causal):
-  """`scan_blocks` (default) is the same network as the unrolled loop, with the same parameter
-  tree (checkpoints of either restore into the other): logits and gradients agree.
+  """`scan_blocks=True` (the CPU default) is the same network as the unrolled loop, with the same
+  parameter tree (checkpoints of either restore into the other): logits and gradients agree.
 
   Both run the same float32 operations in the same order inside a block; only XLA's fusion
   across blocks differs, so they differ by float32 rounding (numerics_testlib): ~30 dependent
@@ -137,7 +137,7 @@ def test_scanned_blocks_match_unrolled_blocks(causal):
   backward pass runs the forward chain and about twice as many ops again: 300 for gradients.
   """
   kw = dict(TINY, depth=3, causal=causal, time_conditioning=not causal)
-  scanned = models.TextTransformer(**kw)
+  scanned = models.TextTransformer(**kw, scan_blocks=True)
   unrolled = models.TextTransformer(**kw, scan_blocks=False)
   params = random_params(scanned, 8)
   shapes = lambda p: jax.tree.map(lambda a: (a.shape, a.dtype), p)
