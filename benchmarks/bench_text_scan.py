@@ -70,7 +70,7 @@ def main() -> None:
     print(f"{args.model} gradient, batch {args.batch} x {args.seq_len} tokens, {side}: "
           f"{protocol.fmt_ms(protocol.all_times(runs))}, compile "
           f"{compile_s} s")
-  print(protocol.ratio_line("unrolled / scanned", protocol.all_times(results["scanned"]),
+  print(protocol.ratio_line("scanned over unrolled", protocol.all_times(results["scanned"]),
                             protocol.all_times(results["unrolled"]),
                             protocol.load_verdict(before, after), force=True))
 
