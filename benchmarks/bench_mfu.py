@@ -8,8 +8,9 @@ matmul peak. Measured in one process on the default device:
 - peak: an [n, n] @ [n, n] matmul in the step's dtype (`--peak_size` n), FLOP/s = 2 n^3 / the
   median call;
 - model FLOPs per step: 3 x the forward pass's FLOPs as XLA counts them
-  (`cost_analysis()['flops']` of the lowered forward, blocks unrolled: the cost analysis counts
-  a loop body once), the usual convention (one forward, two for the backward;
+  (`cost_analysis()['flops']` of the lowered forward, blocks unrolled and attention through
+  jax.nn's 'xla' kernel: the cost analysis counts a loop body once and a custom call such as
+  cuDNN's attention not at all), the usual convention (one forward, two for the backward;
   recomputation and the optimizer are not counted). Cross-check: DiT reports 6.06 / 118.6
   GFLOPs (multiply-adds) per image for DiT-S/2 / DiT-XL/2 at 256px, so XLA's count (2 FLOPs per
   multiply-add) should print about twice that;

@@ -104,7 +104,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     None: the backend's fastest measured kernel: 'einsum' on CPU; on a GPU cuDNN's fused kernel
       where it takes the inputs (bfloat16 / float16, no mask, a head_dim cuDNN supports; it
       checks when traced), else 'xla'; 'xla' on other backends. On an H100 cuDNN made the
-      DiT-XL/2 bfloat16 train step 1.24x faster than 'xla' (benchmarks/README.md).
+      DiT-XL/2 bfloat16 train step 1.20x (blocks unrolled) to 1.24x (scanned) faster than 'xla'
+      (benchmarks/README.md).
     'einsum': two einsums around a float32 softmax, with a hand-written derivative
       (`_einsum_attention`); on XLA:CPU its gradient is ~2x faster than 'xla''s
       (benchmarks/README.md).
