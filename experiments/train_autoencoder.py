@@ -22,6 +22,7 @@ Sec. 4.3.2 / D.1 (the scale factor); Kingma & Welling 2014 (reparameterisation).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -40,6 +41,7 @@ import optax
 
 from diffusion_jax import convert
 from diffusion_jax import data as data_lib
+from diffusion_jax import xla_cpu
 from diffusion_jax.data.pipeline import to_float
 from diffusion_jax.models import autoencoder
 from diffusion_jax.models import registry
@@ -64,6 +66,9 @@ def define_flags() -> None:
   flags.DEFINE_float("kl_weight", 1e-3, "Weight of the KL term (per image, summed over latents).")
   flags.DEFINE_enum("loss", "l2", list(LOSSES), "Reconstruction error summed over pixels.")
   flags.DEFINE_integer("seed", 0, "Initialisation, data order and posterior noise.")
+  flags.DEFINE_enum("cpu_convolutions", "xla", list(xla_cpu.CONVOLUTIONS),
+                    "The train step's convolution kernels on CPU: XLA's own (faster) or "
+                    "YNNPACK's (JAX's default); diffusion_jax/xla_cpu.py.")
 
 
 def reconstruction_loss(vae: autoencoder.AutoencoderKL, params: Any, x: jax.Array, key: jax.Array,
@@ -117,8 +122,10 @@ def reconstruction_report(vae: autoencoder.AutoencoderKL, params: Any, images: n
 
 def train(data_config: Any, out: str, *, preset: str = "vae_digits", steps: int = 600,
           batch_size: int = 64, lr: float = 2e-3, kl_weight: float = 1e-3, loss: str = "l2",
-          seed: int = 0, log_every: int = 100) -> dict[str, Any]:
+          seed: int = 0, log_every: int = 100, cpu_convolutions: str = "xla") -> dict[str, Any]:
   """Trains `preset` on data_config's split and writes OUT (see the module docstring).
+  cpu_convolutions: the train step's convolution kernels on CPU ('xla' or 'ynnpack',
+  `diffusion_jax.xla_cpu.compiler_options`); the encoder and decoder used afterwards keep JAX's.
 
   Returns the `source` record written into model.json (settings and figures).
   """
@@ -132,7 +139,7 @@ def train(data_config: Any, out: str, *, preset: str = "vae_digits", steps: int 
       [optax.linear_schedule(0.0, lr, 50), optax.constant_schedule(lr)], [50])))
   opt_state = tx.init(params)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options(cpu_convolutions))
   def step(params, opt_state, x, key):
     (value, aux), grads = jax.value_and_grad(
         lambda p: reconstruction_loss(vae, p, x, key, kl_weight, loss), has_aux=True)(params)
@@ -168,7 +175,7 @@ def main(argv):
   data_config = paths.resolve_config_paths(ml_collections.ConfigDict({"data": FLAGS.data})).data
   source = train(data_config.to_dict(), out, preset=FLAGS.preset, steps=FLAGS.steps,
                  batch_size=FLAGS.batch_size, lr=FLAGS.lr, kl_weight=FLAGS.kl_weight,
-                 loss=FLAGS.loss, seed=FLAGS.seed)
+                 loss=FLAGS.loss, seed=FLAGS.seed, cpu_convolutions=FLAGS.cpu_convolutions)
   print(json.dumps(source["reconstruction"]))
   print(f"wrote {out} ({os.path.join(out, 'model.json')}): reconstruction of the "
         f"{source['eval_split']} split {source['reconstruction']}")

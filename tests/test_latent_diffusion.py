@@ -356,3 +356,33 @@ def test_latent_run_samples_decode_to_digits(latent_digits_run):
   png = os.path.join(os.path.dirname(latent_digits_run["run"]), "run", "samples",
                      f"step_{E2E_STEPS:07d}.png")
   assert os.path.exists(png)   # the trainer's preview, decoded
+
+
+class _StepJitted(Exception):
+  pass
+
+
+@pytest.mark.parametrize("convolutions", ["xla", "ynnpack"])
+def test_autoencoder_train_step_takes_the_cpu_convolutions(tmp_path, monkeypatch, convolutions):
+  # experiments.train_autoencoder's --cpu_convolutions becomes its train step's compiler options
+  # (tests/test_xla_cpu.py checks what they compile to); the run stops once the step is jitted.
+  import jax
+  from diffusion_jax import xla_cpu
+  from experiments import train_autoencoder
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  real_jit, seen = jax.jit, {}
+
+  def spy(fun, **kwargs):
+    if getattr(fun, "__name__", "") == "step":
+      seen["options"] = kwargs.get("compiler_options")
+      raise _StepJitted
+    return real_jit(fun, **kwargs)
+
+  monkeypatch.setattr(jax, "jit", spy)
+  with pytest.raises(_StepJitted):
+    train_autoencoder.train({"name": "digits", "split": "train", "eval_split": "test"},
+                            str(tmp_path / "vae"), steps=2, batch_size=8,
+                            cpu_convolutions=convolutions)
+  expected = ({xla_cpu.FLAG_NAME: xla_cpu.WITHOUT_CONVOLUTIONS} if convolutions == "xla"
+              else None)
+  assert seen == {"options": expected}

@@ -141,6 +141,44 @@ def test_indivisible_batch_size_is_a_clear_error(tmp_path, data_dir):
                                str(tmp_path / "w"))
 
 
+class _StepBuilt(Exception):
+  pass
+
+
+@pytest.mark.parametrize("parallel_mode,convolutions,expected", [
+    ("shard_map", "xla", {"xla_cpu_experimental_ynn_fusion_type":
+                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}),
+    ("shard_map", "ynnpack", None),
+    ("pmap", "xla", {"xla_cpu_experimental_ynn_fusion_type":
+                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}),
+])
+def test_cpu_convolutions_reach_the_parallel_step(tmp_path, data_dir, monkeypatch, parallel_mode,
+                                                   convolutions, expected):
+  # train.cpu_convolutions becomes the step's compiler options (tests/test_xla_cpu.py checks
+  # what they compile to, and that pmap cannot take them); the run stops once the step is built.
+  from diffusion_jax.training import parallel
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  seen = {}
+
+  def spy(step_fn, mode, **kwargs):
+    seen.update(mode=mode, options=kwargs.get("compiler_options"))
+    raise _StepBuilt
+
+  monkeypatch.setattr(parallel, "make_parallel_step", spy)
+  config = tl.tiny_config(data_dir, **{"train.parallel": parallel_mode,
+                                       "train.cpu_convolutions": convolutions})
+  with pytest.raises(_StepBuilt):
+    trainer.train_and_evaluate(config, str(tmp_path / "w"))
+  assert seen == {"mode": parallel_mode, "options": expected}
+
+
+def test_bad_cpu_convolutions_is_a_clear_error(tmp_path, data_dir):
+  with pytest.raises(ValueError, match=r"train.cpu_convolutions must be one of \('xla', "
+                     r"'ynnpack'\), got 'eigen'"):
+    trainer.train_and_evaluate(tl.tiny_config(data_dir, **{"train.cpu_convolutions": "eigen"}),
+                               str(tmp_path / "w"))
+
+
 def test_image_folder_trains_end_to_end(tmp_path):
   folder = tmp_path / "images"
   rs = np.random.RandomState(0)

@@ -184,6 +184,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.steps_per_call = 1                # steps fused in one compiled call (lax.scan)
   t.parallel = "auto"                 # 'auto' (jit on one device, pmap on several), 'jit', 'pmap', 'shard_map'
   t.compute_dtype = "float32"         # forward-pass dtype: 'float32' or 'bfloat16'
+  t.cpu_convolutions = "xla"          # CPU train step's convolutions (jit / shard_map modes): 'xla' or 'ynnpack' (diffusion_jax/xla_cpu.py)
   t.ema_decays = (0.999,)             # EMA copies of the params, one per decay
   t.label_dropout = 0.1               # class-conditional models: label -> null class with this probability
   t.checkpoint_every = 500            # steps between checkpoints (0: only at the end)

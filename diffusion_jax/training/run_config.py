@@ -42,7 +42,7 @@ MUST_MATCH = (
 MAY_CHANGE = (
     "train.num_steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
     "train.snapshot_every", "train.keep_latest", "train.steps_per_call", "train.parallel",
-    "train.compute_dtype", "train.label_dropout",
+    "train.compute_dtype", "train.cpu_convolutions", "train.label_dropout",
     "optim.lr", "optim.warmup_steps", "optim.decay", "optim.grad_clip", "optim.weight_decay",
     "optim.b1", "optim.b2", "optim.eps", "optim.min_lr*", "optim.schedule*",
     "sample.*", "autoencoder.decode_batch_size",

@@ -35,6 +35,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from diffusion_jax import xla_cpu
 from diffusion_jax.evaluation import hook as hook_lib
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import components
@@ -239,7 +240,19 @@ def _make_parallel_step(config: Any, comp: components.Components, k: int
   step_fn = step_lib.make_train_step(comp.model.apply, components.run_loss_fn(config, comp),
       comp.tx, comp.lr_fn, step_cfg,
       axis_name=None if mode == "jit" else parallel.AXIS)
-  return parallel.make_parallel_step(step_fn, mode, steps_per_call=k)
+  if train_cfg.cpu_convolutions not in xla_cpu.CONVOLUTIONS:
+    raise ValueError(f"train.cpu_convolutions must be one of {xla_cpu.CONVOLUTIONS}, got "
+                     f"{train_cfg.cpu_convolutions!r}")
+  options = xla_cpu.compiler_options(train_cfg.cpu_convolutions)
+  if options and jax.process_index() == 0:
+    if mode == "pmap":
+      logging.info("train.cpu_convolutions=%r does not reach train.parallel='pmap' (jax.pmap "
+                   "takes no compiler options): the step compiles with JAX's default kernels.",
+                   train_cfg.cpu_convolutions)
+    else:
+      logging.info("Train step convolutions: XLA:CPU's own (train.cpu_convolutions='xla'; "
+                   "'ynnpack' for JAX's default).")
+  return parallel.make_parallel_step(step_fn, mode, steps_per_call=k, compiler_options=options)
 
 
 class _Hooks:
