@@ -49,18 +49,19 @@ CONVOLUTIONS = ("xla", "ynnpack")
 WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 
 
-def compiler_options(convolutions: str) -> dict[str, str] | None:
+def compiler_options(convolutions: str, name: str = "convolutions") -> dict[str, str] | None:
   """`compiler_options` for `jax.jit` that pick one program's convolution kernels on CPU.
 
   Args:
     convolutions: 'xla' (XLA's own kernels) or 'ynnpack' (JAX's default).
+    name: what the caller calls `convolutions` (e.g. a config key), for the ValueError.
   Returns:
     {FLAG_NAME: WITHOUT_CONVOLUTIONS} for 'xla' on a CPU backend; None (JAX's defaults) for
     'ynnpack', on other backends, and when the user's `XLA_FLAGS` already names `FLAG_NAME`
     (their setting wins, as in `use_xla_convolutions`).
   """
   if convolutions not in CONVOLUTIONS:
-    raise ValueError(f"convolutions must be one of {CONVOLUTIONS}, got {convolutions!r}")
+    raise ValueError(f"{name} must be one of {CONVOLUTIONS}, got {convolutions!r}")
   import jax  # pylint: disable=g-import-not-at-top  (the module stays importable before JAX)
   if (convolutions == "ynnpack" or jax.default_backend() != "cpu"
       or FLAG_NAME in os.environ.get("XLA_FLAGS", "")):

@@ -145,12 +145,14 @@ class _StepBuilt(Exception):
   pass
 
 
+_XLA_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
 @pytest.mark.parametrize("parallel_mode,convolutions,expected", [
-    ("shard_map", "xla", {"xla_cpu_experimental_ynn_fusion_type":
-                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}),
+    ("shard_map", "xla", _XLA_CONVOLUTIONS),
     ("shard_map", "ynnpack", None),
-    ("pmap", "xla", {"xla_cpu_experimental_ynn_fusion_type":
-                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}),
+    ("pmap", "xla", _XLA_CONVOLUTIONS),
 ])
 def test_cpu_convolutions_reach_the_parallel_step(tmp_path, data_dir, monkeypatch, parallel_mode,
                                                    convolutions, expected):

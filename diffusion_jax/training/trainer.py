@@ -240,10 +240,7 @@ def _make_parallel_step(config: Any, comp: components.Components, k: int
   step_fn = step_lib.make_train_step(comp.model.apply, components.run_loss_fn(config, comp),
       comp.tx, comp.lr_fn, step_cfg,
       axis_name=None if mode == "jit" else parallel.AXIS)
-  if train_cfg.cpu_convolutions not in xla_cpu.CONVOLUTIONS:
-    raise ValueError(f"train.cpu_convolutions must be one of {xla_cpu.CONVOLUTIONS}, got "
-                     f"{train_cfg.cpu_convolutions!r}")
-  options = xla_cpu.compiler_options(train_cfg.cpu_convolutions)
+  options = xla_cpu.compiler_options(train_cfg.cpu_convolutions, "train.cpu_convolutions")
   if options and jax.process_index() == 0:
     if mode == "pmap":
       logging.info("train.cpu_convolutions=%r does not reach train.parallel='pmap' (jax.pmap "
