@@ -40,6 +40,7 @@ from diffusion_jax.data import sources
 from diffusion_jax.data.options import DataOptions
 from diffusion_jax.data.pipeline import to_float
 from diffusion_jax.models.autoencoder import AutoencoderKL
+from diffusion_jax.training import console
 from experiments import paths
 
 FLAGS = flags.FLAGS
@@ -179,6 +180,7 @@ def encode_dataset(vae: AutoencoderKL, params: Any, vae_spec: dict[str, Any], da
 
 def main(argv):
   del argv
+  console.quiet_libraries(FLAGS.verbosity)
   vae_dir = paths.absolute(FLAGS.vae)
   vae, params = convert.load_checkpoint(vae_dir)
   if not isinstance(vae, AutoencoderKL):

@@ -313,8 +313,10 @@ def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from diffusion_jax import compile_cache  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import console  # pylint: disable=g-import-not-at-top
   from experiments import multihost  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  console.quiet_libraries(f.verbosity)
   compile_cache.enable(f.compile_cache)
   multihost.initialize(f)
   results = evaluate(f.workdir, num_samples=f.num_samples, ref=f.ref, ref_split=f.ref_split,

@@ -114,11 +114,13 @@ def main(argv):
   del argv
   from absl import flags
   from diffusion_jax import compile_cache, data
+  from diffusion_jax.training import console
   from diffusion_jax.training import restore   # the training package's run loader
   from diffusion_jax.training import families
   from diffusion_jax.training import sampling
 
   flags_ = flags.FLAGS
+  console.quiet_libraries(flags_.verbosity)
   compile_cache.enable(flags_.compile_cache)
   from experiments import paths
   loaded = restore.load_for_sampling(paths.absolute(flags_.workdir), use_ema=flags_.use_ema)

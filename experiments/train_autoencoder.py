@@ -45,6 +45,7 @@ from diffusion_jax import xla_cpu
 from diffusion_jax.data.pipeline import to_float
 from diffusion_jax.models import autoencoder
 from diffusion_jax.models import registry
+from diffusion_jax.training import console
 from experiments import paths
 
 FLAGS = flags.FLAGS
@@ -171,6 +172,7 @@ def train(data_config: Any, out: str, *, preset: str = "vae_digits", steps: int 
 
 def main(argv):
   del argv
+  console.quiet_libraries(FLAGS.verbosity)
   out = paths.absolute(FLAGS.out)
   data_config = paths.resolve_config_paths(ml_collections.ConfigDict({"data": FLAGS.data})).data
   source = train(data_config.to_dict(), out, preset=FLAGS.preset, steps=FLAGS.steps,

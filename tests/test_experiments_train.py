@@ -281,6 +281,8 @@ def _bpd(workdir, *flags_):
   proc = _run([sys.executable, "-m", "experiments.evaluate_bpd", f"--workdir={workdir}",
                "--batch_size=8", "--num_batches=1", *flags_], tl.subprocess_env(1))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # Restoring the run logs orbax's INFO lines, which the command hides (console.quiet_libraries).
+  assert "checkpoint_manager.py" not in proc.stderr, proc.stderr[-3000:]
   import re
   found = re.search(r"(\w+) bits/dim = ([0-9.]+) over (\d+) examples \((EMA|raw) params\)",
                     proc.stdout)

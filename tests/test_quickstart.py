@@ -52,6 +52,9 @@ def test_quickstart_as_written(quickstart_run):
   # by tests/test_experiments_digits.py; here only that the Quickstart reports it).
   assert evaluation["metrics"]["frechet_distance"] > 0
   assert "real floor" in quickstart_run.result.stdout
+  # What the user reads: the commands' own lines, not the libraries' INFO lines (orbax logs ~20
+  # per checkpoint restore unless an entry point calls console.quiet_libraries).
+  assert "checkpoint_manager.py" not in quickstart_run.result.stderr
   # The run was saved where the user asked (relative to the copy), and nowhere else.
   assert (repo / "runs" / "digits" / "checkpoints").is_dir()
   assert (repo / "runs" / "digits" / "config.json").is_file()

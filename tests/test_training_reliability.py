@@ -324,3 +324,23 @@ def test_library_info_lines_are_hidden_unless_verbose():
   assert console._FILTER in handler.filters   # pylint: disable=protected-access
   console.quiet_libraries(1)
   assert console._FILTER not in handler.filters   # pylint: disable=protected-access
+
+
+def test_every_entry_point_hides_library_info_lines():
+  """Each `python -m experiments.X` whose main goes through absl's app.run calls
+  `console.quiet_libraries` in main (the Quickstart's evaluate printed ~20 orbax INFO lines
+  without it); tests/test_experiments_train.py checks one command's stderr."""
+  import ast   # pylint: disable=import-outside-toplevel
+  entry_points = []
+  for path in sorted(glob.glob(os.path.join(tl.REPO, "experiments", "*.py"))):
+    with open(path) as fh:
+      tree = ast.parse(fh.read())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    if not any(ast.unparse(c.func) == "app.run" for c in calls):
+      continue
+    entry_points.append(os.path.basename(path))
+    (main,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+    quieted = [c for c in ast.walk(main) if isinstance(c, ast.Call)
+               and ast.unparse(c.func) == "console.quiet_libraries"]
+    assert quieted, f"experiments/{os.path.basename(path)}: main does not quiet the libraries"
+  assert {"train.py", "sample.py", "evaluate.py", "evaluate_bpd.py"} <= set(entry_points)
